@@ -1,0 +1,114 @@
+"""Pure box math on (N, 4) tensors. Boxes are xyxy in absolute pixels unless a name says otherwise."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+DEFAULT_CLAMP = math.log(1000.0 / 16)
+
+
+def box_area(boxes: Tensor) -> Tensor:
+    """(N, 4) xyxy -> (N,) areas; degenerate boxes have area 0."""
+    return (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+
+
+def _intersection(a: Tensor, b: Tensor) -> Tensor:
+    """(N, 4), (M, 4) -> (N, M) intersection areas."""
+    lt = torch.max(a[:, None, :2], b[None, :, :2])  # (N, M, 2)
+    rb = torch.min(a[:, None, 2:], b[None, :, 2:])  # (N, M, 2)
+    wh = (rb - lt).clamp(min=0)
+    return wh[..., 0] * wh[..., 1]
+
+
+def box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """(N, 4), (M, 4) xyxy -> (N, M) intersection over union (0 where the union is 0)."""
+    inter = _intersection(a, b)
+    union = box_area(a)[:, None] + box_area(b)[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(inter.dtype).tiny), torch.zeros_like(inter))
+
+
+def box_ioa(a: Tensor, b: Tensor) -> Tensor:
+    """(N, 4), (M, 4) -> (N, M) intersection over the area of `a` (0 where that area is 0)."""
+    inter = _intersection(a, b)
+    area = box_area(a)[:, None]
+    return torch.where(area > 0, inter / area.clamp(min=torch.finfo(inter.dtype).tiny), torch.zeros_like(inter))
+
+
+def paired_iou(a: Tensor, b: Tensor) -> Tensor:
+    """(N, 4), (N, 4) -> (N,) IoU of a[i] with b[i]."""
+    lt = torch.max(a[:, :2], b[:, :2])
+    rb = torch.min(a[:, 2:], b[:, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    union = box_area(a) + box_area(b) - inter
+    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(inter.dtype).tiny), torch.zeros_like(inter))
+
+
+def paired_giou(a: Tensor, b: Tensor) -> Tensor:
+    """(N, 4), (N, 4) -> (N,) generalized IoU (Rezatofighi et al. 2019) of a[i] with b[i]."""
+    lt = torch.max(a[:, :2], b[:, :2])
+    rb = torch.min(a[:, 2:], b[:, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    union = box_area(a) + box_area(b) - inter
+    iou = inter / union.clamp(min=1e-7)
+    hull_wh = (torch.max(a[:, 2:], b[:, 2:]) - torch.min(a[:, :2], b[:, :2])).clamp(min=0)
+    hull = hull_wh[:, 0] * hull_wh[:, 1]
+    return iou - (hull - union) / hull.clamp(min=1e-7)
+
+
+def xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+
+
+def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+
+
+def encode(anchors: Tensor, boxes: Tensor, weights=(1.0, 1.0, 1.0, 1.0)) -> Tensor:
+    """R-CNN box parameterization (Girshick et al.): the deltas that take `anchors` to `boxes`.
+
+    anchors, boxes: (..., 4) xyxy -> (..., 4) deltas (dx, dy, dw, dh), each times its weight:
+    dx = wx * (x - xa) / wa, dw = ww * log(w / wa), and the same for y, h.
+    """
+    wx, wy, ww, wh = weights
+    a = xyxy_to_cxcywh(anchors)
+    b = xyxy_to_cxcywh(boxes)
+    dx = wx * (b[..., 0] - a[..., 0]) / a[..., 2]
+    dy = wy * (b[..., 1] - a[..., 1]) / a[..., 3]
+    dw = ww * torch.log(b[..., 2] / a[..., 2])
+    dh = wh * torch.log(b[..., 3] / a[..., 3])
+    return torch.stack([dx, dy, dw, dh], dim=-1)
+
+
+def decode(anchors: Tensor, deltas: Tensor, weights=(1.0, 1.0, 1.0, 1.0), clamp: float = DEFAULT_CLAMP) -> Tensor:
+    """Inverse of `encode`: (..., 4) anchors xyxy and deltas -> (..., 4) boxes xyxy.
+
+    dw, dh are clamped at `clamp` (log(1000/16) by default) so exp() cannot overflow. Computed in
+    float32 whatever the input dtype: decoding in bf16 would move boxes by several pixels.
+    """
+    deltas = deltas.float()
+    anchors = anchors.float()
+    wx, wy, ww, wh = weights
+    a = xyxy_to_cxcywh(anchors)
+    dx = deltas[..., 0] / wx
+    dy = deltas[..., 1] / wy
+    dw = (deltas[..., 2] / ww).clamp(max=clamp)
+    dh = (deltas[..., 3] / wh).clamp(max=clamp)
+    cx = dx * a[..., 2] + a[..., 0]
+    cy = dy * a[..., 3] + a[..., 1]
+    w = torch.exp(dw) * a[..., 2]
+    h = torch.exp(dh) * a[..., 3]
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+
+
+def clip_boxes(boxes: Tensor, height: float, width: float) -> Tensor:
+    """Clip (..., 4) xyxy boxes to the image [0, width] x [0, height]."""
+    x = boxes[..., 0::2].clamp(0, width)
+    y = boxes[..., 1::2].clamp(0, height)
+    return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)

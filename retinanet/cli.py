@@ -1,0 +1,46 @@
+"""`retinanet <command> ...`: one entry point, one module per subcommand under retinanet/commands/.
+
+Each command module defines `register(subparsers)`, which adds its parser and sets `func(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> module; the module's register() gives the help text and flags.
+COMMANDS = {
+    "smoke": "retinanet.commands.smoke",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="retinanet", description="RetinaNet object detection: train, evaluate, predict, export.")
+    parser.add_argument("--version", action="version", version=f"retinanet {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMANDS.values():
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the `retinanet` CLI (see retinanet/cli.py)."""

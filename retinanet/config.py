@@ -1,0 +1,254 @@
+"""The one typed config: dataclass sections, YAML loading, strict `key=value` overrides.
+
+Every checkpoint stores `config_to_dict(cfg)` (plain dicts, lists and numbers), so a checkpoint
+loads with `torch.load(..., weights_only=True)` and rebuilds the exact model with
+`config_from_dict`. Unknown keys are an error that suggests the closest key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+
+@dataclass
+class ModelConfig:
+    """The detector: backbone, FPN, anchors, heads, matching, pre/post-processing.
+
+    Defaults are the Focal Loss paper's RetinaNet (sec. 4) with Detectron's inference settings.
+    """
+
+    num_classes: int = 80
+    # Backbone (sec. 4: ResNet + FPN). resnet18 | resnet34 | resnet50 | resnet101 | resnext101_32x8d
+    backbone: str = "resnet50"
+    backbone_width: int = 64  # channels of the stem; 64 is the standard ResNet, smaller for tiny models
+    backbone_norm: str = "frozen_bn"  # frozen_bn (pretrained) | bn | gn
+    frozen_stages: int = 2  # 0: none, 1: stem, 2: stem + layer1 (paper/Detectron default), ... 5: all
+    backbone_weights: Optional[str] = None  # a torchvision ImageNet ResNet state dict file
+    # FPN (sec. 4, "Feature Pyramid Network Backbone")
+    min_level: int = 3
+    max_level: int = 7
+    fpn_channels: int = 256
+    p6_from: str = "c5"  # c5 (paper) | p5 (torchvision)
+    # Anchors (sec. 4, "Anchors"): one base size per level, times octave scales, times ratios (h/w)
+    anchor_sizes: list = field(default_factory=lambda: [32.0, 64.0, 128.0, 256.0, 512.0])
+    anchor_scales: list = field(default_factory=lambda: [1.0, 2 ** (1 / 3), 2 ** (2 / 3)])
+    anchor_ratios: list = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    anchor_offset: float = 0.0  # centres at (i + offset) * stride; Detectron (Caffe2) used 0.5 - 1/(2*stride)
+    anchor_style: str = "float"  # float | torchvision (int-truncated sizes, rounded corners, ratio-major)
+    # Heads (sec. 4, "Classification Subnet", "Box Regression Subnet")
+    head_convs: int = 4
+    head_channels: int = 256
+    head_norm: str = "none"  # none | gn
+    prior_prob: float = 0.01  # pi (sec. 4.1, "Initialization")
+    # Box coding: R-CNN (dx, dy, dw, dh) with weights; dw, dh clamped at log(1000/16)
+    box_weights: list = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
+    box_clamp: float = math.log(1000.0 / 16)
+    # Matching (sec. 4, "Anchors"): IoU >= 0.5 foreground, < 0.4 background, between ignored
+    fg_iou: float = 0.5
+    bg_iou: float = 0.4
+    allow_low_quality: bool = True
+    crowd_ioa: float = 0.7  # anchors covered this much by a crowd box are ignored
+    # Inference (sec. 4, "Inference")
+    score_thresh: float = 0.05
+    topk_candidates: int = 1000  # per level
+    nms_thresh: float = 0.5
+    detections_per_image: int = 100
+    class_agnostic_nms: bool = False
+    # Pre-processing (sec. 4.1: shorter side 800 px; Detectron caps the longer side at 1333)
+    min_size: int = 800
+    max_size: int = 1333
+    resize_rounding: str = "round"  # round | floor (torchvision)
+    size_divisibility: int = 32
+    pixel_mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    pixel_std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class LossConfig:
+    """The training objective: which classification and box losses, and their parameters."""
+
+    cls: str = "focal"  # focal
+    alpha: float = 0.25  # alpha-balance (eq. 3, 5); < 0 disables it
+    gamma: float = 2.0  # focusing parameter (eq. 4, 5)
+    box: str = "smooth_l1"  # smooth_l1
+    smooth_l1_beta: float = 0.11  # Detectron's RetinaNet value; 0 is L1
+    box_weight: float = 1.0
+    sync_normalizer: bool = True  # under DDP, average the positive-anchor count over processes
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain nested dict of the config (safe for `torch.load(weights_only=True)` and YAML)."""
+    return dataclasses.asdict(cfg)
+
+
+def _field_types(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _closest(name: str, options) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def config_from_dict(data: dict, cls=Config, where: str = "") -> Any:
+    """Build a config dataclass from a (possibly partial) nested dict; unknown keys are errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config{(' ' + where) if where else ''}: expected a mapping, got {type(data).__name__}")
+    types = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in types:
+            raise ConfigError(f"unknown config key '{path}'{_closest(key, types)}")
+        typ = types[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = config_from_dict(value, typ, path)
+        else:
+            kwargs[key] = _coerce(value, typ, path)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, typ: Any, path: str) -> Any:
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, [a for a in args if a is not type(None)][0], path)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"config key '{path}' must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            if isinstance(value, str):
+                try:
+                    return int(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"config key '{path}' must be an integer, got {value!r}")
+        return int(value)
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{path}' must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{path}' must be a number, got {value!r}") from None
+    if typ is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"config key '{path}' must be a string, got {value!r}")
+        return str(value)
+    if typ is list or origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{path}' must be a list, got {value!r}")
+        return value
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# files and overrides
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list] = None) -> Config:
+    """Defaults, then a YAML file (partial is fine), then `key=value` overrides, in that order."""
+    data: dict = {}
+    if path is not None:
+        data = read_yaml(path)
+    for item in overrides or []:
+        apply_override(data, item)
+    return config_from_dict(data)
+
+
+def read_yaml(path: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of config sections")
+    return data
+
+
+def _all_leaf_paths(cls=Config, prefix: str = "") -> list:
+    out = []
+    for name, typ in _field_types(cls).items():
+        path = f"{prefix}{name}"
+        if dataclasses.is_dataclass(typ):
+            out += _all_leaf_paths(typ, path + ".")
+        else:
+            out.append(path)
+    return out
+
+
+def resolve_key(key: str) -> str:
+    """'model.backbone' stays; a bare leaf name ('backbone') resolves if it is unique."""
+    paths = _all_leaf_paths()
+    if key in paths:
+        return key
+    leaf_matches = [p for p in paths if p.rsplit(".", 1)[-1] == key]
+    if len(leaf_matches) == 1:
+        return leaf_matches[0]
+    if len(leaf_matches) > 1:
+        raise ConfigError(f"config key '{key}' is ambiguous: use one of {', '.join(leaf_matches)}")
+    leaves = {p.rsplit(".", 1)[-1]: p for p in paths}
+    hint = difflib.get_close_matches(key, paths + list(leaves), n=1, cutoff=0.5)
+    suggestion = f" (did you mean '{leaves.get(hint[0], hint[0])}'?)" if hint else ""
+    raise ConfigError(f"unknown config key '{key}'{suggestion}")
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Apply one `key=value` (value parsed as YAML: numbers, lists, true/false) to a nested dict."""
+    import yaml
+
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key=value")
+    key, raw = item.split("=", 1)
+    path = resolve_key(key.strip())
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def save_config(cfg: Config, path: str) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
