@@ -1,0 +1,23 @@
+import pytest
+import torch
+
+from retinanet.config import Config
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny_config(num_classes: int = 3, **model_overrides) -> Config:
+    """A RetinaNet small enough for unit tests: ResNet-18 layout with 8-channel stem, 16-channel FPN/heads."""
+    cfg = Config()
+    m = cfg.model
+    m.num_classes = num_classes
+    m.backbone, m.backbone_width, m.backbone_norm, m.frozen_stages = "resnet18", 8, "bn", 0
+    m.fpn_channels = m.head_channels = 16
+    m.head_convs = 2
+    m.min_size, m.max_size = 128, 192
+    for k, v in model_overrides.items():
+        setattr(m, k, v)
+    return cfg

@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from retinanet.nms import native_batched_nms, reference_nms, torchvision_batched_nms
+
+
+def _random_boxes(n, seed, spread=100.0):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * spread
+    wh = torch.rand(n, 2, generator=g) * 40 + 1
+    return torch.cat([xy, xy + wh], 1), torch.rand(n, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def test_hand_example():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 9]])
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.95])
+    groups = torch.zeros(4, dtype=torch.int64)
+    # box 3 (0.95) suppresses box 0 (IoU 0.9); box 1 vs 3: inter 8*9=72, union 100+90-72=118 -> 0.61 > 0.5
+    assert native_batched_nms(boxes, scores, groups, 0.5).tolist() == [3, 2]
+    # In different groups nothing is suppressed
+    assert native_batched_nms(boxes, scores, torch.arange(4), 0.5).tolist() == [3, 0, 1, 2]
+
+
+def test_chain_needs_greedy_order():
+    # a suppresses b, b would suppress c, but b is gone so c survives: greedy keeps a and c
+    boxes = torch.tensor([[0.0, 0, 10, 10], [3, 0, 13, 10], [6, 0, 16, 10]])
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    assert native_batched_nms(boxes, scores, torch.zeros(3, dtype=torch.int64), 0.5).tolist() == [0, 2]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("block", [7, 512])
+def test_native_equals_reference_loop(seed, block):
+    boxes, scores, groups = _random_boxes(300, seed)
+    for thr in (0.3, 0.5, 0.7):
+        ours = native_batched_nms(boxes, scores, groups, thr, block=block)
+        assert ours.tolist() == reference_nms(boxes, scores, groups, thr).tolist()
+
+
+def test_empty():
+    assert native_batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5).numel() == 0
+
+
+@pytest.mark.skipif(torchvision_batched_nms() is None, reason="torchvision is not importable here")
+def test_native_equals_torchvision():
+    tv = torchvision_batched_nms()
+    for seed in range(5):
+        boxes, scores, groups = _random_boxes(2000, seed, spread=300)
+        assert native_batched_nms(boxes, scores, groups, 0.5).tolist() == tv(boxes, scores, groups, 0.5).tolist()
