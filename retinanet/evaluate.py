@@ -387,8 +387,12 @@ def _import_backend(backend: str):
 
 
 def _copy_for_python_backend(gt: dict) -> dict:
-    """pycocotools and faster-coco-eval write an 'ignore' key into each GT annotation; give them copies."""
-    return {**gt, "annotations": [dict(a) for a in gt["annotations"]]}
+    """Copies of the GT annotations, with iscrowd 0 where it is missing (as hotcoco reads it).
+
+    pycocotools and faster-coco-eval write an 'ignore' key into each GT annotation, and
+    pycocotools' computeIoU needs 'iscrowd' (its evaluate() already treats a missing one as 0).
+    """
+    return {**gt, "annotations": [{"iscrowd": 0, **a} for a in gt["annotations"]]}
 
 
 def _run_hotcoco(gt: dict, dets: np.ndarray):

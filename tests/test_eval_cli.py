@@ -108,3 +108,11 @@ def test_per_category_plots_need_a_folder(files, capsys):
     _, gt_path, dt_path = files
     assert main(["eval", "--gt", gt_path, "--results", dt_path, "--plots-per-category"]) == 1
     assert "--plots-per-category needs --plots DIR" in capsys.readouterr().err
+
+
+def test_output_paths_of_the_wrong_kind_fail_before_evaluating(files, capsys):
+    tmp, gt_path, dt_path = files
+    assert main(["eval", "--gt", gt_path, "--results", dt_path, "--output", str(tmp)]) == 1
+    assert "is a folder" in capsys.readouterr().err
+    assert main(["eval", "--gt", gt_path, "--results", dt_path, "--plots", dt_path]) == 1
+    assert "is a file; give a folder" in capsys.readouterr().err

@@ -135,6 +135,15 @@ def test_false_positive_ranked_first_halves_precision(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_missing_iscrowd_means_not_a_crowd(backend):
+    # pycocotools' computeIoU would raise KeyError('iscrowd'); its evaluate() already reads missing as 0.
+    gt = one_box_gt()
+    del gt["annotations"][0]["iscrowd"]
+    results = [det([150, 150, 40, 40], 0.9), det([10, 10, 100, 100], 0.8)]
+    assert evaluate_coco(gt, results, backend=backend)["AP"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_detection_on_crowd_region_is_ignored(backend):
     # A crowd region at [120, 120, 60, 60]; a high-scoring detection inside it neither counts as a
     # false positive nor as a true positive, so the perfect detection keeps AP at 1.

@@ -60,6 +60,10 @@ def report_results(gt: Union[str, Path, dict], results: Union[str, Path, list], 
     """
     from ..evaluate import format_per_category, format_summary, run_coco_eval
 
+    if output and Path(output).is_dir():
+        raise ValueError(f"--output {output} is a folder; give a file name such as {Path(output) / 'metrics.json'}")
+    if plots and Path(plots).exists() and not Path(plots).is_dir():
+        raise ValueError(f"--plots {plots} is a file; give a folder")
     targets = [Path(output)] if output else []
     if plots:
         targets += [Path(plots) / name for name in ("pr_curves.png", "ap_by_size.png", "pr_per_category.png")]
