@@ -395,6 +395,16 @@ def _copy_for_python_backend(gt: dict) -> dict:
     return {**gt, "annotations": [{"iscrowd": 0, **a} for a in gt["annotations"]]}
 
 
+def _result_dicts(dets: np.ndarray) -> list:
+    """(N, 7) rows -> result dicts of plain Python numbers, for the backends written in Python.
+
+    Their loadRes also takes the array, but then indexes it one numpy scalar at a time
+    (measured on 500k detections: faster-coco-eval's loadRes 1.4 s CPU from the array, 1.1 s from these).
+    """
+    return [{"image_id": int(row[0]), "bbox": row[1:5], "score": row[5], "category_id": int(row[6])}
+            for row in dets.tolist()]
+
+
 def _run_hotcoco(gt: dict, dets: np.ndarray):
     hotcoco = _import_backend("hotcoco")
     coco_gt = hotcoco.COCO()
@@ -409,7 +419,7 @@ def _run_hotcoco(gt: dict, dets: np.ndarray):
 def _run_faster_coco_eval(gt: dict, dets: np.ndarray):
     fce = _import_backend("faster-coco-eval")
     coco_gt = fce.COCO(_copy_for_python_backend(gt))
-    ev = fce.COCOeval_faster(coco_gt, coco_gt.loadRes(dets), "bbox")
+    ev = fce.COCOeval_faster(coco_gt, coco_gt.loadRes(_result_dicts(dets)), "bbox")
     ev.evaluate()
     ev.accumulate()
     ev.summarize()  # prints through a logger at a level that is off by default
@@ -426,7 +436,7 @@ def _run_pycocotools(gt: dict, dets: np.ndarray):
         coco_gt.dataset = _copy_for_python_backend(gt)
         coco_gt.createIndex()
         if len(dets):
-            coco_dt = coco_gt.loadRes(dets)
+            coco_dt = coco_gt.loadRes(_result_dicts(dets))
         else:  # loadRes fails on an empty list: build the empty results set it would have made
             coco_dt = COCO()
             coco_dt.dataset = {"images": gt["images"], "categories": gt["categories"], "annotations": []}
@@ -451,7 +461,8 @@ def run_coco_eval(gt: Union[PathLike, dict], results: Union[PathLike, list],
     _import_backend(backend)  # fail on a missing backend before reading big files
     gt = load_ground_truth(gt)
     dets = load_results(results, gt)  # (N, 7)
-    ev = _RUNNERS[backend](gt, dets)
+    with _gc_paused():  # the Python backends build a dict per detection (measured: faster-coco-eval -20% CPU)
+        ev = _RUNNERS[backend](gt, dets)
     params = ev.params
     names = {c["id"]: c["name"] for c in gt["categories"]}
     cat_ids = [int(c) for c in params.catIds]
