@@ -50,8 +50,9 @@ def plot_pr_curves(evaluation: CocoEvaluation, path: Path) -> None:
         ax.text(0.5, 0.5, "no ground truth", ha="center", va="center", transform=ax.transAxes)
     else:
         ax.legend(loc="upper right")
+    with_gt = int((evaluation.category_pr_curves(PR_IOUS[0]) > -1).all(axis=0).sum())
     ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision",
-           title=f"Precision-recall, mean of {len(evaluation.cat_ids)} categories")
+           title=f"Precision-recall, mean over the {with_gt} categories with ground truth")
     ax.grid(alpha=0.3)
     _save_atomic(fig, path)
 
