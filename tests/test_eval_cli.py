@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from coco_eval_cases import make_edge_case_set, pycocotools_reference, write_json
@@ -116,3 +119,14 @@ def test_output_paths_of_the_wrong_kind_fail_before_evaluating(files, capsys):
     assert "is a folder" in capsys.readouterr().err
     assert main(["eval", "--gt", gt_path, "--results", dt_path, "--plots", dt_path]) == 1
     assert "is a file; give a folder" in capsys.readouterr().err
+
+
+def test_eval_path_does_not_import_torch():
+    # Importing torch costs ~1.6 s, most of the 2 s budget for 500k detections: the CLI parser,
+    # every command module's register() and the evaluation code must not import it at module level.
+    code = ("import sys; from retinanet.cli import build_parser; build_parser(); "
+            "import retinanet.evaluate, retinanet.plots, retinanet.commands.eval; "
+            "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "[]"
