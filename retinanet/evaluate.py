@@ -332,7 +332,7 @@ def load_ground_truth(gt: Union[PathLike, dict]) -> dict:
     return data
 
 
-def load_results(results: Union[PathLike, list], gt: dict) -> np.ndarray:
+def load_results(results: Union[PathLike, list], gt: dict, gt_name: str = "the ground truth") -> np.ndarray:
     """COCO detection results (a path to a JSON list, or the list) -> (N, 7) float64 array.
 
     Each result is {"image_id": int, "category_id": int, "bbox": [x, y, w, h], "score": float}.
@@ -363,10 +363,10 @@ def load_results(results: Union[PathLike, list], gt: dict) -> np.ndarray:
                          f"{_some(np.concatenate([image_ids, cat_ids])[too_big])}")
     unknown = _unknown(image_ids, np.array([im["id"] for im in gt["images"]], dtype=np.int64))
     if unknown.size:
-        raise ValueError(f"{source}: {unknown.size} image ids are absent from the ground truth: {_some(unknown)}")
+        raise ValueError(f"{source}: {unknown.size} image ids are absent from {gt_name}: {_some(unknown)}")
     unknown = _unknown(cat_ids, np.array([c["id"] for c in gt["categories"]], dtype=np.int64))
     if unknown.size:
-        raise ValueError(f"{source}: {unknown.size} category ids are absent from the ground truth "
+        raise ValueError(f"{source}: {unknown.size} category ids are absent from {gt_name} "
                          f"(COCOeval would silently drop them): {_some(unknown)}")
     return np.concatenate([image_ids[:, None], boxes, scores[:, None], cat_ids[:, None]], axis=1).astype(np.float64)
 
@@ -459,8 +459,9 @@ def run_coco_eval(gt: Union[PathLike, dict], results: Union[PathLike, list],
     every metric with ground truth is then 0). Neither input is modified.
     """
     _import_backend(backend)  # fail on a missing backend before reading big files
+    gt_name = str(gt) if isinstance(gt, (str, Path)) else "the ground truth"
     gt = load_ground_truth(gt)
-    dets = load_results(results, gt)  # (N, 7)
+    dets = load_results(results, gt, gt_name)  # (N, 7)
     with _gc_paused():  # the Python backends build a dict per detection (measured: faster-coco-eval -20% CPU)
         ev = _RUNNERS[backend](gt, dets)
     params = ev.params
