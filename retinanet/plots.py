@@ -17,6 +17,7 @@ from .atomic import atomic_write
 from .evaluate import CocoEvaluation
 
 DPI = 100
+PLOT_FILES = ("pr_curves.png", "ap_by_size.png", "pr_per_category.png")
 PR_IOUS = (0.50, 0.75)
 _COLORS = {0.50: "tab:blue", 0.75: "tab:orange"}
 
@@ -108,11 +109,9 @@ def plot_pr_per_category(evaluation: CocoEvaluation, path: Path) -> None:
 
 def write_plots(evaluation: CocoEvaluation, metrics: dict, out_dir, per_category: bool = False) -> list:
     """Write pr_curves.png, ap_by_size.png (and pr_per_category.png) into `out_dir`; returns their paths."""
-    out_dir = Path(out_dir)
-    paths = [out_dir / "pr_curves.png", out_dir / "ap_by_size.png"]
+    paths = [Path(out_dir) / name for name in PLOT_FILES[:3 if per_category else 2]]
     plot_pr_curves(evaluation, paths[0])
     plot_ap_by_size(metrics, paths[1])
     if per_category:
-        paths.append(out_dir / "pr_per_category.png")
         plot_pr_per_category(evaluation, paths[2])
     return paths

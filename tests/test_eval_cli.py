@@ -130,3 +130,19 @@ def test_eval_path_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.stdout.strip() == "[]"
+
+
+def test_report_results_takes_in_memory_results(tmp_path, capsys):
+    # The entry point for a mode that runs a model first and has the results list in memory.
+    from retinanet.commands.eval import report_results
+
+    gt, results = make_edge_case_set(seed=2, num_images=10)
+    out = tmp_path / "m.json"
+    metrics = report_results(gt, results, backend="hotcoco", output=str(out))
+    assert json.loads(out.read_text()) == metrics == evaluate.evaluate_coco(gt, results)
+    assert "Per-category AP" in capsys.readouterr().out
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"weights")
+    with pytest.raises(ValueError, match="refusing to overwrite the input file"):
+        report_results(gt, results, backend="hotcoco", output=str(checkpoint), protect=[checkpoint])
+    assert checkpoint.read_bytes() == b"weights"

@@ -42,7 +42,7 @@ def run(args) -> int:
         raise ValueError("--plots-per-category needs --plots DIR")
     try:
         report_results(args.gt, args.results, backend=args.backend, output=args.output, plots=args.plots,
-                       plots_per_category=args.plots_per_category, inputs=[args.gt, args.results])
+                       plots_per_category=args.plots_per_category)
     except BackendNotInstalled as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -51,14 +51,15 @@ def run(args) -> int:
 
 def report_results(gt: Union[str, Path, dict], results: Union[str, Path, list], *, backend: str,
                    output: Optional[str] = None, plots: Optional[str] = None, plots_per_category: bool = False,
-                   inputs: Sequence = ()) -> dict:
+                   protect: Sequence = ()) -> dict:
     """Evaluate `results` against `gt`, print the metrics, write --output JSON and --plots PNGs.
 
     gt / results: paths or the loaded dict / list (e.g. made by detections_to_coco_results).
-    inputs: the user's input files; an output path equal to one of them is refused before any work.
-    Returns the metrics dict (see retinanet.evaluate.evaluate_coco).
+    protect: more input files (a checkpoint, say); an output path that is one of them, or gt or
+    results, is refused before any work. Returns the metrics dict (see evaluate_coco).
     """
     from ..evaluate import format_per_category, format_summary, run_coco_eval
+    from ..plots import PLOT_FILES
 
     if output and Path(output).is_dir():
         raise ValueError(f"--output {output} is a folder; give a file name such as {Path(output) / 'metrics.json'}")
@@ -66,10 +67,11 @@ def report_results(gt: Union[str, Path, dict], results: Union[str, Path, list], 
         raise ValueError(f"--plots {plots} is a file; give a folder")
     targets = [Path(output)] if output else []
     if plots:
-        targets += [Path(plots) / name for name in ("pr_curves.png", "ap_by_size.png", "pr_per_category.png")]
+        targets += [Path(plots) / name for name in PLOT_FILES]
+    inputs = [p for p in (gt, results) if isinstance(p, (str, Path))] + list(protect)
     for target in targets:
         for source in inputs:
-            if isinstance(source, (str, Path)) and _same_file(target, Path(source)):
+            if _same_file(target, Path(source)):
                 raise ValueError(f"refusing to overwrite the input file {source} with {target}")
 
     evaluation = run_coco_eval(gt, results, backend=backend)
