@@ -90,10 +90,9 @@ class CocoEvaluation:
     area_labels: list
     max_dets: list
 
-    def _slice(self, iou: Optional[float], area: str = "all", max_dets: int = 100) -> np.ndarray:
-        """precision[t, :, :, area, max_dets] -> (T or 1, R, K)."""
-        a, m = self.area_labels.index(area), self.max_dets.index(max_dets)
-        p = self.precision[:, :, :, a, m]
+    def _slice(self, iou: Optional[float]) -> np.ndarray:
+        """precision at area "all", 100 detections, all IoU thresholds or one: (T or 1, R, K)."""
+        p = self.precision[:, :, :, self.area_labels.index("all"), self.max_dets.index(100)]
         if iou is None:
             return p
         t = int(np.argmin(np.abs(self.iou_thrs - iou)))
