@@ -146,3 +146,19 @@ def test_report_results_takes_in_memory_results(tmp_path, capsys):
     with pytest.raises(ValueError, match="refusing to overwrite the input file"):
         report_results(gt, results, backend="hotcoco", output=str(checkpoint), protect=[checkpoint])
     assert checkpoint.read_bytes() == b"weights"
+
+
+def test_atomic_write_keeps_the_old_file_on_error(tmp_path):
+    from retinanet.atomic import atomic_write
+
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(target, "w") as f:
+            f.write("half of the new")
+            raise RuntimeError("crash while writing")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temp file left behind
+    with atomic_write(target, "w") as f:
+        f.write("new")
+    assert target.read_text() == "new"
