@@ -87,26 +87,30 @@ def _focal_loss_and_grad(logits: Tensor, targets: Tensor, weights: Optional[Tens
     The derivative is eq. (10) times alpha_t (and times the weight):
         dFL/dx = y alpha_t (1 - p_t)^gamma (gamma p_t log(p_t) + p_t - 1),  y in {-1, 1}.
     Returns (loss summed if `reduce`, else elementwise float32; gradient float32, logits' shape).
-    Written as plain tensor ops so that the same function runs eagerly or through torch.compile
-    (which fuses it into one loop over the elements).
+    Plain tensor ops, so that the same function runs eagerly or through torch.compile (which fuses
+    it into one loop over the elements); run eagerly, the in-place ops and `del`s keep at most about
+    five logits-sized float32 buffers alive at once.
     """
+    pos_w, neg_w = (alpha, 1.0 - alpha) if alpha >= 0 else (1.0, 1.0)  # alpha_t for y = 1 and y = -1
     x = logits.float()
     positive = targets > 0.5  # (..., K) bool
     x_t = torch.where(positive, x, -x)
     log_p = F.logsigmoid(x_t)  # log(p_t)
-    q = torch.sigmoid(-x_t)  # 1 - p_t
+    q = x_t.neg_().sigmoid_()  # 1 - p_t
     modulator = q.pow(gamma)  # (1 - p_t)^gamma
-    if alpha >= 0:
-        signed_alpha = torch.where(positive, alpha, alpha - 1.0)  # y * alpha_t
-    else:
-        signed_alpha = torch.where(positive, 1.0, -1.0)  # y
-    grad = signed_alpha * modulator * (gamma * (1.0 - q) * log_p - q)
-    loss = signed_alpha.abs() * modulator * -log_p
+    grad = (1.0 - q).mul_(log_p).mul_(gamma).sub_(q).mul_(modulator)  # (1 - p_t)^gamma (gamma p_t log p_t + p_t - 1)
+    del q
+    grad = torch.where(positive, grad * pos_w, grad.mul_(-neg_w))  # times y alpha_t (the product is taken before mul_)
+    loss = modulator.mul_(log_p).neg_()  # (1 - p_t)^gamma (-log p_t)
+    del log_p
     if weights is not None:
         w = weights.float()
-        grad = grad * w
-        loss = loss * w
-    return (loss.sum() if reduce else loss), grad
+        grad.mul_(w)
+        loss.mul_(w)
+    if reduce:
+        total = loss.sum()
+        return neg_w * total + (pos_w - neg_w) * torch.where(positive, loss, 0.0).sum(), grad
+    return loss.mul_(torch.where(positive, pos_w, neg_w)), grad
 
 
 # Below this many elements the fused kernel is not worth its compile time (seconds to a minute, once
@@ -140,7 +144,12 @@ def _run_kernel(logits: Tensor, targets: Tensor, weights: Optional[Tensor], alph
 
 
 class _SigmoidFocalLoss(torch.autograd.Function):
-    """Forward computes the loss and the gradient together and saves only the gradient (logits' dtype)."""
+    """Forward computes the loss and the gradient together and saves only the gradient (logits' dtype).
+
+    Backward scales the saved gradient in place and hands it on: no new logits-sized buffer. The
+    saved gradient is thereby used up; a second backward through the same graph
+    (retain_graph=True) is refused by autograd's check of saved tensors' versions, not answered wrongly.
+    """
 
     @staticmethod
     def forward(ctx, logits, targets, weights, alpha, gamma, reduction, compile):
@@ -154,7 +163,7 @@ class _SigmoidFocalLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None, None, None, None
+        return grad.mul_(grad_output), None, None, None, None, None, None
 
 
 def sigmoid_focal_loss_fast(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0,

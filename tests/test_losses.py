@@ -358,3 +358,12 @@ def test_ohem_1_to_3_keeps_the_ratio_when_positives_suffice():
     # the kept positives of image 0 are its 16 highest-loss positives
     top_pos = scores[0, :50].topk(16).indices.sort().values
     assert torch.equal(anchor[(img == 0) & pos].sort().values, top_pos)
+
+
+def test_fast_focal_backward_twice_is_refused_not_wrong():
+    # the backward scales the saved gradient in place; autograd's version check catches a reuse
+    x = torch.randn(10, 3, requires_grad=True)
+    loss = sigmoid_focal_loss_fast(x, torch.rand(10, 3) > 0.5, compile=False)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
