@@ -132,6 +132,8 @@ def _run_kernel(logits: Tensor, targets: Tensor, weights: Optional[Tensor], alph
     global _compile_failed
     if compile is None:
         compile = logits.numel() >= COMPILE_MIN_ELEMENTS
+    if torch.compiler.is_compiling():  # already inside a compiled region: it fuses the eager kernel itself
+        compile = False
     with torch.autocast(device_type=logits.device.type, enabled=False):
         if compile and not _compile_failed:
             try:
