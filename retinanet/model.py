@@ -65,7 +65,7 @@ class RetinaNetHead(nn.Module):
         self.box_subnet = Subnet(in_channels, channels, num_anchors * 4, num_convs, norm)
         bias = self.cls_subnet.predictor.bias  # (A * num_logits,): channel a * num_logits + k
         with torch.no_grad():
-            if classifier == "sigmoid":  # b = -log((1 - pi) / pi): every anchor starts with foreground probability pi (sec. 4.1)
+            if classifier == "sigmoid":  # b = -log((1 - pi) / pi): foreground probability pi at the start (sec. 4.1)
                 bias.fill_(-math.log((1 - prior_prob) / prior_prob))
             else:  # background log(K (1 - pi) / pi), classes 0: total foreground probability pi
                 bias.copy_(softmax_prior_bias(num_classes, prior_prob).repeat(num_anchors))
@@ -371,7 +371,8 @@ class RetinaNet(nn.Module):
         targets = torch.zeros_like(cls_logits, dtype=torch.float32)  # (B, N, K)
         targets[img, anchor, gt_classes[img, anchor]] = 1.0
         with torch.no_grad():
-            scores = F.binary_cross_entropy_with_logits(cls_logits.float(), targets, reduction="none").sum(dim=2)  # (B, N)
+            scores = F.binary_cross_entropy_with_logits(cls_logits.float(), targets, reduction="none")
+            scores = scores.sum(dim=2)  # (B, N) cross entropy summed over the K classes
             box_deltas_f = box_deltas.float()
             scores[img, anchor] += self._unweighted_box_loss(box_deltas_f[img, anchor], anchors[anchor],
                                                              gt_boxes[img, anchor])
