@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -179,6 +180,23 @@ def test_fast_focal_extreme_logits_are_finite():
         assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all()
         assert loss[2].item() == pytest.approx(0.75 * 100, rel=1e-4)
         assert x.grad[2].item() == pytest.approx(-0.75 * -1, rel=1e-4)  # eq. (10), y = -1, p_t -> 0: alpha_t
+
+
+@pytest.mark.skipif(os.environ.get("RETINANET_TEST_COMPILE") != "1",
+                    reason="compiling takes 10-60 s; set RETINANET_TEST_COMPILE=1 (bench_focal.py checks it too)")
+def test_compiled_fast_focal_equals_reference():
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 300, 5, generator=g) * 4).requires_grad_()
+    y = torch.rand(2, 300, 5, generator=g) > 0.9
+    w = (torch.rand(2, 300, 1, generator=g) > 0.1).float()
+    for alpha, gamma in ((0.25, 2.0), (-1.0, 0.0)):
+        fast = sigmoid_focal_loss_fast(x, y, alpha, gamma, weights=w, compile=True)
+        (fast_grad,) = torch.autograd.grad(fast, x)
+        ref = (sigmoid_focal_loss(x, y.float(), alpha, gamma) * w).sum()
+        (ref_grad,) = torch.autograd.grad(ref, x)
+        assert not losses._compile_failed
+        assert fast.item() == pytest.approx(ref.item(), rel=1e-5)
+        assert torch.allclose(fast_grad, ref_grad, rtol=1e-5, atol=1e-7)
 
 
 def test_fast_focal_falls_back_to_eager_when_compiling_fails(monkeypatch):
