@@ -18,16 +18,6 @@ from conftest import tiny_config
 from test_model import _rect_image
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tensors here are tiny: one thread is fastest, and on a busy machine two OpenMP threads that
-    wait for each other can make a training step a hundred times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------- hand-made anchors
 
 # One ground-truth box [0, 0, 10, 10] of class 1 and six anchors. IoU with it: 1, 81/119, 1/2 (fg),
