@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -105,3 +106,30 @@ def autocast(model: nn.Module, dtype: Optional[torch.dtype] = torch.bfloat16):
         return contextlib.nullcontext()
     device = next(model.parameters()).device
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def compiler_works(device_type: str) -> bool:
+    """Whether torch.compile (inductor) can build and run a kernel on this device type here
+    (it needs a C++ compiler on CPU, Triton on GPU)."""
+    try:
+        fn = torch.compile(lambda x: torch.relu(x) + 1.0)
+        return bool(fn(torch.ones(4, device=device_type)).eq(2.0).all())
+    except Exception:  # no compiler, unsupported platform, ...: stay eager
+        return False
+
+
+def compile_network(model: nn.Module, *, freezing: bool = True) -> bool:
+    """Compile the backbone, FPN and heads in place with torch.compile (inductor).
+
+    With `freezing`, inductor treats the weights as constants: it pre-packs them for oneDNN and
+    fuses conv + bias + ReLU and conv + residual add into single kernels (inference under
+    torch.no_grad only). Every new input size compiles again, so this pays for fixed-size inputs.
+    Returns False and leaves the model eager where torch.compile does not work (e.g. no compiler).
+    """
+    device_type = next(model.parameters()).device.type
+    if not compiler_works(device_type):
+        return False
+    for part in (model.backbone, model.fpn, model.head):
+        part.compile(options={"freezing": freezing})
+    return True
