@@ -121,3 +121,19 @@ def test_autocast_float32_is_a_no_op():
         assert not torch.is_autocast_enabled("cpu")
     with autocast(model, torch.bfloat16):
         assert torch.is_autocast_enabled("cpu")
+
+
+def test_frozen_bn_is_one_affine_map_and_keeps_channels_last():
+    bn = FrozenBatchNorm2d(4)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, 2.0, 0.5, 3.0]))
+        bn.bias.copy_(torch.tensor([0.0, 1.0, -1.0, 2.0]))
+        bn.running_mean.copy_(torch.tensor([1.0, 0.0, 2.0, -1.0]))
+        bn.running_var.copy_(torch.tensor([4.0, 1.0, 0.25, 9.0]))
+    bn.eps = 0.0
+    x = torch.randn(2, 4, 3, 5).to(memory_format=torch.channels_last)
+    # scale = weight / sqrt(var) = [0.5, 2, 1, 1]; shift = bias - mean * scale = [-0.5, 1, -3, 3]
+    expected = x * torch.tensor([0.5, 2.0, 1.0, 1.0]).reshape(1, 4, 1, 1) + torch.tensor([-0.5, 1.0, -3.0, 3.0]).reshape(1, 4, 1, 1)
+    y = bn(x)
+    assert torch.allclose(y, expected, atol=1e-6)
+    assert y.is_contiguous(memory_format=torch.channels_last)
