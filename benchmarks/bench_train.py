@@ -28,11 +28,12 @@ from common import (
     torchvision_module,
     torchvision_retinanet,
 )
+from retinanet.optimize import compile_network  # noqa: E402  (common puts the repository on sys.path)
 
 BATCH, SIZE = 2, 512
 
 
-def configurations(dtypes: list) -> list:
+def configurations(dtypes: list, compile: bool = False) -> list:
     """Names of the configurations this environment can run, the baseline first."""
     names = []
     if torchvision_module() is not None:
@@ -40,6 +41,8 @@ def configurations(dtypes: list) -> list:
         names += [f"torchvision {d} channels_last" for d in dtypes if d != "fp32"]
     names += ["ours fp32", "ours fp32 channels_last"]
     names += [f"ours {d} channels_last" for d in dtypes if d != "fp32"]
+    if compile:
+        names += [f"ours {d} channels_last compiled" for d in dtypes]
     return names
 
 
@@ -69,6 +72,8 @@ def worker(name: str, weights: str, steps: int, warmup: int, device: str) -> dic
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name.split()[1])
     if "channels_last" in name:
         model = model.to(memory_format=torch.channels_last)
+    if name.endswith("compiled") and not compile_network(model, freezing=False):
+        raise RuntimeError("torch.compile does not work here")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
     scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
@@ -98,7 +103,7 @@ def worker(name: str, weights: str, steps: int, warmup: int, device: str) -> dic
 
 def run_train(args) -> None:
     print(f"\n== training step, batch {BATCH}, {SIZE}x{SIZE}, SGD; each configuration in its own process")
-    names = configurations(args.dtypes)
+    names = configurations(args.dtypes, args.compile)
     rounds, steps = (1, 2) if args.quick else (3, 3)
     with tempfile.TemporaryDirectory() as tmp:
         weights = str(Path(tmp) / "weights.pt")

@@ -44,7 +44,8 @@ def run_script(name: str, extra: list) -> None:
 
 def run_focal(args) -> None:
     print("\n== focal loss alone, forward + backward on (2, 120000, 80)")
-    run_script("bench_focal.py", ["--quick"] if args.quick else [])
+    extra = ["--quick"] if args.quick else ["--rounds", "3"]
+    run_script("bench_focal.py", extra + ["--device", args.device])
 
 
 def run_eval(args) -> None:
