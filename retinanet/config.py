@@ -28,6 +28,7 @@ class ModelConfig:
     backbone: str = "resnet50"
     backbone_width: int = 64  # channels of the stem; 64 is the standard ResNet, smaller for tiny models
     backbone_norm: str = "frozen_bn"  # frozen_bn (pretrained) | bn | gn
+    backbone_norm_eps: float = 1e-5  # BatchNorm eps; torchvision's COCO RetinaNet weights need 0.0
     frozen_stages: int = 2  # 0: none, 1: stem, 2: stem + layer1 (paper/Detectron default), ... 5: all
     backbone_weights: Optional[str] = None  # a torchvision ImageNet ResNet state dict file
     # FPN (sec. 4, "Feature Pyramid Network Backbone")

@@ -69,10 +69,19 @@ class RetinaNetHead(nn.Module):
 
 
 def resized_size(height: int, width: int, min_size: int, max_size: int, rounding: str = "round") -> tuple:
-    """Shorter side to `min_size`, unless the longer side would pass `max_size` (then that is capped)."""
-    scale = min(min_size / min(height, width), max_size / max(height, width))
-    if rounding == "floor":  # torchvision: interpolate(scale_factor=..., recompute_scale_factor=True)
+    """Shorter side to `min_size`, unless the longer side would pass `max_size` (then that is capped).
+
+    rounding "round": scale in float64, sizes rounded. rounding "floor" reproduces torchvision's
+    GeneralizedRCNNTransform to the pixel: the scale is a float32 tensor computed as it does
+    (`min_size / tensor` is float32 `reciprocal * min_size` in PyTorch), and interpolate with
+    `recompute_scale_factor=True` floors size * scale. E.g. 427 x 640 -> 799 x 1199, not 800 x 1199.
+    """
+    if rounding == "floor":
+        short = torch.tensor(float(min(height, width)), dtype=torch.float32)
+        long = torch.tensor(float(max(height, width)), dtype=torch.float32)
+        scale = torch.min(float(min_size) / short, float(max_size) / long).item()
         return int(math.floor(height * scale)), int(math.floor(width * scale))
+    scale = min(min_size / min(height, width), max_size / max(height, width))
     return int(round(height * scale)), int(round(width * scale))
 
 
@@ -244,7 +253,8 @@ class RetinaNet(nn.Module):
 def build_model(config: Config) -> RetinaNet:
     """The one place that reads the config to build a RetinaNet."""
     m = config.model
-    backbone = ResNet(m.backbone, width=m.backbone_width, norm=m.backbone_norm, frozen_stages=m.frozen_stages)
+    backbone = ResNet(m.backbone, width=m.backbone_width, norm=m.backbone_norm, frozen_stages=m.frozen_stages,
+                      norm_eps=m.backbone_norm_eps)
     if m.backbone_weights:
         from .convert import load_backbone_weights
 
