@@ -2,6 +2,7 @@
 
 from .config import Config, load_config
 from .model import RetinaNet, build_model
+from .predict import Detections, Predictor
 
 __version__ = "0.1.0"
-__all__ = ["Config", "RetinaNet", "build_model", "load_config", "__version__"]
+__all__ = ["Config", "Detections", "Predictor", "RetinaNet", "build_model", "load_config", "__version__"]

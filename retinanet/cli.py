@@ -12,6 +12,9 @@ import sys
 # name -> module; the module's register() gives the help text and flags.
 COMMANDS = {
     "smoke": "retinanet.commands.smoke",
+    "predict": "retinanet.commands.predict",
+    "export": "retinanet.commands.export",
+    "convert": "retinanet.commands.convert",
 }
 
 

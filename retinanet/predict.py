@@ -73,18 +73,20 @@ def to_rgb_uint8(item, where: str = "image") -> np.ndarray:
     """
     from PIL import Image, ImageOps
 
-    from .data.images import load_image, to_rgb_array
-
-    if isinstance(item, (str, Path)):
-        return load_image(item)
-    if isinstance(item, Image.Image):
-        return to_rgb_array(ImageOps.exif_transpose(item), where)
     if isinstance(item, np.ndarray):
         if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
             raise ValueError(f"{where}: expected an (H, W, 3) uint8 RGB array, got shape {item.shape} dtype {item.dtype}")
         if item.shape[0] == 0 or item.shape[1] == 0:
             raise ValueError(f"{where}: empty image {item.shape}")
         return item
+    if isinstance(item, (str, Path)):
+        from .data.images import load_image
+
+        return load_image(item)
+    if isinstance(item, Image.Image):
+        from .data.images import to_rgb_array
+
+        return to_rgb_array(ImageOps.exif_transpose(item), where)
     raise TypeError(f"{where}: expected a file path, a PIL image or an (H, W, 3) uint8 array, got {type(item).__name__}")
 
 
@@ -268,3 +270,34 @@ def _model_config(model) -> ModelConfig:
     cfg.detections_per_image, cfg.class_agnostic_nms = model.detections_per_image, model.class_agnostic_nms
     cfg.box_weights, cfg.box_clamp = list(model.box_weights), model.box_clamp
     return cfg
+
+
+def draw_detections(image: np.ndarray, det: Detections, min_score: float = 0.0):
+    """A Pillow RGB copy of `image` ((H, W, 3) uint8) with the boxes, class names and scores >= min_score drawn."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    canvas = Image.fromarray(np.ascontiguousarray(image))
+    draw = ImageDraw.Draw(canvas)
+    side = min(canvas.size)
+    width = max(1, round(side / 300))
+    try:
+        font = ImageFont.load_default(size=max(10, side // 40))
+    except TypeError:  # Pillow < 10.1: one fixed-size bitmap font
+        font = ImageFont.load_default()
+    for box, score, label, name in zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist(), det.names):
+        if score < min_score:
+            continue
+        color = _PALETTE[label % len(_PALETTE)]
+        draw.rectangle(box, outline=color, width=width)
+        text = f"{name} {score:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        x0, y0 = box[0], max(0.0, box[1] - (bottom - top) - 2 * width)  # above the box, inside the image
+        left, top, right, bottom = draw.textbbox((x0, y0), text, font=font)
+        draw.rectangle((left - width, top - width, right + width, bottom + width), fill=color)
+        draw.text((x0, y0), text, fill=(255, 255, 255), font=font)
+    return canvas
+
+
+# Tableau 10: distinct and readable with white text.
+_PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
