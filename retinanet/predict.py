@@ -284,7 +284,8 @@ def draw_detections(image: np.ndarray, det: Detections, min_score: float = 0.0):
         font = ImageFont.load_default(size=max(10, side // 40))
     except TypeError:  # Pillow < 10.1: one fixed-size bitmap font
         font = ImageFont.load_default()
-    for box, score, label, name in zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist(), det.names):
+    rows = list(zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist(), det.names))
+    for box, score, label, name in reversed(rows):  # the best detection is drawn last, on top
         if score < min_score:
             continue
         color = _PALETTE[label % len(_PALETTE)]
