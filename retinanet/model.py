@@ -71,17 +71,13 @@ class RetinaNetHead(nn.Module):
 def resized_size(height: int, width: int, min_size: int, max_size: int, rounding: str = "round") -> tuple:
     """Shorter side to `min_size`, unless the longer side would pass `max_size` (then that is capped).
 
-    rounding "round": scale in float64, sizes rounded. rounding "floor" reproduces torchvision's
-    GeneralizedRCNNTransform to the pixel: the scale is a float32 tensor computed as it does
-    (`min_size / tensor` is float32 `reciprocal * min_size` in PyTorch), and interpolate with
-    `recompute_scale_factor=True` floors size * scale. E.g. 427 x 640 -> 799 x 1199, not 800 x 1199.
+    rounding "floor" is torchvision's GeneralizedRCNNTransform (checked against torchvision 0.29):
+    the scale in float64, then interpolate(scale_factor=..., recompute_scale_factor=True) floors
+    size * scale. E.g. 375 x 500 -> 800 x 1066 (rounding gives 800 x 1067).
     """
-    if rounding == "floor":
-        short = torch.tensor(float(min(height, width)), dtype=torch.float32)
-        long = torch.tensor(float(max(height, width)), dtype=torch.float32)
-        scale = torch.min(float(min_size) / short, float(max_size) / long).item()
-        return int(math.floor(height * scale)), int(math.floor(width * scale))
     scale = min(min_size / min(height, width), max_size / max(height, width))
+    if rounding == "floor":
+        return int(math.floor(height * scale)), int(math.floor(width * scale))
     return int(round(height * scale)), int(round(width * scale))
 
 

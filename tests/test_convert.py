@@ -104,7 +104,7 @@ def test_anchors_of_one_location_by_hand():
         [-11, -23, 11, 23], [-14, -28, 14, 28], [-18, -35, 18, 35],  # ratio 2
     ], dtype=torch.float32)
     assert torch.equal(gen.cells[0], expected_p3)
-    # Padded 800 x 1216 (a 427 x 640 image resized to 799 x 1199): P3..P7 grids; stride = image // grid,
+    # Padded 800 x 1216 (a 427 x 640 image resized to 800 x 1199): P3..P7 grids; stride = image // grid,
     # so P6 (13 x 19) has strides 61 (800 // 13) and 64, P7 (7 x 10) 114 and 121 - not 64 and 128.
     grids = [(100, 152), (50, 76), (25, 38), (13, 19), (7, 10)]
     levels = gen(grids, (800, 1216), "cpu")
@@ -130,13 +130,11 @@ def test_heads_need_no_channel_permutation(tv_model):
 
 
 def test_resize_rule_by_hand():
-    """torchvision: scale = min(800 / short, 1333 / long) as float32 tensors (800 / t is float32
-    reciprocal(t) * 800), size = floor(side * scale). 1 / 427 -> 0.00234192028, * 800 -> 1.87353623;
-    427 * 1.87353623 = 799.99997 -> 799 (float64 would give 800)."""
-    assert resized_size(427, 640, 800, 1333, rounding="floor") == (799, 1199)
-    assert resized_size(375, 500, 800, 1333, rounding="floor") == (799, 1066)
-    assert resized_size(480, 640, 800, 1333, rounding="floor") == (800, 1066)  # 1.6666667461 rounds up
-    assert resized_size(500, 2000, 800, 1333, rounding="floor") == (333, 1333)  # longer side capped
+    """torchvision (eager): scale = min(800 / short, 1333 / long) in float64, size = floor(side * scale)."""
+    assert resized_size(375, 500, 800, 1333, rounding="floor") == (800, 1066)  # 500 * 32 / 15 = 1066.67
+    assert resized_size(375, 500, 800, 1333, rounding="round") == (800, 1067)
+    assert resized_size(427, 640, 800, 1333, rounding="floor") == (800, 1199)  # 640 * 800 / 427 = 1199.06
+    assert resized_size(500, 2000, 800, 1333, rounding="floor") == (333, 1333)  # longer side capped: 500 * 0.6665
 
 
 def test_box_decoding_by_hand():
