@@ -6,7 +6,7 @@ import torch
 
 from retinanet.checkpoint import make_checkpoint, save_atomic
 from retinanet.cli import main
-from retinanet.export import OnnxDetector, export_onnx
+from retinanet.export import OnnxDetector
 from retinanet.model import build_model
 from retinanet.predict import Predictor
 
@@ -28,8 +28,8 @@ def exported(tmp_path_factory):
     ckpt = tmp / "model.pt"
     save_atomic(make_checkpoint(model, cfg, CATEGORIES), str(ckpt))
     path = tmp / "model.onnx"
-    assert main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--output", str(path)]) == 0
-    return model, path
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--output", str(path), "--no-verify"]) == 0
+    return model, path, ckpt
 
 
 def _compare(a, b) -> tuple:
@@ -44,7 +44,7 @@ def _compare(a, b) -> tuple:
 
 @pytest.mark.parametrize("size", [(100, 150), (171, 93)])
 def test_onnx_equals_pytorch_at_two_image_sizes(exported, size, capsys):
-    model, path = exported
+    model, path, _ = exported
     image = np.random.default_rng(size[0]).integers(0, 256, (*size, 3), dtype=np.uint8)
     a = Predictor(model, CATEGORIES, device="cpu")(image)
     b = OnnxDetector(str(path))(image)
@@ -55,7 +55,7 @@ def test_onnx_equals_pytorch_at_two_image_sizes(exported, size, capsys):
 
 
 def test_onnx_batch_of_different_sizes(exported):
-    model, path = exported
+    model, path, _ = exported
     rng = np.random.default_rng(1)
     images = [rng.integers(0, 256, (90, 120, 3), dtype=np.uint8), rng.integers(0, 256, (130, 60, 3), dtype=np.uint8)]
     a = Predictor(model, CATEGORIES, device="cpu", batch_size=2)(images)
@@ -65,15 +65,16 @@ def test_onnx_batch_of_different_sizes(exported):
 
 
 def test_metadata_carries_config_and_categories(exported):
-    model, path = exported
+    model, path, _ = exported
     detector = OnnxDetector(str(path), classes=["dog"])
     assert detector.categories == CATEGORIES and detector.config.min_size == model.min_size
     assert detector.labels == [1]
 
 
-def test_torchscript_exporter_gives_the_same_graph(exported, tmp_path):
-    model, _ = exported
+def test_torchscript_exporter_and_the_cli_check(exported, tmp_path, capsys):
+    model, _, ckpt = exported
     path = tmp_path / "ts.onnx"
-    export_onnx(model, tiny_config(num_classes=3).model, CATEGORIES, str(path), exporter="torchscript")
+    assert main(["export", "--checkpoint", str(ckpt), "--output", str(path), "--exporter", "torchscript"]) == 0
+    assert "anchors identical; 100 detections, labels identical" in capsys.readouterr().err
     image = np.random.default_rng(2).integers(0, 256, (120, 110, 3), dtype=np.uint8)
     _compare(Predictor(model, CATEGORIES, device="cpu")(image), OnnxDetector(str(path))(image))

@@ -52,8 +52,9 @@ def verify(model, categories: list, path: str, config) -> str:
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(config.min_size, config.min_size * 4 // 3, 3), dtype=np.uint8)
-    torch_pred = Predictor(model, categories, device="cpu", score_threshold=0.0, classes=[c["id"] for c in categories])
-    onnx_pred = OnnxDetector(path, score_threshold=0.0, classes=[c["id"] for c in categories])
+    every_class = [c["id"] for c in categories]
+    torch_pred = Predictor(model, categories, device="cpu", classes=every_class)
+    onnx_pred = OnnxDetector(path, classes=every_class)
     batch, _ = prepare_batch([image], pixel_mean=config.pixel_mean, pixel_std=config.pixel_std, min_size=config.min_size,
                              max_size=config.max_size, rounding=config.resize_rounding,
                              size_divisibility=config.size_divisibility)
@@ -65,7 +66,7 @@ def verify(model, categories: list, path: str, config) -> str:
     anchors_equal = torch.equal(ours[2], theirs[2])
     a, b = torch_pred.predict_arrays([image])[0], onnx_pred.predict_arrays([image])[0]
     same = len(a) == len(b) and np.array_equal(a.labels, b.labels)
-    det = (f"{len(a)} detections at score > 0, labels {'identical' if same else 'DIFFERENT'}"
+    det = (f"{len(a)} detections, labels {'identical' if same else 'DIFFERENT'}"
            + (f", max |box diff| {np.abs(a.boxes - b.boxes).max():.2e} px, max |score diff| "
               f"{np.abs(a.scores - b.scores).max():.2e}" if same and len(a) else ""))
     return (f"onnxruntime vs PyTorch on a random {image.shape[0]}x{image.shape[1]} image: max |cls_logits diff| "
