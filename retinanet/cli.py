@@ -12,6 +12,7 @@ import sys
 # name -> module; the module's register() gives the help text and flags.
 COMMANDS = {
     "smoke": "retinanet.commands.smoke",
+    "eval": "retinanet.commands.eval",
     "predict": "retinanet.commands.predict",
     "export": "retinanet.commands.export",
     "convert": "retinanet.commands.convert",
