@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -117,23 +115,10 @@ def load_ahead(files: list, workers: int, ahead: int):
             yield result
 
 
-def write_atomic(path: Path, write) -> None:
-    """Call write(temp_path), then move the temp file onto `path`: no half-written outputs."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def run(args) -> int:
     from tqdm import tqdm
 
+    from ..atomic import atomic_write
     from ..predict import Predictor, draw_detections
 
     files, problems, folders, ignored = collect_images(args.paths)
@@ -174,7 +159,8 @@ def run(args) -> int:
             if targets:
                 canvas = draw_detections(array, det, min_score=args.draw_threshold)
                 target = targets[image_id]
-                write_atomic(target, lambda tmp: canvas.save(tmp, format=_format_of(target), **_save_options(target)))
+                with atomic_write(target, "wb") as f:
+                    canvas.save(f, format=_format_of(target), **_save_options(target))
             done += 1
         batch.clear()
 
@@ -195,7 +181,8 @@ def run(args) -> int:
 
     text = json.dumps(results)
     if args.output:
-        write_atomic(Path(args.output), lambda tmp: Path(tmp).write_text(text))
+        with atomic_write(args.output, "w") as f:
+            f.write(text)
     else:
         print(text)
     print(f"{done} image(s) in {seconds:.1f} s: {done / max(seconds, 1e-9):.2f} images/s "
