@@ -178,3 +178,17 @@ def test_cli_refuses_to_draw_into_the_input_folder(checkpoint, tmp_path, capsys)
     rc = main(["predict", "--checkpoint", str(checkpoint), "--save-images", str(tmp_path / "drawn"), str(tmp_path)])
     assert rc == 1 and "inside one" in capsys.readouterr().err
     assert _digest(tmp_path) == before
+
+
+def test_bf16_runs_the_network_in_bfloat16_and_keeps_the_best_detection(model):
+    from retinanet.boxes import box_iou
+
+    fp32 = Predictor(model, CATEGORIES, device="cpu")
+    bf16 = Predictor(model, CATEGORIES, device="cpu", bf16=True)
+    batch = torch.zeros(1, 3, 64, 64)
+    assert bf16.head_outputs(batch)[0].dtype == torch.bfloat16 and fp32.head_outputs(batch)[0].dtype == torch.float32
+    for seed in range(3):
+        a, b = fp32(_image(seed)), bf16(_image(seed))
+        assert b.boxes.dtype == np.float32 and a.labels[0] == b.labels[0]
+        assert box_iou(torch.from_numpy(a.boxes[:1]), torch.from_numpy(b.boxes[:1])).item() > 0.99
+        assert abs(a.scores[0] - b.scores[0]) < 5e-3
