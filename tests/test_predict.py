@@ -192,3 +192,26 @@ def test_bf16_runs_the_network_in_bfloat16_and_keeps_the_best_detection(model):
         assert b.boxes.dtype == np.float32 and a.labels[0] == b.labels[0]
         assert box_iou(torch.from_numpy(a.boxes[:1]), torch.from_numpy(b.boxes[:1])).item() > 0.99
         assert abs(a.scores[0] - b.scores[0]) < 5e-3
+
+
+def test_cli_takes_image_ids_from_a_coco_file_so_eval_can_score_it(checkpoint, tmp_path, capsys):
+    images = tmp_path / "val"
+    (images / "sub").mkdir(parents=True)
+    Image.fromarray(_image(14)).save(images / "x.png")
+    Image.fromarray(_image(15)).save(images / "sub" / "y.png")
+    gt = {"images": [{"id": 42, "file_name": "x.png", "height": 96, "width": 128},
+                     {"id": 7, "file_name": "y.png", "height": 96, "width": 128}],  # matched by the file's name
+          "annotations": [{"id": 1, "image_id": 42, "category_id": 5, "bbox": [10, 10, 50, 40], "area": 2000, "iscrowd": 0}],
+          "categories": CATEGORIES}
+    gt_path = tmp_path / "gt.json"
+    gt_path.write_text(json.dumps(gt))
+    out = tmp_path / "results.json"
+    assert main(["predict", "--checkpoint", str(checkpoint), "--coco-json", str(gt_path), "--output", str(out),
+                 str(images)]) == 0
+    results = json.loads(out.read_text())
+    assert {(r["file_name"], r["image_id"]) for r in results} == {("x.png", 42), ("sub/y.png", 7)}
+    assert main(["eval", "--gt", str(gt_path), "--results", str(out)]) == 0
+    gt["images"] = gt["images"][:1]
+    gt_path.write_text(json.dumps(gt))
+    assert main(["predict", "--checkpoint", str(checkpoint), "--coco-json", str(gt_path), str(images)]) == 1
+    assert "no single image with the file name of 1 input(s): sub/y.png" in capsys.readouterr().err

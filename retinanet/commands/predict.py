@@ -17,6 +17,9 @@ def register(sub) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders of images")
     p.add_argument("--checkpoint", required=True, help="model checkpoint (.pt) from training or `retinanet convert`")
     p.add_argument("--output", help="write the results JSON here (default: print it to stdout)")
+    p.add_argument("--coco-json", metavar="JSON",
+                   help="take image ids from this COCO file's images, matched by file_name (the path inside "
+                        "the folder, or the file's name), so that `retinanet eval --gt JSON` can score the results")
     p.add_argument("--save-images", metavar="DIR",
                    help="write copies of the images with boxes, class names and scores drawn into DIR "
                         "(never an input folder; inputs are never written)")
@@ -64,6 +67,30 @@ def collect_images(paths: list) -> tuple:
         else:
             problems.append(f"{raw}: no such file or folder")
     return files, problems, folders, ignored
+
+
+def coco_image_ids(files: list, coco_json: str) -> list:
+    """Image id of each file from a COCO file's `images` (file_name: exact, else by the file's name)."""
+    try:
+        images = json.loads(Path(coco_json).read_text())["images"]
+        by_name = {str(img["file_name"]): int(img["id"]) for img in images}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{coco_json}: not a readable COCO file with images (file_name, id): {e}") from None
+    by_base = collections.defaultdict(list)
+    for name, image_id in by_name.items():
+        by_base[Path(name).name].append(image_id)
+    ids, unknown = [], []
+    for _, name in files:
+        if name in by_name:
+            ids.append(by_name[name])
+        elif len(by_base.get(Path(name).name, [])) == 1:
+            ids.append(by_base[Path(name).name][0])
+        else:
+            unknown.append(name)
+    if unknown:
+        raise ValueError(f"{coco_json}: no single image with the file name of {len(unknown)} input(s): "
+                         f"{', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}")
+    return ids
 
 
 def output_paths(files: list, out_dir: Path, folders: list) -> list:
@@ -132,6 +159,7 @@ def run(args) -> int:
     if not files:
         print("error: no image files found", file=sys.stderr)
         return 1
+    image_ids = coco_image_ids(files, args.coco_json) if args.coco_json else list(range(len(files)))
     save_dir = Path(args.save_images) if args.save_images else None
     targets = output_paths(files, save_dir, folders) if save_dir else None
     if args.output and Path(args.output).resolve() in {f.resolve() for f, _ in files}:
@@ -154,7 +182,7 @@ def run(args) -> int:
 
     results, failed, done = [], len(problems), 0
     model_times = []  # (images, seconds) per batch; the first includes one-time warm-up
-    batch = []  # (image_id, array)
+    batch = []  # (index into files, array)
 
     def flush():
         nonlocal done
@@ -163,11 +191,11 @@ def run(args) -> int:
         start = time.perf_counter()
         dets = predictor.predict_arrays([a for _, a in batch])
         model_times.append((len(batch), time.perf_counter() - start))
-        for (image_id, array), det in zip(batch, dets):
-            results.extend(det.to_coco(image_id, files[image_id][1]))
+        for (index, array), det in zip(batch, dets):
+            results.extend(det.to_coco(image_ids[index], files[index][1]))
             if targets:
                 canvas = draw_detections(array, det, min_score=args.draw_threshold)
-                target = targets[image_id]
+                target = targets[index]
                 with atomic_write(target, "wb") as f:
                     canvas.save(f, format=_format_of(target), **_save_options(target))
             done += 1
@@ -175,12 +203,12 @@ def run(args) -> int:
 
     start = time.perf_counter()
     bar = tqdm(total=len(files), unit="img", file=sys.stderr, dynamic_ncols=True)
-    for image_id, (array, error) in enumerate(load_ahead(files, args.workers, ahead=2 * args.batch_size)):
+    for index, (array, error) in enumerate(load_ahead(files, args.workers, ahead=2 * args.batch_size)):
         if error is not None:
             failed += 1
             bar.write(f"skipped {error}", file=sys.stderr)
         else:
-            batch.append((image_id, array))
+            batch.append((index, array))
             if len(batch) == args.batch_size:
                 flush()
         bar.update(1)
