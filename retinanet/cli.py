@@ -13,6 +13,9 @@ import sys
 COMMANDS = {
     "smoke": "retinanet.commands.smoke",
     "eval": "retinanet.commands.eval",
+    "predict": "retinanet.commands.predict",
+    "export": "retinanet.commands.export",
+    "convert": "retinanet.commands.convert",
 }
 
 

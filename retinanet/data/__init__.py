@@ -1,0 +1,1 @@
+"""COCO-format data: image loading, validation, the dataset, transforms, loaders, synthetic shapes."""
