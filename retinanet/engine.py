@@ -418,7 +418,7 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
         bar = tqdm(total=t.iterations, initial=start, disable=not (progress and env.is_main), dynamic_ncols=True,
                    desc="train", unit="it")
         window, window_start, window_iters = torch.zeros(2, dtype=torch.float64), time.perf_counter(), 0
-        run_start, val_metrics = time.perf_counter(), None
+        run_start, val_metrics, speed = time.perf_counter(), None, None
         for it in range(start, t.iterations):
             lr = lr_at(it)
             for group in optimizer.param_groups:
@@ -458,21 +458,18 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
             done = it + 1
             window += step_losses
             window_iters += 1
-            bar.update(1)
-            bar.set_postfix_str(f"loss {step_losses.sum():.3f} (cls {step_losses[0]:.3f} box {step_losses[1]:.3f}) "
-                                f"lr {lr:.2g}", refresh=False)
             if done % t.log_every == 0 or done == t.iterations:
-                elapsed = time.perf_counter() - window_start
                 mean = window / window_iters
-                record = {"iteration": done, "loss": float(mean.sum()), "cls": float(mean[0]), "box": float(mean[1]),
-                          "lr": lr, "images_per_s": window_iters * cfg.data.batch_size / elapsed,
-                          "time_s": time.perf_counter() - run_start}
+                speed = window_iters * cfg.data.batch_size / (time.perf_counter() - window_start)  # images/s
                 if env.is_main:
-                    _append_jsonl(metrics_path, record)
-                    bar.set_postfix_str(f"loss {record['loss']:.3f} (cls {record['cls']:.3f} box {record['box']:.3f}) "
-                                        f"lr {lr:.2g} {record['images_per_s']:.1f} img/s")
+                    _append_jsonl(metrics_path, {"iteration": done, "loss": float(mean.sum()), "cls": float(mean[0]),
+                                                 "box": float(mean[1]), "lr": lr, "images_per_s": speed,
+                                                 "time_s": time.perf_counter() - run_start})
                 window.zero_()
-                window_iters = 0
+                window_iters, window_start = 0, time.perf_counter()
+            bar.set_postfix_str(f"loss {step_losses.sum():.3f} (cls {step_losses[0]:.3f} box {step_losses[1]:.3f}) "
+                                f"lr {lr:.2g}" + (f" {speed:.1f} img/s" if speed else ""), refresh=False)
+            bar.update(1)
             if val_dataset is not None and ((t.eval_every > 0 and done % t.eval_every == 0) or done == t.iterations):
                 eval_start = time.perf_counter()
                 val_metrics = evaluate_model(model, val_dataset, env)
