@@ -92,12 +92,13 @@ class TrainConfig:
     """
 
     iterations: int = 90000
+    optimizer: str = "sgd"  # sgd (the paper) | adamw (decoupled weight decay; faster from scratch on small data)
     # Learning rate. None: base_lr * data.batch_size / 16 (the linear scaling rule, Goyal et al. 2017);
     # a number here is used as given, whatever the batch size.
     lr: Optional[float] = None
     base_lr: float = 0.01  # at 16 images per iteration (sec. 4.1)
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd only; adamw keeps its default betas (0.9, 0.999)
+    weight_decay: float = 1e-4  # sgd: L2 penalty; adamw: decay per step is lr * weight_decay (use ~0.05)
     decay_norm_bias: bool = True  # weight decay on norm weights and biases too (the paper); false skips them
     warmup_iters: int = 500  # linear warmup from warmup_factor * lr to lr (Detectron)
     warmup_factor: float = 1.0 / 3

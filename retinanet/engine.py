@@ -129,8 +129,8 @@ def _barrier(env: DistEnv) -> None:
 # pieces of the loop
 
 
-def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
-    """SGD with momentum and weight decay (sec. 4.1) over the trainable parameters.
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """SGD with momentum and weight decay (sec. 4.1), or AdamW, over the trainable parameters.
 
     With train.decay_norm_bias false, normalization weights and all biases get no weight decay
     (a second parameter group), as many modern recipes do; the paper decays everything.
@@ -146,7 +146,11 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
     groups = [{"params": decay, "weight_decay": t.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.SGD(groups, lr=resolve_lr(cfg), momentum=t.momentum)
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=resolve_lr(cfg), momentum=t.momentum)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=resolve_lr(cfg))
+    raise ValueError(f"train.optimizer must be sgd or adamw, got '{t.optimizer}'")
 
 
 def autocast_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:

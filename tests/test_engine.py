@@ -16,7 +16,7 @@ import torch
 from retinanet.checkpoint import (checkpoint_name, latest_good_checkpoint, load_checkpoint, load_weights,
                                   make_checkpoint, save_atomic)
 from retinanet.config import Config, save_config
-from retinanet.engine import NonFiniteLossError, get_lr, resolve_lr, train
+from retinanet.engine import NonFiniteLossError, build_optimizer, get_lr, resolve_lr, train
 from retinanet.model import RetinaNet, build_model
 
 from conftest import tiny_config
@@ -262,3 +262,22 @@ def test_weights_with_another_class_count_reinitialize_the_classifier(tmp_path):
             assert torch.equal(own[key], src[key]), key
     prior = -math.log((1 - 0.01) / 0.01)  # sec. 4.1
     assert torch.allclose(own["head.cls_subnet.predictor.bias"], torch.full((45,), prior))
+
+
+def test_optimizer_groups_and_kinds():
+    cfg = tiny_config(backbone_norm="gn")
+    model = build_model(cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(model, cfg)  # the paper: every parameter decays
+    assert isinstance(optimizer, torch.optim.SGD) and len(optimizer.param_groups) == 1
+    assert optimizer.param_groups[0]["momentum"] == 0.9 and optimizer.param_groups[0]["weight_decay"] == 1e-4
+    assert len(optimizer.param_groups[0]["params"]) == len(trainable)
+
+    cfg.train.decay_norm_bias, cfg.train.optimizer = False, "adamw"
+    optimizer = build_optimizer(model, cfg)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    decay, no_decay = optimizer.param_groups
+    assert no_decay["weight_decay"] == 0.0
+    # conv weights decay; biases and GroupNorm weights (all the 1-D parameters here) do not
+    assert all(p.dim() == 4 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(trainable)

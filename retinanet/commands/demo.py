@@ -52,8 +52,8 @@ def fit_schedule(cfg, seconds_per_iteration: float, minutes: float) -> None:
     t.iterations = iterations
 
 
-def time_iterations(cfg, dataset, count: int = 4) -> float:
-    """Seconds per training iteration of `cfg` (after one untimed warm-up iteration)."""
+def time_iterations(cfg, dataset, count: int = 3) -> float:
+    """Seconds per training iteration of `cfg` on this machine now (after one untimed iteration)."""
     import torch
 
     from ..data.loader import build_train_loader
@@ -78,6 +78,27 @@ def time_iterations(cfg, dataset, count: int = 4) -> float:
         sum(losses.values()).backward()
         optimizer.step()
     return (time.perf_counter() - start) / count
+
+
+def choose_threads(cfg, dataset) -> tuple:
+    """(threads, seconds per iteration): every core or one thread, whichever trains faster now.
+
+    On a machine whose cores other jobs also use, OpenMP threads spend their time waiting for each
+    other, and one thread can be several times faster than all of them.
+    """
+    import torch
+
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+        return cfg.train.threads, time_iterations(cfg, dataset)
+    cores = torch.get_num_threads()
+    timings = {}
+    for threads in sorted({cores, 1}, reverse=True):
+        torch.set_num_threads(threads)
+        timings[threads] = time_iterations(cfg, dataset)
+    torch.set_num_threads(cores)
+    best = min(timings, key=timings.get)
+    return best, timings[best]
 
 
 def draw_detections(model, dataset, path: Path, *, count: int = 12, score_thresh: float = 0.5, scale: int = 2) -> None:
@@ -151,12 +172,13 @@ def run(args) -> int:
     cfg = load_config(str(DEMO_CONFIG), [f"data.train_json={paths.train_json}", f"data.train_images={paths.train_images}",
                                          f"data.val_json={paths.val_json}", f"data.val_images={paths.val_images}",
                                          *args.overrides])
+    dataset = build_train_dataset(cfg)
+    cfg.model.num_classes = dataset.num_classes
+    cfg.train.threads, seconds = choose_threads(cfg, dataset)
+    print(f"{seconds:.2f} s per training iteration with {cfg.train.threads} thread(s)")
     if args.minutes is not None:
-        dataset = build_train_dataset(cfg)
-        cfg.model.num_classes = dataset.num_classes
-        seconds = time_iterations(cfg, dataset)
         fit_schedule(cfg, seconds, args.minutes)
-        print(f"{seconds:.2f} s per iteration here: {cfg.train.iterations} iterations fit in {args.minutes:g} minutes")
+        print(f"  {cfg.train.iterations} iterations fit in {args.minutes:g} minutes")
 
     summary = train(cfg, str(output), progress=not args.no_progress)
     model, _, _ = load_model(summary["final"])
