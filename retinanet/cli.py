@@ -14,6 +14,7 @@ COMMANDS = {
     "smoke": "retinanet.commands.smoke",
     "train": "retinanet.commands.train",
     "demo": "retinanet.commands.demo",
+    "eval": "retinanet.commands.eval",
 }
 
 

@@ -1,0 +1,107 @@
+"""`retinanet eval`: COCO bbox metrics of a results file against a ground truth file (no model).
+
+    retinanet eval --gt instances_val2017.json --results detections.json \
+        [--output metrics.json] [--backend hotcoco|faster-coco-eval|pycocotools] [--plots DIR]
+
+Prints pycocotools' 12 summary lines, AP at IoU .60/.70/.80/.90 and a per-category AP table;
+--output writes them as JSON (keys: AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl,
+AP60, AP70, AP80, AP90 as fractions, null where the ground truth has nothing to measure, and
+per_category: {name: AP}). A mode that first runs a model to make the results list calls
+`report_results()` with that list.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+
+def register(sub) -> None:
+    from ..evaluate import BACKENDS, DEFAULT_BACKEND
+
+    p = sub.add_parser("eval", help="COCO bbox metrics of a results file against ground truth",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--gt", required=True, metavar="GT.json", help="COCO ground truth (images, annotations, categories)")
+    p.add_argument("--results", required=True, metavar="DT.json",
+                   help="COCO results: a JSON list of {image_id, category_id, bbox [x, y, w, h], score}")
+    p.add_argument("--output", metavar="metrics.json", help="write the metrics as JSON here")
+    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=list(BACKENDS),
+                   help=f"COCOeval implementation (default {DEFAULT_BACKEND}; all give pycocotools' numbers)")
+    p.add_argument("--plots", metavar="DIR", help="write PNG figures here: pr_curves.png, ap_by_size.png")
+    p.add_argument("--plots-per-category", action="store_true",
+                   help="with --plots, also pr_per_category.png: one precision-recall panel per category")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..evaluate import BackendNotInstalled
+
+    if args.plots_per_category and not args.plots:
+        raise ValueError("--plots-per-category needs --plots DIR")
+    try:
+        report_results(args.gt, args.results, backend=args.backend, output=args.output, plots=args.plots,
+                       plots_per_category=args.plots_per_category)
+    except BackendNotInstalled as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def report_results(gt: Union[str, Path, dict], results: Union[str, Path, list], *, backend: str,
+                   output: Optional[str] = None, plots: Optional[str] = None, plots_per_category: bool = False,
+                   protect: Sequence = ()) -> dict:
+    """Evaluate `results` against `gt`, print the metrics, write --output JSON and --plots PNGs.
+
+    gt / results: paths or the loaded dict / list (e.g. made by detections_to_coco_results).
+    protect: more input files (a checkpoint, say); an output path that is one of them, or gt or
+    results, is refused before any work. Returns the metrics dict (see evaluate_coco).
+    """
+    from ..evaluate import format_per_category, format_summary, run_coco_eval
+    from ..plots import PLOT_FILES
+
+    if output and Path(output).is_dir():
+        raise ValueError(f"--output {output} is a folder; give a file name such as {Path(output) / 'metrics.json'}")
+    if plots and Path(plots).exists() and not Path(plots).is_dir():
+        raise ValueError(f"--plots {plots} is a file; give a folder")
+    targets = [Path(output)] if output else []
+    if plots:
+        targets += [Path(plots) / name for name in PLOT_FILES]
+    inputs = [p for p in (gt, results) if isinstance(p, (str, Path))] + list(protect)
+    for target in targets:
+        for source in inputs:
+            if _same_file(target, Path(source)):
+                raise ValueError(f"refusing to overwrite the input file {source} with {target}")
+
+    evaluation = run_coco_eval(gt, results, backend=backend)
+    metrics = evaluation.metrics()
+    print(format_summary(metrics))
+    print()
+    print("Per-category AP (%), IoU .50:.95:")
+    print(format_per_category(metrics["per_category"]))
+    if output:
+        _write_json_atomic(metrics, Path(output))
+        print(f"metrics written to {output}")
+    if plots:
+        from ..plots import write_plots
+
+        paths = write_plots(evaluation, metrics, plots, per_category=plots_per_category)
+        print(f"plots written to {plots}: {', '.join(p.name for p in paths)}")
+    return metrics
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def _write_json_atomic(obj: dict, path: Path) -> None:
+    import json
+
+    from ..atomic import atomic_write
+
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2, allow_nan=False)
+        f.write("\n")

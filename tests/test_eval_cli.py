@@ -1,0 +1,164 @@
+"""`retinanet eval`: the JSON it writes, its PNGs, and its errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from coco_eval_cases import make_edge_case_set, pycocotools_reference, write_json
+from PIL import Image
+
+from retinanet import evaluate
+from retinanet.cli import main
+
+DOCUMENTED_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
+                   "AP60", "AP70", "AP80", "AP90", "per_category"}
+
+
+@pytest.fixture()
+def files(tmp_path):
+    gt, results = make_edge_case_set(seed=1, num_images=20)
+    return tmp_path, write_json(tmp_path / "gt.json", gt), write_json(tmp_path / "dt.json", results)
+
+
+def test_writes_documented_json_and_pngs(files, capsys):
+    tmp, gt_path, dt_path = files
+    out, plots = tmp / "out" / "metrics.json", tmp / "plots"
+    rc = main(["eval", "--gt", gt_path, "--results", dt_path, "--output", str(out), "--plots", str(plots),
+               "--plots-per-category"])
+    assert rc == 0
+    metrics = json.loads(out.read_text())
+    assert set(metrics) == DOCUMENTED_KEYS
+    ref = pycocotools_reference(gt_path, dt_path)
+    for key, value in zip(evaluate.STAT_KEYS, ref.stats):
+        assert metrics[key] == pytest.approx(value, abs=1e-6)
+    assert set(metrics["per_category"]) == {"class1", "class3", "class7", "class12", "class90"}
+    assert metrics["per_category"]["class12"] is None  # no ground truth: null, not -1
+    assert all(0 <= v <= 1 for k, v in metrics.items() if k != "per_category")
+
+    # 5 categories -> a 3x2 grid of 200 px panels.
+    expected_sizes = {"pr_curves.png": (600, 450), "ap_by_size.png": (600, 400), "pr_per_category.png": (600, 400)}
+    assert {p.name for p in plots.iterdir()} == set(expected_sizes)
+    for name, size in expected_sizes.items():
+        with Image.open(plots / name) as im:
+            assert im.format == "PNG" and im.size == size
+            im.verify()
+
+    printed = capsys.readouterr().out
+    assert f"maxDets=100 ] = {metrics['AP']:.3f}" in printed
+    assert "class90" in printed and "Per-category AP" in printed
+
+
+def test_without_output_or_plots_writes_nothing(files, capsys):
+    tmp, gt_path, dt_path = files
+    assert main(["eval", "--gt", gt_path, "--results", dt_path, "--backend", "pycocotools"]) == 0
+    assert sorted(p.name for p in tmp.iterdir()) == ["dt.json", "gt.json"]
+    assert "Average Precision" in capsys.readouterr().out
+
+
+def test_empty_results_file_gives_zero(files):
+    tmp, gt_path, _ = files
+    empty = write_json(tmp / "empty.json", [])
+    assert main(["eval", "--gt", gt_path, "--results", empty, "--output", str(tmp / "m.json")]) == 0
+    assert json.loads((tmp / "m.json").read_text())["AP"] == 0
+
+
+def test_unknown_image_ids_fail_cleanly(files, capsys):
+    tmp, gt_path, _ = files
+    bad = write_json(tmp / "bad.json", [{"image_id": 123456, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.5}])
+    assert main(["eval", "--gt", gt_path, "--results", bad, "--output", str(tmp / "m.json")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"{bad}: 1 image ids are absent from {gt_path}: [123456]" in err
+    assert not (tmp / "m.json").exists()
+
+
+def test_nan_box_names_the_result(files, capsys):
+    tmp, gt_path, dt_path = files
+    results = json.loads((tmp / "dt.json").read_text())
+    results[5]["bbox"][2] = math.nan
+    (tmp / "nan.json").write_text(json.dumps(results))  # written as the token NaN
+    assert main(["eval", "--gt", gt_path, "--results", str(tmp / "nan.json")]) == 1
+    assert "nan.json: result 5: 'bbox' is not finite" in capsys.readouterr().err
+
+
+def test_malformed_file_is_named(files, capsys):
+    tmp, gt_path, _ = files
+    (tmp / "cut.json").write_text('[{"image_id": 7, "bbox"')
+    assert main(["eval", "--gt", gt_path, "--results", str(tmp / "cut.json")]) == 1
+    assert "cut.json: not a valid JSON file" in capsys.readouterr().err
+
+
+def test_refuses_to_overwrite_an_input(files, capsys):
+    tmp, gt_path, dt_path = files
+    before = (tmp / "gt.json").read_bytes()
+    assert main(["eval", "--gt", gt_path, "--results", dt_path, "--output", gt_path]) == 1
+    assert "refusing to overwrite the input file" in capsys.readouterr().err
+    assert (tmp / "gt.json").read_bytes() == before
+
+
+def test_missing_backend_says_what_to_install(files, capsys, monkeypatch):
+    _, gt_path, dt_path = files
+    monkeypatch.setitem(evaluate.BACKENDS, "faster-coco-eval", ("not_a_module_here", "faster-coco-eval"))
+    assert main(["eval", "--gt", gt_path, "--results", dt_path, "--backend", "faster-coco-eval"]) == 1
+    assert "pip install faster-coco-eval" in capsys.readouterr().err
+
+
+def test_per_category_plots_need_a_folder(files, capsys):
+    _, gt_path, dt_path = files
+    assert main(["eval", "--gt", gt_path, "--results", dt_path, "--plots-per-category"]) == 1
+    assert "--plots-per-category needs --plots DIR" in capsys.readouterr().err
+
+
+def test_output_paths_of_the_wrong_kind_fail_before_evaluating(files, capsys):
+    tmp, gt_path, dt_path = files
+    assert main(["eval", "--gt", gt_path, "--results", dt_path, "--output", str(tmp)]) == 1
+    assert "is a folder" in capsys.readouterr().err
+    assert main(["eval", "--gt", gt_path, "--results", dt_path, "--plots", dt_path]) == 1
+    assert "is a file; give a folder" in capsys.readouterr().err
+
+
+def test_eval_path_does_not_import_torch():
+    # Importing torch costs ~1.6 s, most of the 2 s budget for 500k detections: the CLI parser,
+    # every command module's register() and the evaluation code must not import it at module level.
+    code = ("import sys; from retinanet.cli import build_parser; build_parser(); "
+            "import retinanet.evaluate, retinanet.plots, retinanet.commands.eval; "
+            "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "[]"
+
+
+def test_report_results_takes_in_memory_results(tmp_path, capsys):
+    # The entry point for a mode that runs a model first and has the results list in memory.
+    from retinanet.commands.eval import report_results
+
+    gt, results = make_edge_case_set(seed=2, num_images=10)
+    out = tmp_path / "m.json"
+    metrics = report_results(gt, results, backend="hotcoco", output=str(out))
+    assert json.loads(out.read_text()) == metrics == evaluate.evaluate_coco(gt, results)
+    assert "Per-category AP" in capsys.readouterr().out
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"weights")
+    with pytest.raises(ValueError, match="refusing to overwrite the input file"):
+        report_results(gt, results, backend="hotcoco", output=str(checkpoint), protect=[checkpoint])
+    assert checkpoint.read_bytes() == b"weights"
+
+
+def test_atomic_write_keeps_the_old_file_on_error(tmp_path):
+    from retinanet.atomic import atomic_write
+
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(target, "w") as f:
+            f.write("half of the new")
+            raise RuntimeError("crash while writing")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temp file left behind
+    with atomic_write(target, "w") as f:
+        f.write("new")
+    assert target.read_text() == "new"
