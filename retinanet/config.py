@@ -71,15 +71,92 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """The training objective: which classification and box losses, and their parameters."""
+    """The training objective: which classification and box losses, and their parameters.
 
-    cls: str = "focal"  # focal
-    alpha: float = 0.25  # alpha-balance (eq. 3, 5); < 0 disables it
-    gamma: float = 2.0  # focusing parameter (eq. 4, 5)
-    box: str = "smooth_l1"  # smooth_l1
-    smooth_l1_beta: float = 0.11  # Detectron's RetinaNet value; 0 is L1
+    Papers: FL = Focal Loss for Dense Object Detection; IoU-b = IoU-balanced Loss Functions for
+    Single-stage Object Detection. The README's "Losses" table lists every choice with its equation.
+    """
+
+    # Classification loss, over all non-ignored anchors, / number of foreground anchors:
+    #   focal          FL (eq. 5): alpha, gamma
+    #   ce             alpha-balanced cross entropy (eq. 3; alpha < 0: plain CE): alpha
+    #   fl_star        FL* (eqs. 6-8): gamma, beta
+    #   softmax_focal  softmax FL over K classes + background (footnote 1): alpha, gamma; the
+    #                  classifier then has K + 1 outputs per anchor
+    #   ohem           cross entropy on each image's hard examples only (sec. 5.1): ohem_*
+    cls: str = "focal"
+    alpha: float = 0.25  # alpha-balance (FL eqs. 3, 5); < 0 disables it; FL Table 1b: 0.25 with gamma 2
+    gamma: float = 2.0  # focusing parameter (FL eqs. 4-5) and FL*'s steepness (eq. 7)
+    beta: float = 1.0  # FL*'s shift (FL eq. 7); Table 2: (gamma, beta) = (2, 1) or (4, 0)
+    # OHEM (FL sec. 5.1, Table 1d: best batch 128, NMS 0.5)
+    ohem_batch: int = 128  # B, anchors kept per image
+    ohem_nms: float = 0.5  # NMS IoU threshold over the candidates' predicted boxes, ranked by loss
+    ohem_ratio: int = 0  # 0: plain OHEM; r > 0: OHEM 1:r, negatives capped at r x positives (paper: 3)
+    ohem_candidates: int = 10000  # highest-loss anchors per image that go into NMS
+    # Box loss, over foreground anchors, / number of foreground anchors:
+    #   smooth_l1  on the (dx, dy, dw, dh) deltas (Fast R-CNN); smooth_l1_beta 0 is L1
+    #   giou       1 - GIoU of the decoded box with its ground-truth box
+    box: str = "smooth_l1"
+    smooth_l1_beta: float = 0.11  # Detectron's RetinaNet value (also IoU-b's best); 0 is L1
     box_weight: float = 1.0
+    # IoU-balanced classification (IoU-b eqs. 1-2): each positive's ground-truth-class term weighted
+    # by iou^eta (iou of its regressed box), renormalized so the positives' sum is unchanged
+    iou_balanced_cls: bool = False
+    eta: float = 1.5  # IoU-b Table 4: best 1.5
+    # IoU-balanced localization (IoU-b eqs. 3-4): box loss of each positive weighted by w_loc * iou^lambda
+    iou_balanced_loc: bool = False
+    loc_lambda: float = 1.5  # lambda; IoU-b Table 4: best 1.5 (with w_loc 3.049 on COCO)
+    # "auto": measured at the first step so that the box loss sum is unchanged (how IoU-b set it by
+    # hand), then fixed and stored in the model (checkpointed); or a number, e.g. 3.049
+    w_loc: str = "auto"
+    loc_normalize: bool = False  # eq. (5): renormalize every step instead of w_loc
     sync_normalizer: bool = True  # under DDP, average the positive-anchor count over processes
+
+    CLS_LOSSES = ("focal", "ce", "fl_star", "softmax_focal", "ohem")
+    BOX_LOSSES = ("smooth_l1", "giou")
+
+    def __post_init__(self):
+        self.validate()
+
+    def w_loc_value(self) -> Optional[float]:
+        """w_loc as a number, or None for "auto"."""
+        if str(self.w_loc).strip().lower() == "auto":
+            return None
+        try:
+            value = float(self.w_loc)
+        except ValueError:
+            raise ConfigError(f"config key 'loss.w_loc' must be 'auto' or a number, got {self.w_loc!r}") from None
+        if not value > 0:
+            raise ConfigError(f"config key 'loss.w_loc' must be positive, got {self.w_loc!r}")
+        return value
+
+    def validate(self) -> None:
+        """Reject unknown loss names and out-of-range parameters (called on load and by build_model)."""
+        for key, choices in (("cls", self.CLS_LOSSES), ("box", self.BOX_LOSSES)):
+            value = getattr(self, key)
+            if value not in choices:
+                raise ConfigError(f"config key 'loss.{key}': unknown loss '{value}'{_closest(str(value), choices)}; "
+                                  f"choose one of {', '.join(choices)}")
+        checks = [
+            ("alpha", self.alpha <= 1, "at most 1 (negative disables it)"),
+            ("gamma", self.gamma >= 0, "at least 0"),
+            ("ohem_batch", self.ohem_batch >= 1, "at least 1"),
+            ("ohem_nms", 0 < self.ohem_nms <= 1, "in (0, 1]"),
+            ("ohem_ratio", self.ohem_ratio >= 0, "at least 0"),
+            ("ohem_candidates", self.ohem_candidates >= 1, "at least 1"),
+            ("smooth_l1_beta", self.smooth_l1_beta >= 0, "at least 0"),
+            ("eta", self.eta >= 0, "at least 0"),
+            ("loc_lambda", self.loc_lambda >= 0, "at least 0"),
+        ]
+        if self.cls == "fl_star":
+            checks.append(("gamma", self.gamma > 0, "above 0 for fl_star (FL* divides by gamma)"))
+        for key, ok, rule in checks:
+            if not ok:
+                raise ConfigError(f"config key 'loss.{key}' must be {rule}, got {getattr(self, key)!r}")
+        if self.iou_balanced_cls and self.cls == "ohem":
+            raise ConfigError("loss.iou_balanced_cls does not apply to loss.cls=ohem (OHEM trains with plain "
+                              "cross entropy on the examples it picks)")
+        self.w_loc_value()
 
 
 @dataclass

@@ -14,9 +14,10 @@ from torch import Tensor, nn
 
 from .anchors import AnchorGenerator
 from .backbone import FPN, ResNet
-from .boxes import encode
+from .boxes import decode, encode, paired_iou
 from .config import Config, LossConfig
-from .losses import sigmoid_focal_loss, smooth_l1_loss
+from .losses import (fl_star_loss, giou_loss, iou_balanced_weights, ohem_select, sigmoid_focal_loss,
+                     sigmoid_focal_loss_fast, smooth_l1_loss, softmax_focal_loss, softmax_prior_bias)
 from .matcher import FOREGROUND, Matcher, ignore_crowd
 from .postprocess import postprocess
 
@@ -46,24 +47,36 @@ class Subnet(nn.Module):
 
 
 class RetinaNetHead(nn.Module):
-    """The classification (K*A outputs) and box (4*A, class-agnostic) subnets, shared across levels."""
+    """The classification and box (4*A, class-agnostic) subnets, shared across levels.
+
+    classifier "sigmoid" (the paper): K logits per anchor, one sigmoid each. "softmax" (for the
+    softmax focal loss, footnote 1): K + 1 logits per anchor, the K classes then background.
+    """
 
     def __init__(self, in_channels: int, num_anchors: int, num_classes: int, channels: int = 256,
-                 num_convs: int = 4, norm: str = "none", prior_prob: float = 0.01):
+                 num_convs: int = 4, norm: str = "none", prior_prob: float = 0.01, classifier: str = "sigmoid"):
         super().__init__()
+        if classifier not in ("sigmoid", "softmax"):
+            raise ValueError(f"classifier must be 'sigmoid' or 'softmax', got '{classifier}'")
         self.num_classes = num_classes
-        self.cls_subnet = Subnet(in_channels, channels, num_anchors * num_classes, num_convs, norm)
+        self.classifier = classifier
+        self.num_logits = num_classes + 1 if classifier == "softmax" else num_classes  # per anchor
+        self.cls_subnet = Subnet(in_channels, channels, num_anchors * self.num_logits, num_convs, norm)
         self.box_subnet = Subnet(in_channels, channels, num_anchors * 4, num_convs, norm)
-        # b = -log((1 - pi) / pi): every anchor starts with foreground probability pi (sec. 4.1)
-        nn.init.constant_(self.cls_subnet.predictor.bias, -math.log((1 - prior_prob) / prior_prob))
+        bias = self.cls_subnet.predictor.bias  # (A * num_logits,): channel a * num_logits + k
+        with torch.no_grad():
+            if classifier == "sigmoid":  # b = -log((1 - pi) / pi): foreground probability pi at the start (sec. 4.1)
+                bias.fill_(-math.log((1 - prior_prob) / prior_prob))
+            else:  # background log(K (1 - pi) / pi), classes 0: total foreground probability pi
+                bias.copy_(softmax_prior_bias(num_classes, prior_prob).repeat(num_anchors))
 
     def forward(self, features: list) -> tuple:
-        """features: L x (B, C, H_l, W_l) -> cls_logits (B, N, K), box_deltas (B, N, 4), N = sum H_l*W_l*A."""
+        """features: L x (B, C, H_l, W_l) -> cls_logits (B, N, num_logits), box_deltas (B, N, 4), N = sum H_l*W_l*A."""
         cls, box = [], []
         for f in features:
             b = f.shape[0]
-            # (B, A*K, H, W) -> (B, H, W, A*K) -> (B, H*W*A, K): channel a*K + k is anchor a, class k
-            cls.append(self.cls_subnet(f).permute(0, 2, 3, 1).reshape(b, -1, self.num_classes))
+            # (B, A*K, H, W) -> (B, H, W, A*K) -> (B, H*W*A, K): channel a*K + k is anchor a, logit k
+            cls.append(self.cls_subnet(f).permute(0, 2, 3, 1).reshape(b, -1, self.num_logits))
             box.append(self.box_subnet(f).permute(0, 2, 3, 1).reshape(b, -1, 4))
         return torch.cat(cls, dim=1), torch.cat(box, dim=1)
 
@@ -111,7 +124,16 @@ class RetinaNet(nn.Module):
         self.backbone, self.fpn, self.head = backbone, fpn, head
         self.anchor_generator = anchor_generator
         self.matcher = matcher
+        loss.validate()
+        needs = "softmax" if loss.cls == "softmax_focal" else "sigmoid"
+        if head.classifier != needs:
+            raise ValueError(f"loss.cls={loss.cls} needs a {needs} classifier, the head has a {head.classifier} one")
         self.loss_cfg = loss
+        # IoU-balanced localization's w_loc: a fixed number, or "auto" (None): measured at the first
+        # step into this buffer (NaN until then), so it is checkpointed and a resumed run keeps it
+        self.w_loc_fixed = loss.w_loc_value()
+        if loss.iou_balanced_loc and not loss.loc_normalize and self.w_loc_fixed is None:
+            self.register_buffer("w_loc", torch.tensor(float("nan")))
         self.crowd_ioa = crowd_ioa
         self.box_weights = tuple(box_weights)
         self.box_clamp = box_clamp
@@ -179,7 +201,7 @@ class RetinaNet(nn.Module):
                            score_thresh=self.score_thresh, topk_candidates=self.topk_candidates,
                            nms_thresh=self.nms_thresh, max_detections=self.detections_per_image,
                            box_weights=self.box_weights, box_clamp=self.box_clamp,
-                           class_agnostic=self.class_agnostic_nms)
+                           class_agnostic=self.class_agnostic_nms, classifier=self.head.classifier)
 
     # ------------------------------------------------------------------ training targets and losses
     @torch.no_grad()
@@ -213,32 +235,157 @@ class RetinaNet(nn.Module):
             classes.append(cls[matched])
         return torch.stack(labels), torch.stack(boxes), torch.stack(classes)
 
-    def num_foreground(self, labels: Tensor) -> Tensor:
-        """Foreground anchors in the batch, averaged over processes under DDP, at least 1 (sec. 4.1)."""
-        num = (labels == FOREGROUND).sum().float()
+    def _normalizer(self, count: Tensor) -> Tensor:
+        """A count of anchors in the batch, averaged over processes under DDP (`sync_normalizer`), at least 1."""
+        num = count.float()
         if self.loss_cfg.sync_normalizer and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(num)
             num = num / torch.distributed.get_world_size()
         return num.clamp(min=1.0)
 
+    def num_foreground(self, labels: Tensor) -> Tensor:
+        """Foreground anchors in the batch, averaged over processes under DDP, at least 1 (sec. 4.1)."""
+        return self._normalizer((labels == FOREGROUND).sum())
+
     def compute_losses(self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, targets: list) -> dict:
-        """Focal loss over all non-ignored anchors and smooth L1 over foreground anchors, for the whole
-        batch at once, both divided by the number of foreground anchors."""
+        """The losses `loss_cfg` chooses, for the whole batch at once (no loop over images).
+
+        cls_logits (B, N, K) (K + 1 with a softmax classifier), box_deltas (B, N, 4), anchors (N, 4).
+        The classification loss is summed over all non-ignored anchors, the box loss over the
+        foreground anchors, both divided by the number of foreground anchors in the batch (sec. 4.1);
+        OHEM instead averages over the anchors it keeps (see `_ohem_losses`).
+        Returns {"cls": scalar, "box": scalar}.
+        """
         labels, gt_boxes, gt_classes = self.assign_targets(anchors, targets)  # (B, N), (B, N, 4), (B, N)
+        if self.loss_cfg.cls == "ohem":
+            return self._ohem_losses(cls_logits, box_deltas, anchors, labels, gt_boxes, gt_classes)
+        img, anchor = torch.nonzero(labels == FOREGROUND, as_tuple=True)  # (P,) the foreground anchors
+        box_loss, iou = self._box_loss(box_deltas, anchors, gt_boxes, img, anchor)
+        cls_loss = self._cls_loss(cls_logits, labels, gt_classes, img, anchor, iou)
         normalizer = self.num_foreground(labels)
-        fg = labels == FOREGROUND  # (B, N)
-        valid = labels >= 0
-        cls_targets = torch.zeros_like(cls_logits, dtype=torch.float32)  # (B, N, K)
-        cls_targets[fg, gt_classes[fg]] = 1.0
+        return {"cls": cls_loss / normalizer, "box": self.loss_cfg.box_weight * box_loss.sum() / normalizer}
+
+    def _cls_loss(self, cls_logits: Tensor, labels: Tensor, gt_classes: Tensor, img: Tensor, anchor: Tensor,
+                  iou: Optional[Tensor]) -> Tensor:
+        """Classification loss summed over the non-ignored anchors (and classes).
+
+        img, anchor (P,): the foreground anchors; iou (P,): their regressed boxes' IoU with their
+        ground truth (needed for `iou_balanced_cls`).
+        """
         cfg = self.loss_cfg
-        if cfg.cls != "focal":
-            raise ValueError(f"unknown classification loss '{cfg.cls}'")
-        cls_loss = sigmoid_focal_loss(cls_logits[valid].float(), cls_targets[valid], cfg.alpha, cfg.gamma, "sum")
-        target_deltas = encode(anchors[None].expand_as(gt_boxes)[fg], gt_boxes[fg], self.box_weights)  # (F, 4)
-        if cfg.box != "smooth_l1":
-            raise ValueError(f"unknown box loss '{cfg.box}'")
-        box_loss = smooth_l1_loss(box_deltas[fg].float(), target_deltas, cfg.smooth_l1_beta, "sum")
-        return {"cls": cls_loss / normalizer, "box": cfg.box_weight * box_loss / normalizer}
+        valid = labels >= 0  # (B, N)
+        classes = gt_classes[img, anchor]  # (P,)
+        if cfg.cls == "softmax_focal":
+            target = torch.where(labels == FOREGROUND, gt_classes, self.num_classes)  # (B, N), background = K
+            per_anchor = softmax_focal_loss(cls_logits.flatten(0, 1).float(), target.flatten(), cfg.alpha,
+                                            cfg.gamma).view_as(target) * valid  # (B, N)
+            total, gt_terms = per_anchor.sum(), per_anchor[img, anchor]
+        else:
+            targets = torch.zeros_like(cls_logits, dtype=torch.bool)  # (B, N, K)
+            targets[img, anchor, classes] = True
+            gamma = 0.0 if cfg.cls == "ce" else cfg.gamma
+            if cfg.cls == "fl_star":
+                total = (fl_star_loss(cls_logits.float(), targets, cfg.gamma, cfg.beta) * valid[..., None]).sum()
+            else:  # focal, ce: one fused pass (same values as sigmoid_focal_loss)
+                total = sigmoid_focal_loss_fast(cls_logits, targets, cfg.alpha, gamma, weights=valid[..., None])
+            if not cfg.iou_balanced_cls:
+                return total
+            gt_logits = cls_logits[img, anchor, classes].float()  # (P,) each positive's ground-truth class logit
+            ones = torch.ones_like(gt_logits)
+            gt_terms = (fl_star_loss(gt_logits, ones, cfg.gamma, cfg.beta) if cfg.cls == "fl_star"
+                        else sigmoid_focal_loss(gt_logits, ones, cfg.alpha, gamma))  # (P,)
+        if cfg.iou_balanced_cls:
+            # IoU-balanced eqs. (1)-(2): positive i's ground-truth-class term counts w_i times instead of
+            # once; its other class terms and all negatives keep weight 1 (as the authors' code does)
+            weights = iou_balanced_weights(iou, gt_terms.detach(), cfg.eta)
+            total = total + ((weights - 1) * gt_terms).sum()
+        return total
+
+    def _box_loss(self, box_deltas: Tensor, anchors: Tensor, gt_boxes: Tensor, img: Tensor, anchor: Tensor) -> tuple:
+        """Box loss of the anchors (img, anchor) (P,), all foreground.
+
+        Returns (loss (P,) per anchor, IoU-balanced when `iou_balanced_loc`; iou (P,) of each
+        regressed box with its ground-truth box, detached, or None when no option needs it).
+        """
+        cfg = self.loss_cfg
+        deltas = box_deltas[img, anchor].float()  # (P, 4)
+        a, gt = anchors[anchor], gt_boxes[img, anchor]  # (P, 4) xyxy
+        iou = None
+        if cfg.iou_balanced_cls or cfg.iou_balanced_loc:
+            with torch.no_grad():
+                iou = paired_iou(decode(a, deltas, self.box_weights, self.box_clamp), gt)  # (P,)
+        loss = self._unweighted_box_loss(deltas, a, gt)
+        if cfg.iou_balanced_loc:
+            loss = loss * self._loc_weights(iou, loss.detach())
+        return loss, iou
+
+    def _unweighted_box_loss(self, deltas: Tensor, anchors: Tensor, gt: Tensor) -> Tensor:
+        """deltas (P, 4), anchors (P, 4), gt (P, 4) xyxy -> (P,) smooth L1 summed over the 4 deltas, or 1 - GIoU."""
+        if self.loss_cfg.box == "giou":
+            return giou_loss(decode(anchors, deltas, self.box_weights, self.box_clamp), gt)
+        return smooth_l1_loss(deltas, encode(anchors, gt, self.box_weights), self.loss_cfg.smooth_l1_beta).sum(dim=1)
+
+    def _loc_weights(self, iou: Tensor, losses: Tensor) -> Tensor:
+        """IoU-balanced localization weights (P,), detached: w_loc * iou^lambda (eq. 4), or eq. (5)."""
+        cfg = self.loss_cfg
+        if cfg.loc_normalize:
+            return iou_balanced_weights(iou, losses, cfg.loc_lambda)
+        w_loc = self.w_loc_fixed
+        if w_loc is None:  # w_loc: auto
+            if torch.isnan(self.w_loc):
+                self._measure_w_loc(iou, losses)
+            if torch.isnan(self.w_loc):  # nothing to measure yet (no positive with IoU > 0): eq. (5)'s weights
+                return iou_balanced_weights(iou, losses, cfg.loc_lambda)
+            w_loc = self.w_loc
+        return w_loc * iou.float().pow(cfg.loc_lambda)
+
+    @torch.no_grad()
+    def _measure_w_loc(self, iou: Tensor, losses: Tensor) -> None:
+        """w_loc = sum(L) / sum(iou^lambda L) over this step's positives (summed over processes under
+        DDP): the value that keeps the localization loss sum unchanged at the first step, which is how
+        the IoU-balanced paper set it by hand (sec. 3.2). Stored in the `w_loc` buffer, so it is
+        checkpointed and a resumed run keeps it."""
+        sums = torch.stack([losses.float().sum(), (iou.float().pow(self.loss_cfg.loc_lambda) * losses.float()).sum()])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        if sums[1] > 0:
+            self.w_loc.fill_(sums[0] / sums[1])
+
+    def _ohem_losses(self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, labels: Tensor,
+                     gt_boxes: Tensor, gt_classes: Tensor) -> dict:
+        """OHEM (sec. 5.1): train on each image's hard examples only.
+
+        Every non-ignored anchor is scored by its loss: sigmoid cross entropy summed over the K
+        classes, plus its box loss if it is foreground. `ohem_select` keeps, per image, the
+        `ohem_batch` highest-loss anchors that survive NMS (`ohem_nms`) among the `ohem_candidates`
+        highest; with `ohem_ratio` r > 0, OHEM 1:r. NMS compares the anchors' predicted boxes
+        (decoded from the current box deltas), as OHEM in Fast R-CNN compares its RoIs, the regions
+        being classified; before any training they are the anchors themselves.
+        "cls": cross entropy (no alpha, no gamma) summed over the K classes of the kept anchors,
+        divided by their number; "box": box loss of the kept foreground anchors, divided by their
+        number (at least 1). Anchors not kept contribute nothing.
+        """
+        cfg = self.loss_cfg
+        fg = labels == FOREGROUND  # (B, N)
+        img, anchor = torch.nonzero(fg, as_tuple=True)  # (P,)
+        targets = torch.zeros_like(cls_logits, dtype=torch.float32)  # (B, N, K)
+        targets[img, anchor, gt_classes[img, anchor]] = 1.0
+        with torch.no_grad():
+            scores = F.binary_cross_entropy_with_logits(cls_logits.float(), targets, reduction="none")
+            scores = scores.sum(dim=2)  # (B, N) cross entropy summed over the K classes
+            box_deltas_f = box_deltas.float()
+            scores[img, anchor] += self._unweighted_box_loss(box_deltas_f[img, anchor], anchors[anchor],
+                                                             gt_boxes[img, anchor])
+            scores = scores.masked_fill(labels < 0, float("-inf"))  # ignored anchors are never picked
+            boxes = decode(anchors, box_deltas_f, self.box_weights, self.box_clamp)  # (B, N, 4) predicted boxes
+            kept_img, kept_anchor = ohem_select(scores, boxes, fg, cfg.ohem_batch, cfg.ohem_nms, cfg.ohem_ratio,
+                                                cfg.ohem_candidates)  # (S,)
+        cls_loss = F.binary_cross_entropy_with_logits(cls_logits[kept_img, kept_anchor].float(),
+                                                      targets[kept_img, kept_anchor], reduction="sum")
+        kept_fg = fg[kept_img, kept_anchor]  # (S,)
+        box_loss, _ = self._box_loss(box_deltas, anchors, gt_boxes, kept_img[kept_fg], kept_anchor[kept_fg])
+        return {"cls": cls_loss / self._normalizer(torch.tensor(kept_img.numel(), device=cls_logits.device)),
+                "box": cfg.box_weight * box_loss.sum() / self._normalizer(kept_fg.sum())}
 
 
 def build_model(config: Config) -> RetinaNet:
@@ -256,8 +403,10 @@ def build_model(config: Config) -> RetinaNet:
                          f"(P{m.min_level}-P{m.max_level})")
     anchors = AnchorGenerator(m.anchor_sizes, m.anchor_scales, m.anchor_ratios,
                               [2 ** lvl for lvl in range(m.min_level, m.max_level + 1)], m.anchor_offset, m.anchor_style)
+    config.loss.validate()
     head = RetinaNetHead(m.fpn_channels, anchors.num_anchors, m.num_classes, m.head_channels, m.head_convs,
-                         m.head_norm, m.prior_prob)
+                         m.head_norm, m.prior_prob,
+                         classifier="softmax" if config.loss.cls == "softmax_focal" else "sigmoid")
     return RetinaNet(backbone, fpn, head, anchors, matcher=Matcher(m.fg_iou, m.bg_iou, m.allow_low_quality),
                      loss=config.loss, crowd_ioa=m.crowd_ioa, box_weights=m.box_weights, box_clamp=m.box_clamp,
                      score_thresh=m.score_thresh, topk_candidates=m.topk_candidates, nms_thresh=m.nms_thresh,

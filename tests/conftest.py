@@ -3,6 +3,10 @@ import torch
 
 from retinanet.config import Config
 
+# Tests use tiny tensors, where one thread is faster than two and immune to a busy machine
+# (with more threads than free cores, every small op waits on the OpenMP barrier).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():
