@@ -210,6 +210,12 @@ def _gather_rng(env: DistEnv) -> list:
     return states
 
 
+def _format_losses(losses: dict, sep: str = ", ") -> str:
+    """{"cls": 1.2, "box": nan} -> 'cls=1.2, box=nan' (tensors or floats)."""
+    return sep.join(f"{name}={float(value.detach()) if torch.is_tensor(value) else value:.4g}"
+                    for name, value in losses.items())
+
+
 def _append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -266,9 +272,11 @@ def plot_loss_curve(metrics_path: Path, out_path: Path) -> None:
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val" in r and r["val"].get("AP") is not None]
+    parts = [k for k in train[0] if k not in ("iteration", "loss", "lr", "images_per_s", "time_s")] if train else []
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    for key, style in (("loss", "-"), ("cls", "--"), ("box", ":")):
-        ax.plot([r["iteration"] for r in train], [r[key] for r in train], style, label=f"{key} loss")
+    for i, key in enumerate(["loss"] + parts):
+        ax.plot([r["iteration"] for r in train], [r[key] for r in train], ["-", "--", ":", "-."][i % 4],
+                label="total loss" if key == "loss" else f"{key} loss")
     ax.set_xlabel("iteration")
     ax.set_ylabel("training loss")
     ax.set_yscale("log")
@@ -421,13 +429,13 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
         model.train()
         bar = tqdm(total=t.iterations, initial=start, disable=not (progress and env.is_main), dynamic_ncols=True,
                    desc="train", unit="it")
-        window, window_start, window_iters = torch.zeros(2, dtype=torch.float64), time.perf_counter(), 0
+        window, window_start, window_iters = {}, time.perf_counter(), 0  # loss name -> sum over the window
         run_start, val_metrics, speed = time.perf_counter(), None, None
         for it in range(start, t.iterations):
             lr = lr_at(it)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            step_losses = torch.zeros(2, dtype=torch.float64)
+            step_losses = {}  # loss name -> this step's value (mean over micro-batches and processes)
             for micro in range(accum):
                 images, targets = next(batches)
                 images = [image.to(env.device, non_blocking=True) for image in images]
@@ -438,20 +446,20 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
                 with sync:
                     with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         losses = model(images, targets)
-                    values = torch.stack([losses["cls"].detach(), losses["box"].detach()]).float()  # (2,)
+                    values = torch.stack([v.detach().float() for v in losses.values()])  # (number of losses,)
                     if env.distributed:
                         dist.all_reduce(values)  # a NaN anywhere stops every process at this same step
                         values /= world
-                    cls_value, box_value = values.tolist()
-                    if not (math.isfinite(cls_value) and math.isfinite(box_value)):
-                        local = {k: float(v.detach()) for k, v in losses.items()}
+                    reduced = dict(zip(losses, values.tolist()))
+                    if not all(math.isfinite(v) for v in reduced.values()):
+                        where = f"; this process: {_format_losses(losses)}" if env.distributed else ""
                         raise NonFiniteLossError(
-                            f"iteration {it}: non-finite loss (cls={cls_value}, box={box_value}; this process: "
-                            f"cls={local['cls']}, box={local['box']}); stopped before the optimizer step, "
-                            f"the checkpoints in {output} are unchanged")
+                            f"iteration {it}: non-finite loss ({_format_losses(reduced)}{where}); stopped before "
+                            f"the optimizer step, the checkpoints in {output} are unchanged")
                     # Each micro-batch's loss is normalized by its own foreground count, then averaged.
-                    scaler.scale((losses["cls"] + losses["box"]) / accum).backward()
-                step_losses += torch.tensor([cls_value, box_value], dtype=torch.float64) / accum
+                    scaler.scale(sum(losses.values()) / accum).backward()
+                for name, value in reduced.items():
+                    step_losses[name] = step_losses.get(name, 0.0) + value / accum
             if t.clip_grad_norm > 0:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(raw_model.parameters(), t.clip_grad_norm)
@@ -460,18 +468,17 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
             optimizer.zero_grad(set_to_none=True)
 
             done = it + 1
-            window += step_losses
+            for name, value in step_losses.items():
+                window[name] = window.get(name, 0.0) + value
             window_iters += 1
             if done % t.log_every == 0 or done == t.iterations:
-                mean = window / window_iters
+                mean = {name: total / window_iters for name, total in window.items()}
                 speed = window_iters * cfg.data.batch_size / (time.perf_counter() - window_start)  # images/s
                 if env.is_main:
-                    _append_jsonl(metrics_path, {"iteration": done, "loss": float(mean.sum()), "cls": float(mean[0]),
-                                                 "box": float(mean[1]), "lr": lr, "images_per_s": speed,
-                                                 "time_s": time.perf_counter() - run_start})
-                window.zero_()
-                window_iters, window_start = 0, time.perf_counter()
-            bar.set_postfix_str(f"loss {step_losses.sum():.3f} (cls {step_losses[0]:.3f} box {step_losses[1]:.3f}) "
+                    _append_jsonl(metrics_path, {"iteration": done, "loss": sum(mean.values()), **mean, "lr": lr,
+                                                 "images_per_s": speed, "time_s": time.perf_counter() - run_start})
+                window, window_iters, window_start = {}, 0, time.perf_counter()
+            bar.set_postfix_str(f"loss {sum(step_losses.values()):.3f} ({_format_losses(step_losses, ' ')}) "
                                 f"lr {lr:.2g}" + (f" {speed:.1f} img/s" if speed else ""), refresh=False)
             bar.update(1)
             if val_dataset is not None and ((t.eval_every > 0 and done % t.eval_every == 0) or done == t.iterations):

@@ -24,16 +24,6 @@ from conftest import tiny_config
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: the tiny models gain nothing from more, and on a busy machine OpenMP threads
-    that wait for each other make every step many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     """8 training and 4 validation images of 64 px, as PNG files plus COCO JSON."""

@@ -3,21 +3,10 @@
 import json
 
 import pytest
-import torch
 import yaml
 
 from retinanet.checkpoint import checkpoint_name, load_checkpoint, load_model
 from retinanet.cli import main
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: the tiny models gain nothing from more, and on a busy machine OpenMP threads
-    that wait for each other make every step many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 TINY = {
     "model": {"backbone": "resnet18", "backbone_width": 8, "backbone_norm": "gn", "frozen_stages": 0,
