@@ -12,6 +12,8 @@ import sys
 # name -> module; the module's register() gives the help text and flags.
 COMMANDS = {
     "smoke": "retinanet.commands.smoke",
+    "train": "retinanet.commands.train",
+    "demo": "retinanet.commands.demo",
     "eval": "retinanet.commands.eval",
     "predict": "retinanet.commands.predict",
     "export": "retinanet.commands.export",

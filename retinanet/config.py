@@ -182,10 +182,48 @@ class DataConfig:
 
 
 @dataclass
+class TrainConfig:
+    """The optimizer, learning-rate schedule, precision, checkpoints and logging of `retinanet train`.
+
+    Defaults are the Focal Loss paper's schedule (sec. 4.1): SGD, 90k iterations at 16 images per
+    iteration, LR 0.01 divided by 10 at 60k and 80k, weight decay 1e-4, momentum 0.9; and Detectron's
+    linear warmup (500 iterations from 1/3 of the LR).
+    """
+
+    iterations: int = 90000
+    optimizer: str = "sgd"  # sgd (the paper) | adamw (decoupled weight decay; faster from scratch on small data)
+    # Learning rate. None: base_lr * data.batch_size / 16 (the linear scaling rule, Goyal et al. 2017);
+    # a number here is used as given, whatever the batch size.
+    lr: Optional[float] = None
+    base_lr: float = 0.01  # at 16 images per iteration (sec. 4.1)
+    momentum: float = 0.9  # sgd only; adamw keeps its default betas (0.9, 0.999)
+    weight_decay: float = 1e-4  # sgd: L2 penalty; adamw: decay per step is lr * weight_decay (use ~0.05)
+    decay_norm_bias: bool = True  # weight decay on norm weights and biases too (the paper); false skips them
+    warmup_iters: int = 500  # linear warmup from warmup_factor * lr to lr (Detectron)
+    warmup_factor: float = 1.0 / 3
+    lr_steps: list = field(default_factory=lambda: [60000, 80000])  # iterations where the LR is multiplied by lr_gamma
+    lr_gamma: float = 0.1
+    clip_grad_norm: float = 0.0  # max global gradient norm; 0 disables clipping
+    accumulate: int = 1  # micro-batches per optimizer step; data.batch_size counts the images of all of them
+    amp: str = "none"  # none | bf16 (autocast, CPU or GPU) | fp16 (autocast and a gradient scaler, GPU only)
+    channels_last: bool = False  # NHWC memory layout (faster convolutions with oneDNN on CPU and tensor cores on GPU)
+    sync_bn: bool = False  # under DDP on GPUs, BatchNorm statistics over all processes (model.backbone_norm bn)
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
+    seed: int = 0
+    deterministic: bool = False  # deterministic kernels (slower); exact resume on CPU holds either way
+    threads: int = 0  # CPU threads for torch; 0 keeps torch's default
+    checkpoint_every: int = 5000  # iterations between checkpoints (and one at the end)
+    keep_checkpoints: int = 2  # newest periodic checkpoints kept, so a broken last one has a good predecessor
+    eval_every: int = 0  # iterations between COCO evaluations on the validation set; 0: only at the end
+    log_every: int = 20  # iterations between lines in metrics.jsonl
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 class ConfigError(ValueError):

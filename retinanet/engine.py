@@ -1,0 +1,518 @@
+"""Training: the learning-rate schedule, distributed setup, and one readable training loop.
+
+One process (CPU or one GPU):
+    retinanet train config.yaml --output runs/exp1
+Several GPUs, or several CPU processes (DistributedDataParallel; nccl on GPUs, gloo on CPU):
+    torchrun --nproc_per_node 8 -m retinanet train config.yaml --output runs/exp1
+Several machines (the output folder on a filesystem that all of them see, for resuming):
+    torchrun --nnodes 2 --node_rank R --nproc_per_node 8 --master_addr HOST --master_port 29500 \\
+        -m retinanet train config.yaml --output runs/exp1
+
+The output folder holds config.yaml (the resolved config), metrics.jsonl (one JSON object per
+logged iteration and per evaluation), checkpoint_NNNNNNN.pt (the newest `train.keep_checkpoints`),
+best.pt (the weights with the best validation AP), final.pt (the weights at the end) and
+loss_curve.png. Only the process of rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .checkpoint import (checkpoint_name, latest_good_checkpoint, list_checkpoints, load_checkpoint, load_weights,
+                         make_checkpoint, prune_checkpoints, rng_state, save_atomic, set_rng_state)
+from .config import Config, config_to_dict, save_config
+from .model import build_model
+
+RUN_FILES = ("config.yaml", "metrics.jsonl")  # a folder holding these (or checkpoints) holds a run
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss was NaN or infinite: training stopped before the optimizer step."""
+
+
+# ----------------------------------------------------------------------------------------------
+# learning rate
+
+
+def get_lr(step: int, *, lr: float, warmup_iters: int, warmup_factor: float, steps: list, gamma: float) -> float:
+    """The learning rate of optimizer step `step` (0-based).
+
+    Step decay: lr * gamma ** (number of `steps` <= step) (sec. 4.1: 0.01, divided by 10 at 60k and
+    80k of 90k iterations). Linear warmup (Detectron): during the first `warmup_iters` steps the
+    decayed rate is scaled by a factor that rises linearly from `warmup_factor` at step 0 to 1.
+    """
+    rate = lr * gamma ** sum(step >= s for s in steps)
+    if step < warmup_iters:
+        alpha = step / warmup_iters
+        rate *= warmup_factor * (1 - alpha) + alpha
+    return rate
+
+
+def resolve_lr(cfg: Config) -> float:
+    """train.lr if set, else the linear scaling rule: base_lr * batch / 16 (Goyal et al., "Accurate,
+    Large Minibatch SGD", 2017), with batch = data.batch_size, the images of one optimizer step."""
+    if cfg.train.lr is not None:
+        return cfg.train.lr
+    return cfg.train.base_lr * cfg.data.batch_size / 16
+
+
+# ----------------------------------------------------------------------------------------------
+# processes and devices
+
+
+@dataclass
+class DistEnv:
+    """Where this process runs: its rank among `world_size` processes and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    owns_group: bool = False  # this module started the process group (and ends it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name}, but no CUDA GPU is available (use cpu)")
+    return device
+
+
+def setup_distributed(device: str) -> DistEnv:
+    """Join the process group that torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+    MASTER_PORT), one GPU per process (cuda:LOCAL_RANK) with nccl, or CPU processes with gloo.
+    Without WORLD_SIZE > 1 this is a single process on `device`."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = resolve_device(device)
+    if world_size == 1:
+        return DistEnv(rank=0, world_size=1, local_rank=0, device=dev)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, owns_group=owns)
+
+
+def _barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# pieces of the loop
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """SGD with momentum and weight decay (sec. 4.1), or AdamW, over the trainable parameters.
+
+    With train.decay_norm_bias false, normalization weights and all biases get no weight decay
+    (a second parameter group), as many modern recipes do; the paper decays everything.
+    """
+    t = cfg.train
+    decay, no_decay = [], []
+    for module in model.modules():
+        is_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            (no_decay if (not t.decay_norm_bias and (is_norm or name == "bias")) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=resolve_lr(cfg), momentum=t.momentum)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=resolve_lr(cfg))
+    raise ValueError(f"train.optimizer must be sgd or adamw, got '{t.optimizer}'")
+
+
+def autocast_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    if amp == "none":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise ValueError("train.amp=fp16 needs a CUDA GPU (its gradient scaler is GPU-only); use bf16 on CPU")
+        return torch.float16
+    raise ValueError(f"train.amp must be none, bf16 or fp16, got '{amp}'")
+
+
+def check_output_dir(output: Path, resuming: bool) -> None:
+    """Refuse a folder that holds anything but this run: never overwrite a user's files or another run.
+
+    Resuming, the folder must hold a run (or be empty/new, which starts one); otherwise it must be
+    empty or new.
+    """
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise ValueError(f"--output {output} is a file, not a folder")
+    entries = [p.name for p in output.iterdir()]
+    if not entries:
+        return
+    holds_run = any(name in entries for name in RUN_FILES) or list_checkpoints(str(output))
+    if not resuming:
+        what = "a training run" if holds_run else f"other files ({', '.join(sorted(entries)[:5])})"
+        raise ValueError(f"--output {output} already holds {what}; pass --resume auto to continue the run there, "
+                         f"or choose a new folder")
+    if not holds_run:
+        raise ValueError(f"--output {output} holds files that are not a training run "
+                         f"({', '.join(sorted(entries)[:5])}); choose a new folder")
+
+
+def _config_differences(old: dict, new: dict, prefix: str = "") -> list:
+    """['train.iterations: 1000 -> 2000', ...] for the leaves that differ."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def _gather_rng(env: DistEnv) -> list:
+    """Every process's RNG state, on every process (a collective under DDP)."""
+    state = rng_state()
+    if not env.distributed:
+        return [state]
+    states = [None] * env.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def _format_losses(losses: dict, sep: str = ", ") -> str:
+    """{"cls": 1.2, "box": nan} -> 'cls=1.2, box=nan' (tensors or floats)."""
+    return sep.join(f"{name}={float(value.detach()) if torch.is_tensor(value) else value:.4g}"
+                    for name, value in losses.items())
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def _truncate_metrics(path: Path, iteration: int) -> None:
+    """Drop metrics logged after `iteration` (by a run that crashed after its last checkpoint)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip()
+            and json.loads(line)["iteration"] <= iteration]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, dataset, env: DistEnv, batch_size: int = 8) -> Optional[dict]:
+    """COCO bbox metrics (retinanet.evaluate.evaluate_coco) of `model` on a validation CocoDataset.
+
+    Each process runs float32 inference on its shard of the images; rank 0 gathers the detections
+    and scores them against the dataset's JSON. Returns the metrics on rank 0, None elsewhere.
+    """
+    from .data.loader import build_test_loader
+    from .evaluate import detections_to_coco_results, evaluate_coco
+
+    model = getattr(model, "module", model)
+    was_training = model.training
+    model.eval()
+    results = []
+    for images, targets in build_test_loader(dataset, batch_size=batch_size, rank=env.rank,
+                                             world_size=env.world_size):
+        detections = model([image.to(env.device) for image in images])
+        results += detections_to_coco_results(detections, [t["image_id"] for t in targets],
+                                              dataset.label_to_category_id)
+    model.train(was_training)
+    if env.distributed:
+        shards = [None] * env.world_size
+        dist.gather_object(results, shards if env.is_main else None, dst=0)
+        results = [r for shard in shards for r in shard] if env.is_main else None
+    return evaluate_coco(dataset.json_path, results) if env.is_main else None
+
+
+def plot_loss_curve(metrics_path: Path, out_path: Path) -> None:
+    """loss_curve.png: total, classification and box loss by iteration, validation AP on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .atomic import atomic_write
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val" in r and r["val"].get("AP") is not None]
+    parts = [k for k in train[0] if k not in ("iteration", "loss", "lr", "images_per_s", "time_s")] if train else []
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for i, key in enumerate(["loss"] + parts):
+        ax.plot([r["iteration"] for r in train], [r[key] for r in train], ["-", "--", ":", "-."][i % 4],
+                label="total loss" if key == "loss" else f"{key} loss")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if val:
+        ax2 = ax.twinx()
+        for key, marker in (("AP", "o"), ("AP50", "s")):
+            ax2.plot([r["iteration"] for r in val], [r["val"][key] for r in val], marker + "-", color=f"C{3 + len(ax2.lines)}",
+                     label=f"val {key}")
+        ax2.set_ylabel("validation AP")
+        ax2.set_ylim(0, 1)
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, loc="upper right")
+    fig.tight_layout()
+    with atomic_write(out_path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# the training loop
+
+
+def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights: Optional[str] = None,
+          progress: bool = True) -> dict:
+    """Train a RetinaNet on cfg.data's COCO-format training set; see the module docstring.
+
+    resume: None (a new run: the output folder must be new or empty), "auto" (continue from the
+        newest checkpoint in the output folder that loads, falling back to the one before it if the
+        newest is broken; start a new run if there is none) or a checkpoint path.
+    weights: a retinanet checkpoint to start from (fine-tuning); tensors whose shapes differ, such
+        as the classifier's when the class count changes, are left at their initialization and
+        reported.
+    Returns a summary on rank 0: {"iterations", "seconds", "final", "best_ap", "val"}; {} elsewhere.
+    Raises NonFiniteLossError, naming the iteration and each loss, on a NaN or infinite loss.
+    """
+    from tqdm import tqdm
+
+    from .data.loader import build_train_dataset, build_train_loader, build_val_dataset
+
+    cfg = copy.deepcopy(cfg)
+    t = cfg.train
+    env = setup_distributed(t.device)
+    output = Path(output_dir)
+    log = print if env.is_main else (lambda *a, **k: None)
+    try:
+        check_output_dir(output, resuming=resume is not None)
+        _barrier(env)  # every process has checked before rank 0 writes anything
+        if t.threads > 0:
+            torch.set_num_threads(t.threads)
+        if t.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        amp_dtype = autocast_dtype(t.amp, env.device)
+        accum, world = t.accumulate, env.world_size
+        if accum < 1 or cfg.data.batch_size % (world * accum):
+            raise ValueError(f"data.batch_size {cfg.data.batch_size} must be divisible by {world} process(es) "
+                             f"x train.accumulate {accum}")
+
+        # Resume state first: it may say where the data stands.
+        ckpt, ckpt_path = None, None
+        if resume == "auto":
+            ckpt_path, ckpt = latest_good_checkpoint(str(output))
+        elif resume is not None:
+            ckpt_path, ckpt = Path(resume), load_checkpoint(resume)
+
+        # Data: validated before the first step (errors list every problem, with file and ids).
+        dataset = build_train_dataset(cfg)
+        val_dataset = build_val_dataset(cfg)
+        if cfg.model.num_classes != dataset.num_classes:
+            log(f"model.num_classes: {cfg.model.num_classes} -> {dataset.num_classes} (the training set's categories)")
+            cfg.model.num_classes = dataset.num_classes
+        if ckpt is not None:
+            mismatch = _config_differences(ckpt["config"]["model"], config_to_dict(cfg)["model"])
+            if mismatch:
+                raise ValueError(f"{ckpt_path}: its model config differs from this one: {'; '.join(mismatch)}")
+            changed = _config_differences(ckpt["config"], config_to_dict(cfg))
+            if changed:
+                log(f"resuming with changed settings: {'; '.join(changed)}")
+
+        # Model: the same initialization on every process (DDP also broadcasts rank 0's weights).
+        torch.manual_seed(t.seed)
+        model = build_model(cfg)
+        if weights:
+            report = load_weights(model, weights)
+            log(f"weights from {weights}: {len(report['loaded'])} tensors loaded")
+            for what, meaning in (("skipped", "shape differs, re-initialized"), ("missing", "not in the file, "
+                                  "initialized"), ("unexpected", "in the file, not in this model")):
+                if report[what]:
+                    log(f"  {len(report[what])} {what} ({meaning}): {', '.join(report[what])}")
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+        model.to(env.device)
+        if t.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if t.sync_bn and env.distributed:
+            if env.device.type != "cuda":
+                raise ValueError("train.sync_bn needs GPUs (nccl); use model.backbone_norm gn or frozen_bn on CPU")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        raw_model = model
+        if env.distributed:
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        optimizer = build_optimizer(raw_model, cfg)
+        scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+        start, best_ap = 0, None
+        if ckpt is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            start, best_ap = int(ckpt["iteration"]), ckpt.get("best_ap")
+            log(f"resuming from {ckpt_path} at iteration {start}")
+
+        # The data order is a pure function of (seed, micro-batch index): start where the run stopped.
+        micro_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size // accum))
+        loader = build_train_loader(micro_cfg, dataset, seed=t.seed, rank=env.rank, world_size=world,
+                                    start_iteration=start * accum, pin_memory=env.device.type == "cuda")
+        batches = iter(loader)
+        if ckpt is not None and len(ckpt.get("rng", [])) == world:
+            set_rng_state(ckpt["rng"][env.rank])
+        else:
+            torch.manual_seed(t.seed + env.rank + start)
+
+        metrics_path = output / "metrics.jsonl"
+        if env.is_main:
+            output.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, str(output / "config.yaml"))
+            _truncate_metrics(metrics_path, start)
+        categories = dataset.categories
+
+        def save(iteration: int) -> None:  # a collective under DDP (RNG states); rank 0 writes
+            rng = _gather_rng(env)
+            if env.is_main:
+                state = make_checkpoint(raw_model, cfg, categories, iteration=iteration,
+                                        optimizer=optimizer.state_dict(),
+                                        scaler=scaler.state_dict() if scaler.is_enabled() else None,
+                                        data_position={"micro_batches": iteration * accum, "seed": t.seed,
+                                                       "world_size": world, "batch_size": cfg.data.batch_size},
+                                        rng=rng, best_ap=best_ap)
+                save_atomic(state, str(output / checkpoint_name(iteration)))
+                prune_checkpoints(str(output), t.keep_checkpoints)
+
+        lr_at = partial(get_lr, lr=resolve_lr(cfg), warmup_iters=t.warmup_iters, warmup_factor=t.warmup_factor,
+                        steps=t.lr_steps, gamma=t.lr_gamma)
+        log(f"training {t.iterations - start} iterations on {world} process(es) ({env.device}), "
+            f"{cfg.data.batch_size} images per iteration, lr {resolve_lr(cfg):g}, amp {t.amp}")
+        model.train()
+        bar = tqdm(total=t.iterations, initial=start, disable=not (progress and env.is_main), dynamic_ncols=True,
+                   desc="train", unit="it")
+        window, window_start, window_iters = {}, time.perf_counter(), 0  # loss name -> sum over the window
+        run_start, val_metrics, speed = time.perf_counter(), None, None
+        for it in range(start, t.iterations):
+            lr = lr_at(it)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_losses = {}  # loss name -> this step's value (mean over micro-batches and processes)
+            for micro in range(accum):
+                images, targets = next(batches)
+                images = [image.to(env.device, non_blocking=True) for image in images]
+                targets = [{k: v.to(env.device) if torch.is_tensor(v) else v for k, v in target.items()}
+                           for target in targets]
+                # Gradients are all-reduced on the last micro-batch only.
+                sync = nullcontext() if (micro == accum - 1 or not env.distributed) else model.no_sync()
+                with sync:
+                    with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        losses = model(images, targets)
+                    values = torch.stack([v.detach().float() for v in losses.values()])  # (number of losses,)
+                    if env.distributed:
+                        dist.all_reduce(values)  # a NaN anywhere stops every process at this same step
+                        values /= world
+                    reduced = dict(zip(losses, values.tolist()))
+                    if not all(math.isfinite(v) for v in reduced.values()):
+                        where = f"; this process: {_format_losses(losses)}" if env.distributed else ""
+                        raise NonFiniteLossError(
+                            f"iteration {it}: non-finite loss ({_format_losses(reduced)}{where}); stopped before "
+                            f"the optimizer step, the checkpoints in {output} are unchanged")
+                    # Each micro-batch's loss is normalized by its own foreground count, then averaged.
+                    scaler.scale(sum(losses.values()) / accum).backward()
+                for name, value in reduced.items():
+                    step_losses[name] = step_losses.get(name, 0.0) + value / accum
+            if t.clip_grad_norm > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(raw_model.parameters(), t.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+            done = it + 1
+            for name, value in step_losses.items():
+                window[name] = window.get(name, 0.0) + value
+            window_iters += 1
+            if done % t.log_every == 0 or done == t.iterations:
+                mean = {name: total / window_iters for name, total in window.items()}
+                speed = window_iters * cfg.data.batch_size / (time.perf_counter() - window_start)  # images/s
+                if env.is_main:
+                    _append_jsonl(metrics_path, {"iteration": done, "loss": sum(mean.values()), **mean, "lr": lr,
+                                                 "images_per_s": speed, "time_s": time.perf_counter() - run_start})
+                window, window_iters, window_start = {}, 0, time.perf_counter()
+            bar.set_postfix_str(f"loss {sum(step_losses.values()):.3f} ({_format_losses(step_losses, ' ')}) "
+                                f"lr {lr:.2g}" + (f" {speed:.1f} img/s" if speed else ""), refresh=False)
+            bar.update(1)
+            if val_dataset is not None and ((t.eval_every > 0 and done % t.eval_every == 0) or done == t.iterations):
+                eval_start = time.perf_counter()
+                val_metrics = evaluate_model(model, val_dataset, env)
+                if env.is_main:
+                    _append_jsonl(metrics_path, {"iteration": done, "val": val_metrics,
+                                                 "time_s": time.perf_counter() - run_start})
+                    ap = val_metrics["AP"]
+                    bar.write(f"iteration {done}: validation " + "  ".join(
+                        f"{k} {val_metrics[k]:.3f}" for k in ("AP", "AP50", "AP75") if val_metrics[k] is not None))
+                    if ap is not None and (best_ap is None or ap > best_ap):
+                        best_ap = ap
+                        save_atomic(make_checkpoint(raw_model, cfg, categories, iteration=done, val=val_metrics),
+                                    str(output / "best.pt"))
+                if env.distributed:
+                    shared = [best_ap]
+                    dist.broadcast_object_list(shared, src=0)
+                    best_ap = shared[0]
+                window_start += time.perf_counter() - eval_start  # images/s counts training time only
+            if done % t.checkpoint_every == 0 or done == t.iterations:
+                save(done)
+        bar.close()
+
+        summary = {}
+        if env.is_main:
+            final = output / "final.pt"
+            save_atomic(make_checkpoint(raw_model, cfg, categories, iteration=t.iterations, val=val_metrics), str(final))
+            if metrics_path.exists() and metrics_path.stat().st_size:
+                plot_loss_curve(metrics_path, output / "loss_curve.png")
+            summary = {"iterations": t.iterations, "seconds": time.perf_counter() - run_start, "final": str(final),
+                       "best_ap": best_ap, "val": val_metrics}
+        _barrier(env)
+        return summary
+    finally:
+        if env.owns_group and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,114 @@
+"""`retinanet train` end to end on a tiny generated COCO folder, config errors, output folder rules."""
+
+import json
+
+import pytest
+import yaml
+
+from retinanet.checkpoint import checkpoint_name, load_checkpoint, load_model
+from retinanet.cli import main
+
+TINY = {
+    "model": {"backbone": "resnet18", "backbone_width": 8, "backbone_norm": "gn", "frozen_stages": 0,
+              "fpn_channels": 16, "head_channels": 16, "head_convs": 1, "min_level": 3, "max_level": 6,
+              "anchor_sizes": [16, 32, 64, 128], "min_size": 64, "max_size": 64},
+    "data": {"batch_size": 2, "num_workers": 0},
+    "train": {"iterations": 3, "warmup_iters": 1, "checkpoint_every": 2, "log_every": 1, "eval_every": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    from retinanet.data.synthetic import make_shapes_dataset
+
+    return make_shapes_dataset(str(tmp_path_factory.mktemp("shapes") / "data"), num_train=6, num_val=3,
+                               image_size=64, seed=1)
+
+
+@pytest.fixture
+def config_file(tmp_path, shapes):
+    cfg = json.loads(json.dumps(TINY))
+    cfg["data"].update(train_json=str(shapes.train_json), train_images=str(shapes.train_images),
+                       val_json=str(shapes.val_json), val_images=str(shapes.val_images))
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_train_writes_checkpoints_config_metrics_and_loss_curve_then_resumes(config_file, shapes, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(config_file), "lr=0.02", "seed=3", "--output", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "validation AP" in printed and "final.pt" in printed
+
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["config.yaml", "metrics.jsonl", "loss_curve.png", "final.pt", "best.pt", checkpoint_name(2),
+         checkpoint_name(3)])
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["train"]["lr"] == 0.02 and saved["train"]["seed"] == 3  # overrides resolved and saved
+    assert saved["model"]["num_classes"] == 4  # from the data's categories
+    assert saved["data"]["train_json"] == str(shapes.train_json)
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in records if "loss" in r]
+    assert [r["iteration"] for r in losses] == [1, 2, 3]
+    assert all(r["loss"] == pytest.approx(r["cls"] + r["box"]) and r["loss"] > 0 for r in losses)
+    assert losses[0]["lr"] == pytest.approx(0.02 / 3)  # warmup from 1/3 (Detectron)
+    evals = [r for r in records if "val" in r]
+    assert [r["iteration"] for r in evals] == [2, 3]
+    assert 0.0 <= evals[-1]["val"]["AP"] <= 1.0 and set(evals[-1]["val"]["per_category"]) == {
+        "rectangle", "ellipse", "triangle", "cross"}
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    ckpt = load_checkpoint(str(out / checkpoint_name(3)))
+    assert ckpt["format_version"] == 1 and ckpt["iteration"] == 3
+    assert ckpt["data_position"] == {"micro_batches": 3, "seed": 3, "world_size": 1, "batch_size": 2}
+    assert {"optimizer", "rng", "config", "categories", "best_ap"} <= set(ckpt)
+    model, cfg, categories = load_model(str(out / "final.pt"))
+    assert cfg.model.num_classes == 4 and [c["name"] for c in categories][0] == "rectangle"
+
+    # Continue the same run for 2 more iterations: no config file, the run's own config.yaml.
+    assert main(["train", "iterations=5", "--output", str(out), "--resume", "auto", "--no-progress"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("checkpoint_*.pt")) == [checkpoint_name(4), checkpoint_name(5)]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in lines if "loss" in r] == [1, 2, 3, 4, 5]
+
+
+def test_unknown_key_on_the_command_line_suggests_the_closest(config_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(config_file), "iteratons=5", "--output", str(out)]) == 1
+    assert "unknown config key 'iteratons' (did you mean 'train.iterations'?)" in capsys.readouterr().err
+    assert not out.exists()  # nothing written
+
+
+def test_unknown_key_in_the_file_suggests_the_closest(config_file, tmp_path, capsys):
+    cfg = yaml.safe_load(config_file.read_text())
+    cfg["train"]["warmup_iter"] = 10
+    config_file.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(config_file), "--output", str(tmp_path / "run")]) == 1
+    assert "unknown config key 'train.warmup_iter' (did you mean 'warmup_iters'?)" in capsys.readouterr().err
+
+
+def test_refuses_an_output_folder_with_other_files(config_file, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    assert main(["train", str(config_file), "--output", str(out)]) == 1
+    assert "already holds other files (notes.txt)" in capsys.readouterr().err
+    assert main(["train", str(config_file), "--output", str(out), "--resume", "auto"]) == 1
+    assert "not a training run" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "my notes"
+
+
+def test_bad_data_is_reported_before_training(config_file, tmp_path, shapes, capsys):
+    broken = json.loads(shapes.train_json.read_text())
+    broken["annotations"][0]["category_id"] = 99
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text(json.dumps(broken))
+    out = tmp_path / "run"
+    assert main(["train", str(config_file), f"train_json={bad_json}", "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert str(bad_json) in err and f"annotation id {broken['annotations'][0]['id']}" in err
+    assert "unknown category id 99" in err
+    assert not list(out.glob("*.pt"))
