@@ -75,6 +75,16 @@ def test_seeded_keys_make_transforms_repeatable(files):
     assert all(dataset[(0, seed)][1]["boxes"][0, 0].item() == x for seed, x in xs.items())
 
 
+def test_warnings_are_logged_when_the_dataset_is_built(tmp_path, write_json, caplog):
+    save_image(tmp_path / "a.png", np.zeros((4, 4, 3)))
+    path = write_json(coco([image_record(1, "a.png", 4, 4)],
+                           [annotation(1, 1, [0, 0, 0, 1]), annotation(2, 1, [1, 1, 9, 2])]))
+    dataset = CocoDataset(path, tmp_path)
+    assert dataset.target(0)["boxes"].tolist() == [[1.0, 1.0, 4.0, 3.0]]
+    assert "annotation id 1 (image id 1)" in caplog.text and "annotation id 2 (image id 1)" in caplog.text
+    assert "2 warnings" in caplog.text
+
+
 def test_invalid_data_raises_one_error_listing_everything(tmp_path, write_json):
     save_image(tmp_path / "a.png", np.zeros((4, 4, 3)))
     path = write_json(coco([image_record(1, "a.png", 4, 4)],

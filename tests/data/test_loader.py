@@ -57,12 +57,15 @@ def test_shards_together_are_the_single_process_batches():
         assert sorted(ranks[0][j] + ranks[1][j]) == sorted(single[j])
 
 
-def test_uneven_shards_wrap_around():
-    ranks = [TrainBatchSampler(5, 1, seed=0, rank=r, world_size=2).epoch_order(0)[0].tolist() for r in range(2)]
-    assert len(ranks[0]) == len(ranks[1]) == 3
-    assert set(ranks[0] + ranks[1]) == set(range(5))
+def test_uneven_shards_drop_the_remainder_and_still_add_up_to_the_single_process_batches():
+    orders = [TrainBatchSampler(5, 1, seed=0, rank=r, world_size=2).epoch_order(0)[0].tolist() for r in range(2)]
+    assert len(orders[0]) == len(orders[1]) == 2 and len(set(orders[0] + orders[1])) == 4
+    single = _take(TrainBatchSampler(11, 4, seed=2), 6)  # 2 batches per epoch, 3 images cut
+    ranks = [_take(TrainBatchSampler(11, 2, seed=2, rank=r, world_size=2), 6) for r in range(2)]
+    for j in range(6):
+        assert sorted(ranks[0][j] + ranks[1][j]) == sorted(single[j])
     with pytest.raises(ValueError, match="cannot fill a batch"):
-        TrainBatchSampler(5, 4, rank=0, world_size=2)
+        TrainBatchSampler(5, 3, rank=0, world_size=2)
     with pytest.raises(ValueError, match="rank"):
         TrainBatchSampler(5, 1, rank=2, world_size=2)
 

@@ -108,10 +108,10 @@ def test_degenerate_boxes_are_dropped_with_a_warning_or_errors_when_strict(image
     assert report.ok
     assert [a["id"] for a in report.annotations[1]] == [3]
     assert len(report.warnings) == 2
-    assert _has(report.warnings, str(path), "annotation id 1", "image id 1", "dropped")
-    assert _has(report.warnings, str(path), "annotation id 2", "dropped")
+    assert _has(report.warnings, str(path), "annotation id 1", "image id 1", "width 0 <= 0; dropped")
+    assert _has(report.warnings, str(path), "annotation id 2", "height -1 <= 0; dropped")
     strict = validate_coco(path, images, strict=True)
-    assert len(strict.errors) == 2 and _has(strict.errors, str(path), "annotation id 1", "<= 0")
+    assert len(strict.errors) == 2 and _has(strict.errors, str(path), "annotation id 1", "width 0 <= 0")
 
 
 def test_boxes_outside_the_image_are_clipped_or_dropped(images, write_json):
