@@ -18,6 +18,7 @@ COMMANDS = {
     "predict": "retinanet.commands.predict",
     "export": "retinanet.commands.export",
     "convert": "retinanet.commands.convert",
+    "check-data": "retinanet.commands.check_data",
 }
 
 

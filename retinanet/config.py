@@ -168,7 +168,8 @@ class DataConfig:
     train_images: Optional[str] = None  # folder that the JSON's file_name entries are relative to
     val_json: Optional[str] = None
     val_images: Optional[str] = None
-    # Training resize: the shorter side per image (sec. 4.1 trains at 800 px; scale jitter in sec. 5.1).
+    # Training resize: the shorter side per image (the paper trains and tests at one scale, 400-800 px,
+    # Table 1e; its best model adds scale jitter, Table 3).
     # Empty: the model's min_size, so training and test images have the same scale.
     train_sizes: list = field(default_factory=list)
     train_size_sampling: str = "choice"  # choice: any of train_sizes | range: an int in [train_sizes[0], train_sizes[1]]

@@ -32,7 +32,6 @@ from PIL import ExifTags, Image, ImageOps
 PathLike = Union[str, "os.PathLike[str]"]
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-ALPHA_MODES = ("LA", "La", "RGBA", "RGBa", "PA")
 # EXIF orientations that transpose the image (rotate by 90 or 270 degrees, possibly mirrored)
 SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 

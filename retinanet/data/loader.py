@@ -7,9 +7,10 @@ The training data order contract (what the engine relies on for exact resume and
   after j iterations, build the sampler (or loader) with `start_iteration=j`: it recomputes the
   order and skips j batches, so the remaining batches are exactly those of an uninterrupted run.
 - Epoch e shuffles all N images with a generator seeded by (seed, e), the same on every process;
-  process `rank` of `world_size` takes positions rank, rank + world_size, ... of that order (the
-  order wrapped around to a multiple of world_size), like `DistributedSampler`. Without aspect
-  grouping, the processes' batch j together are the single-process batch j of batch_size * world_size.
+  process `rank` of `world_size` takes positions rank, rank + world_size, ... of that order, cut to
+  a multiple of world_size (like `DistributedSampler(drop_last=True)`; the few images cut differ from
+  epoch to epoch). Without aspect grouping, the processes' batch j together are exactly the
+  single-process batch j of batch_size * world_size images.
 - Each item is keyed (index, sample_seed), where sample_seed is drawn per (seed, e, index); the
   dataset seeds its transforms with it, so augmentation also repeats exactly, whichever worker
   loads the item and however many workers there are.
@@ -22,7 +23,6 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Sampler
 
 from ..config import Config
@@ -54,8 +54,7 @@ class TrainBatchSampler(Sampler):
         if seed < 0 or start_iteration < 0 or batch_size <= 0:
             raise ValueError(f"seed and start_iteration must be >= 0 and batch_size > 0, "
                              f"got {seed}, {start_iteration}, {batch_size}")
-        per_process = -(-num_images // world_size)
-        if per_process < batch_size:
+        if num_images // world_size < batch_size:
             raise ValueError(f"{num_images} images over {world_size} process(es) cannot fill a batch of {batch_size}")
         if groups is not None and len(groups) != num_images:
             raise ValueError(f"groups has {len(groups)} entries for {num_images} images")
@@ -68,8 +67,8 @@ class TrainBatchSampler(Sampler):
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(self.num_images) if self.shuffle else np.arange(self.num_images)
         seeds = rng.integers(0, 2 ** 63 - 1, size=self.num_images)  # (N,) per image, this epoch
-        padded = np.resize(order, -(-self.num_images // self.world_size) * self.world_size)  # wraps around
-        return padded[self.rank::self.world_size], seeds
+        usable = self.num_images // self.world_size * self.world_size
+        return order[:usable][self.rank::self.world_size], seeds
 
     def epoch_batches(self, epoch: int) -> list:
         """This process's batches of image indices for one epoch."""

@@ -22,8 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -204,7 +204,8 @@ def make_shapes_dataset(directory: Optional[str] = None, *, num_train: int = 200
         raise ValueError(f"{root} exists and is not a shapes dataset made with these parameters; "
                          f"choose another directory or remove it")
     root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
+    staging = root.parent / f".{root.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()  # (not tempfile.mkdtemp: that makes the folder private, 0700, whatever the umask)
     try:
         for split, count in (("train", num_train), ("val", num_val)):
             _write_split(staging, split, count, image_size, seed, params)

@@ -234,7 +234,9 @@ def _check_annotations(records: list, path: Path, image_ids, images: dict, categ
             continue
         x, y, w, h = (float(v) for v in bbox)
         if w <= 0 or h <= 0:
-            message = f"{path}: {where}: box width {bbox[2]} or height {bbox[3]} <= 0"
+            sides = " and ".join(f"{name} {value} <= 0" for name, value in (("width", bbox[2]), ("height", bbox[3]))
+                                 if value <= 0)
+            message = f"{path}: {where}: box {bbox!r} has {sides}"
             if strict:
                 report.errors.append(message)
             else:
