@@ -18,7 +18,7 @@ import difflib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -55,14 +55,11 @@ class Detections:
         out = []
         for (x0, y0, x1, y1), score, cat in zip(self.boxes.tolist(), self.scores.tolist(), self.category_ids.tolist()):
             entry = {"image_id": image_id, "category_id": int(cat),
-                     "bbox": [round(x0, 3), round(y0, 3), round(x1 - x0, 3), round(y1 - y0, 3)], "score": round(score, 5)}
+                     "bbox": [round(x0, 3), round(y0, 3), round(x1 - x0, 3), round(y1 - y0, 3)], "score": score}
             if file_name is not None:
                 entry["file_name"] = file_name
             out.append(entry)
         return out
-
-
-ImageInput = Union[str, Path, np.ndarray, "PIL.Image.Image"]  # noqa: F821
 
 
 def to_rgb_uint8(item, where: str = "image") -> np.ndarray:
@@ -115,14 +112,18 @@ def prepare_batch(images: list, *, pixel_mean, pixel_std, min_size: int, max_siz
 
 
 def resolve_classes(classes, categories: list) -> list:
-    """Names or category ids -> sorted model labels. Errors list what exists (with a close match)."""
-    by_name = {c["name"].lower(): i for i, c in enumerate(categories)}
+    """Names (case-insensitive; every category of that name) or category ids -> sorted model labels.
+
+    Errors list what exists (with a close match)."""
+    by_name = {}
+    for i, c in enumerate(categories):
+        by_name.setdefault(c["name"].lower(), []).append(i)
     by_id = {int(c["id"]): i for i, c in enumerate(categories)}
     labels = set()
     for item in classes:
         text = str(item).strip()
         if text.lower() in by_name:
-            labels.add(by_name[text.lower()])
+            labels.update(by_name[text.lower()])
         elif text.lstrip("-").isdigit() and int(text) in by_id:
             labels.add(by_id[int(text)])
         else:
@@ -131,6 +132,8 @@ def resolve_classes(classes, categories: list) -> list:
             raise ValueError(f"unknown class '{text}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
                              + f"; classes are names or category ids: {', '.join(names[:20])}"
                              + (", ..." if len(names) > 20 else ""))
+    if not labels:
+        raise ValueError("no classes given to detect")
     return sorted(labels)
 
 
@@ -249,7 +252,7 @@ class Predictor(DetectorBase):
         """A predictor for the model in a checkpoint file (see retinanet/checkpoint.py)."""
         from .checkpoint import load_model
 
-        model, cfg, categories = load_model(path, device=str(device or default_device()))
+        model, _, categories = load_model(path, device=str(device or default_device()))
         return cls(model, categories, device=device, **kwargs)
 
     def head_outputs(self, batch: Tensor) -> tuple:
