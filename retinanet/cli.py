@@ -20,6 +20,7 @@ COMMANDS = {
     "convert": "retinanet.commands.convert",
     "check-data": "retinanet.commands.check_data",
     "ablate": "retinanet.commands.ablate",
+    "analyze": "retinanet.commands.analyze",
 }
 
 
