@@ -21,44 +21,25 @@ Written atomically (temp file in the same folder, fsync, os.replace), read with
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .atomic import atomic_write
 from .config import Config, config_from_dict, config_to_dict
 
 FORMAT_VERSION = 1
 
 
 def save_atomic(obj: dict, path: str) -> None:
-    """torch.save to `path` so that a crash leaves either the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    """torch.save to `path` so that a crash leaves either the old file or the new one, never half of one
+    (a temp file beside it, fsync, os.replace, fsync of the folder: retinanet.atomic.atomic_write)."""
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_checkpoint(path: str) -> dict:

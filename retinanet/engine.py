@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .atomic import atomic_write
 from .checkpoint import (checkpoint_name, latest_good_checkpoint, list_checkpoints, load_checkpoint, load_weights,
                          make_checkpoint, prune_checkpoints, rng_state, save_atomic, set_rng_state)
 from .config import Config, config_to_dict, save_config
@@ -228,9 +229,8 @@ def _truncate_metrics(path: Path, iteration: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if line.strip()
             and json.loads(line)["iteration"] <= iteration]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    with atomic_write(path, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
 
 
 @torch.no_grad()
@@ -266,8 +266,6 @@ def plot_loss_curve(metrics_path: Path, out_path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .atomic import atomic_write
 
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train = [r for r in records if "loss" in r]

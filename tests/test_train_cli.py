@@ -112,3 +112,41 @@ def test_bad_data_is_reported_before_training(config_file, tmp_path, shapes, cap
     assert str(bad_json) in err and f"annotation id {broken['annotations'][0]['id']}" in err
     assert "unknown category id 99" in err
     assert not list(out.glob("*.pt"))
+
+
+def _anchors_192(cfg):
+    """All anchors of `cfg`'s model on a 192 px image, (N, 4) xyxy."""
+    import torch
+
+    from retinanet.model import build_model
+
+    model = build_model(cfg)
+    sizes = [(192 // 2 ** lvl, 192 // 2 ** lvl) for lvl in range(cfg.model.min_level, cfg.model.max_level + 1)]
+    return torch.cat(model.anchor_generator(sizes, (192, 192), torch.device("cpu")))
+
+
+def test_demo_anchors_can_match_the_smallest_shapes():
+    import torch
+
+    from retinanet.boxes import box_iou
+    from retinanet.commands.demo import DEMO_CONFIG
+    from retinanet.config import Config, load_config
+
+    # 12 px boxes (the smallest the shapes dataset draws) at every sub-stride offset
+    corners = torch.tensor([[96.0 + dx, 96.0 + dy] for dx in range(8) for dy in range(8)])
+    boxes = torch.cat([corners, corners + 12], dim=1)  # (64, 4)
+    demo_best = box_iou(boxes, _anchors_192(load_config(str(DEMO_CONFIG)))).max(dim=1).values
+    paper_best = box_iou(boxes, _anchors_192(Config())).max(dim=1).values
+    assert demo_best.min() > 0.3  # worst case: a 16 px anchor 4 px off in x and y, IoU 100/300
+    assert paper_best.max() < 0.15  # a 32 px anchor: at most 144/1024
+
+
+def test_fit_schedule_keeps_the_fractions():
+    from retinanet.commands.demo import fit_schedule
+    from retinanet.config import Config
+
+    cfg = Config()
+    t = cfg.train
+    t.iterations, t.lr_steps, t.warmup_iters, t.eval_every, t.checkpoint_every = 400, [320, 380], 50, 100, 100
+    fit_schedule(cfg, seconds_per_iteration=0.5, minutes=1.5)  # 180 iterations
+    assert (t.iterations, t.lr_steps, t.warmup_iters, t.eval_every, t.checkpoint_every) == (180, [144, 171], 22, 45, 45)
