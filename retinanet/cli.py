@@ -12,6 +12,7 @@ import sys
 # name -> module; the module's register() gives the help text and flags.
 COMMANDS = {
     "smoke": "retinanet.commands.smoke",
+    "check-data": "retinanet.commands.check_data",
     "train": "retinanet.commands.train",
     "demo": "retinanet.commands.demo",
     "eval": "retinanet.commands.eval",

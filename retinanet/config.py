@@ -197,9 +197,32 @@ class TrainConfig:
 
 
 @dataclass
+class DataConfig:
+    """Training and validation data: COCO-format files, training resize and flip, batching and loading."""
+
+    train_json: Optional[str] = None  # COCO instances JSON
+    train_images: Optional[str] = None  # folder that the JSON's file_name entries are relative to
+    val_json: Optional[str] = None
+    val_images: Optional[str] = None
+    # Training resize: the shorter side per image (the paper trains and tests at one scale, 400-800 px,
+    # Table 1e; its best model adds scale jitter, Table 3).
+    # Empty: the model's min_size, so training and test images have the same scale.
+    train_sizes: list = field(default_factory=list)
+    train_size_sampling: str = "choice"  # choice: any of train_sizes | range: an int in [train_sizes[0], train_sizes[1]]
+    train_max_size: Optional[int] = None  # the longer side at most; None: the model's max_size
+    flip_prob: float = 0.5  # horizontal flip, the paper's only augmentation (sec. 4.1)
+    batch_size: int = 16  # images per iteration, all processes together (sec. 4.1: 16)
+    num_workers: int = 2  # DataLoader worker processes per training process; 0 loads in the main process
+    aspect_grouping: bool = True  # batch landscape (w >= h) and portrait images apart: less padding
+    strict: bool = False  # boxes with width or height <= 0 are errors, not dropped with a warning
+    check_images: str = "header"  # before training: exists | header (size, EXIF orientation) | decode (every pixel)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

@@ -1,0 +1,17 @@
+"""COCO-format data: image loading, validation, the dataset, transforms, loaders, synthetic shapes.
+
+Flow: `validate_coco` (every problem at once) -> `CocoDataset` (images via `load_image`, boxes xyxy)
+-> transforms (resize with scale jitter, flip) -> `TrainBatchSampler` + `collate` -> the model.
+The `build_*` functions in loader.py are the ones that read `cfg.data`.
+"""
+
+from .coco import CocoDataset
+from .images import ImageError, load_image
+from .loader import (TrainBatchSampler, build_test_loader, build_train_dataset, build_train_loader,
+                     build_val_dataset, collate)
+from .synthetic import make_shapes_dataset
+from .validate import DataValidationError, ValidationReport, validate_coco
+
+__all__ = ["CocoDataset", "DataValidationError", "ImageError", "TrainBatchSampler", "ValidationReport",
+           "build_test_loader", "build_train_dataset", "build_train_loader", "build_val_dataset", "collate",
+           "load_image", "make_shapes_dataset", "validate_coco"]

@@ -1,0 +1,222 @@
+"""The embedded "shapes" detection dataset: PNG images plus COCO JSON, generated on the spot.
+
+Four classes (COCO category ids 1-4): rectangle, ellipse (circles included), triangle, cross.
+Each image is `image_size` pixels square with a flat, gradient, blotchy or noisy background and 0 to
+`MAX_OBJECTS` shapes of random color, size (shorter side about 12 px up to 70% of the image, log-uniform)
+and aspect ratio (1:2 to 2:1). About 5% of the images have no shapes.
+
+Boxes are exact: each shape is rasterized to a mask and its box is the mask's extent (pixel column i
+spans [i, i + 1)). Later shapes are drawn over earlier ones, but a placement is rejected if it would
+hide more than 30% of an earlier shape or any of its extreme pixels; so every shape in an image is
+annotated, at least 70% visible, and its box is the same whether read as the visible or the full shape.
+A shape's color differs clearly from the background under it and from the shapes it touches.
+
+Generation is deterministic: image i of a split depends only on (seed, split, i), and the files are
+byte-identical for the same parameters. `make_shapes_dataset` writes the dataset into a temporary
+folder and renames it into place, so a folder under its final name is always complete; an existing
+complete one with the same parameters is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CLASSES = ("rectangle", "ellipse", "triangle", "cross")
+VERSION = 1  # bump when the images a seed produces change, so that old caches are not reused
+MAX_OBJECTS = 6
+EMPTY_FRACTION = 0.05
+MIN_OBJECT = 12  # px, the smallest shorter side drawn
+MAX_OBJECT_FRACTION = 0.7  # of the image side, the largest longer side drawn
+MIN_VISIBLE = 0.7  # an occluded shape keeps at least this fraction of its pixels
+MIN_COLOR_DISTANCE = 100.0  # Euclidean RGB distance from the background and touching shapes
+PLACEMENT_TRIES = 20
+SPLITS = {"train": 0, "val": 1}
+
+
+@dataclass(frozen=True)
+class ShapesPaths:
+    """Where a generated shapes dataset lies: COCO JSON files and their image folders."""
+
+    root: Path
+    train_json: Path
+    train_images: Path
+    val_json: Path
+    val_images: Path
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/retinanet, else ~/.cache/retinanet."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "retinanet"
+
+
+# ----------------------------------------------------------------------------------------------
+# drawing
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """(size, size, 3) float32 background: flat, gradient, blotches or noise."""
+    kind = rng.integers(4)
+    base = rng.uniform(0, 255, size=3)
+    if kind == 0:  # flat
+        return np.broadcast_to(base, (size, size, 3)).astype(np.float32)
+    if kind == 1:  # linear gradient in a random direction
+        other = np.clip(base + rng.uniform(-100, 100, size=3), 0, 255)
+        angle = rng.uniform(0, 2 * np.pi)
+        ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)  # (size, size) each
+        t = xs * np.cos(angle) + ys * np.sin(angle)
+        t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)  # (size, size) in [0, 1]
+        return (base + t[:, :, None] * (other - base)).astype(np.float32)
+    if kind == 2:  # smooth blotches: a coarse random grid upsampled
+        cells = int(rng.integers(3, 8))
+        coarse = np.clip(base + rng.uniform(-60, 60, size=(cells, cells, 3)), 0, 255).astype(np.uint8)
+        return np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC), dtype=np.float32)
+    grain = rng.normal(0, 12, size=(-(-size // 2), -(-size // 2), 3)).astype(np.float32)  # noise in 2x2 px grains
+    return np.clip(base + grain.repeat(2, axis=0).repeat(2, axis=1)[:size, :size], 0, 255)
+
+
+def _shape_mask(rng: np.random.Generator, cls: int, size: int) -> np.ndarray:
+    """(size, size) bool mask of one shape of class `cls` at a random size, aspect ratio and place."""
+    longest = MAX_OBJECT_FRACTION * size
+    side = np.exp(rng.uniform(np.log(MIN_OBJECT), np.log(longest / 2 ** 0.5)))
+    ratio = 1.0 if CLASSES[cls] == "ellipse" and rng.random() < 0.3 else np.exp(rng.uniform(np.log(0.5), np.log(2)))
+    w = int(min(max(round(side * ratio ** 0.5), MIN_OBJECT), longest))
+    h = int(min(max(round(side / ratio ** 0.5), MIN_OBJECT), longest))
+    x0, y0 = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
+    x1, y1 = x0 + w - 1, y0 + h - 1  # inclusive pixel corners
+    canvas = Image.new("1", (size, size))
+    draw = ImageDraw.Draw(canvas)
+    name = CLASSES[cls]
+    if name == "rectangle":
+        draw.rectangle([x0, y0, x1, y1], fill=1)
+    elif name == "ellipse":
+        draw.ellipse([x0, y0, x1, y1], fill=1)
+    elif name == "triangle":  # one side on an edge of the box, the apex anywhere along the opposite edge
+        t = rng.uniform(0, 1)
+        corners = {0: [(x0, y1), (x1, y1), (x0 + t * w, y0)], 1: [(x0, y0), (x1, y0), (x0 + t * w, y1)],
+                   2: [(x1, y0), (x1, y1), (x0, y0 + t * h)], 3: [(x0, y0), (x0, y1), (x1, y0 + t * h)]}
+        draw.polygon(corners[int(rng.integers(4))], fill=1)
+    else:  # cross: two bars through the middle, each about a third of the box thick
+        thick_x = max(3, int(round(w * rng.uniform(0.25, 0.4))))
+        thick_y = max(3, int(round(h * rng.uniform(0.25, 0.4))))
+        cx, cy = x0 + (w - thick_x) // 2, y0 + (h - thick_y) // 2
+        draw.rectangle([x0, cy, x1, cy + thick_y - 1], fill=1)
+        draw.rectangle([cx, y0, cx + thick_x - 1, y1], fill=1)
+    return np.asarray(canvas, dtype=bool)
+
+
+def _extent(mask: np.ndarray) -> tuple:
+    """(x1, y1, x2, y2) of a non-empty mask: the pixels' edges, xyxy."""
+    cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def render_image(rng: np.random.Generator, size: int) -> tuple:
+    """One image -> ((size, size, 3) uint8 RGB, [(class index, (x1, y1, x2, y2) xyxy, visible pixels)])."""
+    background = _background(rng, size)
+    count = 0 if rng.random() < EMPTY_FRACTION else int(rng.integers(1, MAX_OBJECTS + 1))
+    shapes = []  # dicts: cls, mask (full), visible (mask not covered by later shapes), box, color
+    for _ in range(count):
+        for _ in range(PLACEMENT_TRIES):
+            cls = int(rng.integers(len(CLASSES)))
+            mask = _shape_mask(rng, cls, size)
+            box = _extent(mask)
+            covered = [s for s in shapes if (s["visible"] & mask).any()]
+            if any((s["visible"] & ~mask).sum() < MIN_VISIBLE * s["mask"].sum()
+                   or _extent(s["visible"] & ~mask) != s["box"] for s in covered):
+                continue
+            neighbours = [background[mask].mean(axis=0)] + [s["color"] for s in covered]
+            color = rng.uniform(0, 255, size=3)
+            if min(np.linalg.norm(color - n) for n in neighbours) < MIN_COLOR_DISTANCE:
+                continue
+            for s in covered:
+                s["visible"] = s["visible"] & ~mask
+            shapes.append({"cls": cls, "mask": mask, "visible": mask, "box": box, "color": color})
+            break
+    image = background
+    for s in shapes:
+        image[s["mask"]] = s["color"]
+    objects = [(s["cls"], s["box"], int(s["visible"].sum())) for s in shapes]
+    return np.round(image).astype(np.uint8), objects
+
+
+# ----------------------------------------------------------------------------------------------
+# files
+
+
+def _write_split(folder: Path, split: str, num_images: int, image_size: int, seed: int, params: dict) -> None:
+    """PNG files under folder/split/ and the COCO JSON folder/split.json."""
+    (folder / split).mkdir()
+    images, annotations = [], []
+    for i in range(num_images):
+        rng = np.random.default_rng([seed, SPLITS[split], i])
+        pixels, objects = render_image(rng, image_size)
+        file_name = f"{i:06d}.png"
+        Image.fromarray(pixels).save(folder / split / file_name, format="PNG", compress_level=1)
+        images.append({"id": i + 1, "file_name": file_name, "height": image_size, "width": image_size})
+        for cls, (x1, y1, x2, y2), area in objects:
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": cls + 1,
+                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": area, "iscrowd": 0})
+    coco = {"info": {"description": f"retinanet synthetic shapes, {split} split", "parameters": params},
+            "images": images, "annotations": annotations,
+            "categories": [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(CLASSES)]}
+    (folder / f"{split}.json").write_text(json.dumps(coco))
+
+
+def _paths(root: Path) -> ShapesPaths:
+    return ShapesPaths(root=root, train_json=root / "train.json", train_images=root / "train",
+                       val_json=root / "val.json", val_images=root / "val")
+
+
+def _is_complete(root: Path, params: dict) -> bool:
+    try:
+        return json.loads((root / "manifest.json").read_text())["parameters"] == params
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def make_shapes_dataset(directory: Optional[str] = None, *, num_train: int = 2000, num_val: int = 500,
+                        image_size: int = 192, seed: int = 0) -> ShapesPaths:
+    """Generate (or reuse) the shapes dataset and return its paths.
+
+    directory: where the dataset goes; None: default_cache_dir()/shapes-<hash of the parameters>.
+    A complete dataset already there with the same parameters is reused; a folder holding anything
+    else is an error (it is never overwritten). manifest.json, written last, marks a complete dataset.
+    """
+    if min(num_train, num_val) < 0 or image_size < 4 * MIN_OBJECT or seed < 0:
+        raise ValueError(f"need num_train, num_val, seed >= 0 and image_size >= {4 * MIN_OBJECT}, got "
+                         f"{num_train}, {num_val}, {seed}, {image_size}")
+    params = {"version": VERSION, "num_train": num_train, "num_val": num_val, "image_size": image_size, "seed": seed}
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    root = Path(directory) if directory is not None else default_cache_dir() / f"shapes-{digest}"
+    if _is_complete(root, params):
+        return _paths(root)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise ValueError(f"{root} exists and is not a shapes dataset made with these parameters; "
+                         f"choose another directory or remove it")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = root.parent / f".{root.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()  # (not tempfile.mkdtemp: that makes the folder private, 0700, whatever the umask)
+    try:
+        for split, count in (("train", num_train), ("val", num_val)):
+            _write_split(staging, split, count, image_size, seed, params)
+        (staging / "manifest.json").write_text(json.dumps({"parameters": params, "classes": list(CLASSES)}))
+        if root.exists():
+            root.rmdir()  # empty (checked above); rename needs the name free
+        try:
+            os.rename(staging, root)  # atomic: the folder appears complete or not at all
+        except OSError:
+            if not _is_complete(root, params):  # someone else (another process) finished first: fine
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return _paths(root)

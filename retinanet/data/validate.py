@@ -1,0 +1,319 @@
+"""Check a COCO instances JSON and its image folder before training; report every problem at once.
+
+`validate_coco` never stops at the first problem: it returns a `ValidationReport` whose `errors`
+and `warnings` each name the file and the image id or annotation id, plus the cleaned data the
+dataset trains on. `report.raise_if_errors()` raises one `DataValidationError` listing them all.
+
+Errors (training cannot start): malformed JSON (line, column), missing or mistyped keys, duplicate
+image / annotation / category ids, an annotation whose image id or category id is unknown, non-finite
+box coordinates, a missing image file, an unreadable image, and an image whose displayed (EXIF-oriented)
+size differs from the JSON's height and width.
+
+Warnings (the box is repaired or dropped): width or height <= 0 (dropped; an error with strict=True),
+a box partly outside its image (clipped to it), a box wholly outside (dropped).
+
+Image checks, `check_images`: "exists" only looks for the files; "header" (default) also reads
+each header for the displayed size; "decode" decodes every pixel, which finds truncated files but
+reads the whole dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .images import ImageError, PathLike, displayed_size, load_image
+
+CHECK_LEVELS = ("exists", "header", "decode")
+
+
+class DataValidationError(ValueError):
+    """Every error found in one dataset, one per line."""
+
+    def __init__(self, json_path: str, errors: list):
+        lines = "\n".join(f"  - {e}" for e in errors)
+        super().__init__(f"{json_path}: {len(errors)} problem(s) in the dataset:\n{lines}")
+        self.errors = list(errors)
+
+
+@dataclass
+class ValidationReport:
+    """The outcome of `validate_coco`.
+
+    images: valid image records in JSON order, each {"id", "file_name", "height", "width"}.
+    annotations: image id -> kept annotations, each {"id", "category_id", "bbox": [x1, y1, x2, y2]
+        (xyxy, absolute pixels of the displayed image, clipped to it), "iscrowd": bool}.
+    categories: {"id", "name"} sorted by id.
+    """
+
+    json_path: str
+    image_dir: str
+    errors: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+    images: list = field(default_factory=list)
+    annotations: dict = field(default_factory=dict)
+    categories: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def summary(self) -> str:
+        kept = sum(len(a) for a in self.annotations.values())
+        crowd = sum(a["iscrowd"] for anns in self.annotations.values() for a in anns)
+        return (f"{self.json_path}: {len(self.images)} images, {kept} annotations kept ({crowd} crowd), "
+                f"{len(self.categories)} categories; {len(self.errors)} errors, {len(self.warnings)} warnings")
+
+    def format(self, max_lines: int = 0) -> str:
+        """Errors, then warnings, then the summary; `max_lines` > 0 shows at most that many of each."""
+        out = []
+        for kind, items in (("error", self.errors), ("warning", self.warnings)):
+            shown = items[:max_lines] if max_lines > 0 else items
+            out += [f"{kind}: {m}" for m in shown]
+            if len(shown) < len(items):
+                out.append(f"... and {len(items) - len(shown)} more {kind}s (retinanet check-data lists them all)")
+        out.append(self.summary())
+        return "\n".join(out)
+
+    def raise_if_errors(self) -> None:
+        if self.errors:
+            raise DataValidationError(self.json_path, self.errors)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _read_json(path: Path, report: ValidationReport):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        report.errors.append(f"{path}: annotation file not found")
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        report.errors.append(f"{path}: cannot read the annotation file: {e}")
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        report.errors.append(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}")
+        return None
+
+
+def _section(data: dict, key: str, path: Path, report: ValidationReport):
+    """The list under `key`, or None (with an error) when it is missing or not a list."""
+    if key not in data:
+        report.errors.append(f"{path}: missing top-level key '{key}'")
+        return None
+    if not isinstance(data[key], list):
+        report.errors.append(f"{path}: '{key}' must be a list, got {type(data[key]).__name__}")
+        return None
+    return data[key]
+
+
+def _missing(record, keys: tuple, where: str, path: Path, report: ValidationReport) -> bool:
+    """Report a record that is not an object or lacks keys; True when anything is missing."""
+    if not isinstance(record, dict):
+        report.errors.append(f"{path}: {where}: expected an object, got {type(record).__name__}")
+        return True
+    absent = [k for k in keys if k not in record]
+    if absent:
+        report.errors.append(f"{path}: {where}: missing key(s) {', '.join(repr(k) for k in absent)}")
+    return bool(absent)
+
+
+def _check_categories(records: list, path: Path, report: ValidationReport) -> set:
+    """Valid categories go to report.categories (sorted by id); returns every category id seen."""
+    seen = {}
+    for i, cat in enumerate(records):
+        where = f"categories[{i}]"
+        if _missing(cat, ("id", "name"), where, path, report):
+            continue
+        if not _is_int(cat["id"]):
+            report.errors.append(f"{path}: {where}: category id must be an integer, got {cat['id']!r}")
+            continue
+        if cat["id"] in seen:
+            report.errors.append(f"{path}: duplicate category id {cat['id']} "
+                                 f"(categories[{seen[cat['id']]}] and categories[{i}])")
+            continue
+        seen[cat["id"]] = i
+        if not isinstance(cat["name"], str):
+            report.errors.append(f"{path}: category id {cat['id']}: name must be a string, got {cat['name']!r}")
+            continue
+        report.categories.append({"id": cat["id"], "name": cat["name"]})
+    if not records:
+        report.errors.append(f"{path}: 'categories' is empty; a detector needs at least one class")
+    report.categories.sort(key=lambda c: c["id"])
+    return set(seen)
+
+
+def _positive_int(value) -> bool:
+    return _is_number(value) and math.isfinite(value) and float(value).is_integer() and value > 0
+
+
+def _check_image_records(records: list, path: Path, report: ValidationReport) -> tuple:
+    """Valid image records -> report.images; returns (every image id seen, id -> valid record)."""
+    seen, valid = {}, {}
+    for i, img in enumerate(records):
+        where = f"images[{i}]"
+        if not isinstance(img, dict) or not _is_int(img.get("id")):
+            if not _missing(img, ("id",), where, path, report):
+                report.errors.append(f"{path}: {where}: image id must be an integer, got {img['id']!r}")
+            continue
+        iid = img["id"]
+        if iid in seen:
+            report.errors.append(f"{path}: duplicate image id {iid} (images[{seen[iid]}] and images[{i}])")
+            continue
+        seen[iid] = i
+        where = f"image id {iid}"
+        if _missing(img, ("file_name", "height", "width"), where, path, report):
+            continue
+        problems = []
+        if not isinstance(img["file_name"], str) or not img["file_name"]:
+            problems.append(f"file_name must be a non-empty string, got {img['file_name']!r}")
+        for key in ("height", "width"):
+            if not _positive_int(img[key]):
+                problems.append(f"{key} must be a positive integer, got {img[key]!r}")
+        if problems:
+            report.errors += [f"{path}: {where}: {p}" for p in problems]
+            continue
+        record = {"id": iid, "file_name": img["file_name"], "height": int(img["height"]), "width": int(img["width"])}
+        valid[iid] = record
+        report.images.append(record)
+    return set(seen), valid
+
+
+def _check_annotations(records: list, path: Path, image_ids, images: dict, category_ids, strict: bool,
+                       report: ValidationReport) -> None:
+    """Valid annotations -> report.annotations (converted to xyxy and clipped), problems -> errors/warnings.
+
+    image_ids / category_ids: every id the JSON declares (None when that section is missing, so that
+    its absence is reported once rather than once per annotation).
+    """
+    seen = {}
+    for i, ann in enumerate(records):
+        where = f"annotations[{i}]"
+        if not isinstance(ann, dict) or not _is_int(ann.get("id")):
+            if not _missing(ann, ("id",), where, path, report):
+                report.errors.append(f"{path}: {where}: annotation id must be an integer, got {ann['id']!r}")
+            continue
+        aid = ann["id"]
+        if aid in seen:
+            report.errors.append(f"{path}: duplicate annotation id {aid} (annotations[{seen[aid]}] and annotations[{i}])")
+            continue
+        seen[aid] = i
+        where = f"annotation id {aid}"
+        if _missing(ann, ("image_id", "category_id", "bbox"), where, path, report):
+            continue
+        iid, cid, bbox = ann["image_id"], ann["category_id"], ann["bbox"]
+        where = f"annotation id {aid} (image id {iid})"
+        problems = []
+        if not _is_int(iid):
+            problems.append(f"image_id must be an integer, got {iid!r}")
+        elif image_ids is not None and iid not in image_ids:
+            problems.append(f"unknown image id {iid}")
+        if not _is_int(cid):
+            problems.append(f"category_id must be an integer, got {cid!r}")
+        elif category_ids is not None and cid not in category_ids:
+            problems.append(f"unknown category id {cid}")
+        crowd = ann.get("iscrowd", 0)
+        if crowd not in (0, 1) or isinstance(crowd, float):
+            problems.append(f"iscrowd must be 0 or 1, got {crowd!r}")
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+            problems.append(f"bbox must be a list of 4 numbers [x, y, width, height], got {bbox!r}")
+        elif not all(math.isfinite(v) for v in bbox):
+            problems.append(f"non-finite bbox coordinates {bbox!r}")
+        if problems:
+            report.errors += [f"{path}: {where}: {p}" for p in problems]
+            continue
+        x, y, w, h = (float(v) for v in bbox)
+        if w <= 0 or h <= 0:
+            sides = " and ".join(f"{name} {value} <= 0" for name, value in (("width", bbox[2]), ("height", bbox[3]))
+                                 if value <= 0)
+            message = f"{path}: {where}: box {bbox!r} has {sides}"
+            if strict:
+                report.errors.append(message)
+            else:
+                report.warnings.append(message + "; dropped")
+            continue
+        image = images.get(iid)
+        if image is None:  # the image record itself has an error, already reported
+            continue
+        box = [x, y, x + w, y + h]  # COCO [x, y, w, h] -> xyxy, absolute pixels
+        clipped = [min(max(box[0], 0.0), image["width"]), min(max(box[1], 0.0), image["height"]),
+                   min(max(box[2], 0.0), image["width"]), min(max(box[3], 0.0), image["height"])]
+        size = f"{image['width']}x{image['height']}"
+        if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+            report.warnings.append(f"{path}: {where}: box {bbox!r} lies wholly outside the {size} image; dropped")
+            continue
+        if clipped != box:
+            report.warnings.append(f"{path}: {where}: box {bbox!r} extends outside the {size} image; clipped")
+        report.annotations[iid].append({"id": aid, "category_id": cid, "bbox": clipped, "iscrowd": bool(crowd)})
+
+
+def _check_files(image_dir: Path, check_images: str, report: ValidationReport, progress: bool) -> None:
+    """Every valid image record's file exists (and, by level, reads, with the JSON's size)."""
+    from tqdm import tqdm
+
+    for image in tqdm(report.images, desc="checking images", unit="img", disable=not progress or check_images == "exists"):
+        file = image_dir / image["file_name"]
+        where = f"{file} (image id {image['id']})"
+        if not file.is_file():
+            report.errors.append(f"{where}: image file not found")
+            continue
+        if check_images == "exists":
+            continue
+        try:
+            if check_images == "decode":
+                height, width = load_image(file).shape[:2]
+            else:
+                height, width = displayed_size(file)
+        except ImageError as e:
+            report.errors.append(f"{where}: {e.reason}")
+            continue
+        if (height, width) != (image["height"], image["width"]):
+            report.errors.append(f"{where}: the JSON says height {image['height']}, width {image['width']}, but the "
+                                 f"displayed image (EXIF orientation applied) is height {height}, width {width}")
+
+
+def validate_coco(json_path: PathLike, image_dir: PathLike, *, strict: bool = False, check_images: str = "header",
+                  progress: bool = False) -> ValidationReport:
+    """Check a COCO instances JSON and its images; every problem found goes into the returned report.
+
+    json_path: the annotation file. image_dir: the folder the images' file_name entries are relative to.
+    strict: boxes with width or height <= 0 are errors instead of being dropped with a warning.
+    check_images: "exists" | "header" | "decode" (see the module docstring).
+    progress: show a progress bar while reading images.
+    """
+    if check_images not in CHECK_LEVELS:
+        raise ValueError(f"check_images must be one of {', '.join(CHECK_LEVELS)}, got '{check_images}'")
+    path, image_dir = Path(json_path), Path(image_dir)
+    report = ValidationReport(json_path=str(path), image_dir=str(image_dir))
+    if not image_dir.is_dir():
+        report.errors.append(f"{image_dir}: image folder not found")
+    data = _read_json(path, report)
+    if data is None:
+        return report
+    if not isinstance(data, dict):
+        report.errors.append(f"{path}: the top level must be an object with 'images', 'annotations' and "
+                             f"'categories', got {type(data).__name__}")
+        return report
+    image_records = _section(data, "images", path, report)
+    annotation_records = _section(data, "annotations", path, report)
+    category_records = _section(data, "categories", path, report)
+
+    category_ids = _check_categories(category_records, path, report) if category_records is not None else None
+    image_ids, images = (_check_image_records(image_records, path, report) if image_records is not None
+                         else (None, {}))
+    report.annotations = {image["id"]: [] for image in report.images}
+    if annotation_records is not None:
+        _check_annotations(annotation_records, path, image_ids, images, category_ids, strict, report)
+    if image_dir.is_dir():
+        _check_files(image_dir, check_images, report, progress)
+    return report
