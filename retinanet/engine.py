@@ -428,7 +428,7 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
         bar = tqdm(total=t.iterations, initial=start, disable=not (progress and env.is_main), dynamic_ncols=True,
                    desc="train", unit="it")
         window, window_start, window_iters = {}, time.perf_counter(), 0  # loss name -> sum over the window
-        run_start, val_metrics, speed = time.perf_counter(), None, None
+        run_start, eval_seconds, val_metrics, speed = time.perf_counter(), 0.0, None, None
         for it in range(start, t.iterations):
             lr = lr_at(it)
             for group in optimizer.param_groups:
@@ -484,7 +484,8 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
                 val_metrics = evaluate_model(model, val_dataset, env)
                 if env.is_main:
                     _append_jsonl(metrics_path, {"iteration": done, "val": val_metrics,
-                                                 "time_s": time.perf_counter() - run_start})
+                                                 "time_s": time.perf_counter() - run_start,
+                                                 "train_s": eval_start - run_start - eval_seconds})
                     ap = val_metrics["AP"]
                     bar.write(f"iteration {done}: validation " + "  ".join(
                         f"{k} {val_metrics[k]:.3f}" for k in ("AP", "AP50", "AP75") if val_metrics[k] is not None))
@@ -497,6 +498,7 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
                     dist.broadcast_object_list(shared, src=0)
                     best_ap = shared[0]
                 window_start += time.perf_counter() - eval_start  # images/s counts training time only
+                eval_seconds += time.perf_counter() - eval_start
             if done % t.checkpoint_every == 0 or done == t.iterations:
                 save(done)
         bar.close()
