@@ -36,8 +36,9 @@ FORMAT_VERSION = 1
 
 
 def save_atomic(obj: dict, path: str) -> None:
-    """torch.save to `path` so that a crash leaves either the old file or the new one, never half of one."""
-    with atomic_write(path) as f:
+    """torch.save to `path` so that a crash leaves either the old file or the new one, never half of one
+    (a temp file beside it, fsync, os.replace, fsync of the folder: retinanet.atomic.atomic_write)."""
+    with atomic_write(path, "wb") as f:
         torch.save(obj, f)
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .atomic import atomic_write
 from .checkpoint import (checkpoint_name, latest_good_checkpoint, list_checkpoints, load_checkpoint, load_weights,
                          make_checkpoint, prune_checkpoints, rng_state, save_atomic, set_rng_state)
 from .config import Config, config_to_dict, save_config
@@ -228,9 +229,8 @@ def _truncate_metrics(path: Path, iteration: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if line.strip()
             and json.loads(line)["iteration"] <= iteration]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    with atomic_write(path, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
 
 
 @torch.no_grad()
@@ -266,8 +266,6 @@ def plot_loss_curve(metrics_path: Path, out_path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .atomic import atomic_write
 
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train = [r for r in records if "loss" in r]
@@ -430,7 +428,7 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
         bar = tqdm(total=t.iterations, initial=start, disable=not (progress and env.is_main), dynamic_ncols=True,
                    desc="train", unit="it")
         window, window_start, window_iters = {}, time.perf_counter(), 0  # loss name -> sum over the window
-        run_start, val_metrics, speed = time.perf_counter(), None, None
+        run_start, eval_seconds, val_metrics, speed = time.perf_counter(), 0.0, None, None
         for it in range(start, t.iterations):
             lr = lr_at(it)
             for group in optimizer.param_groups:
@@ -486,7 +484,8 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
                 val_metrics = evaluate_model(model, val_dataset, env)
                 if env.is_main:
                     _append_jsonl(metrics_path, {"iteration": done, "val": val_metrics,
-                                                 "time_s": time.perf_counter() - run_start})
+                                                 "time_s": time.perf_counter() - run_start,
+                                                 "train_s": eval_start - run_start - eval_seconds})
                     ap = val_metrics["AP"]
                     bar.write(f"iteration {done}: validation " + "  ".join(
                         f"{k} {val_metrics[k]:.3f}" for k in ("AP", "AP50", "AP75") if val_metrics[k] is not None))
@@ -499,6 +498,7 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
                     dist.broadcast_object_list(shared, src=0)
                     best_ap = shared[0]
                 window_start += time.perf_counter() - eval_start  # images/s counts training time only
+                eval_seconds += time.perf_counter() - eval_start
             if done % t.checkpoint_every == 0 or done == t.iterations:
                 save(done)
         bar.close()

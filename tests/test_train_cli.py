@@ -112,3 +112,64 @@ def test_bad_data_is_reported_before_training(config_file, tmp_path, shapes, cap
     assert str(bad_json) in err and f"annotation id {broken['annotations'][0]['id']}" in err
     assert "unknown category id 99" in err
     assert not list(out.glob("*.pt"))
+
+
+def _anchors_192(cfg):
+    """All anchors of `cfg`'s model on a 192 px image, (N, 4) xyxy."""
+    import torch
+
+    from retinanet.model import build_model
+
+    model = build_model(cfg)
+    sizes = [(192 // 2 ** lvl, 192 // 2 ** lvl) for lvl in range(cfg.model.min_level, cfg.model.max_level + 1)]
+    return torch.cat(model.anchor_generator(sizes, (192, 192), torch.device("cpu")))
+
+
+def test_demo_anchors_can_match_the_smallest_shapes():
+    import torch
+
+    from retinanet.boxes import box_iou
+    from retinanet.commands.demo import DEMO_CONFIG
+    from retinanet.config import Config, load_config
+
+    # 12 px boxes (the smallest the shapes dataset draws) at every sub-stride offset
+    corners = torch.tensor([[96.0 + dx, 96.0 + dy] for dx in range(8) for dy in range(8)])
+    boxes = torch.cat([corners, corners + 12], dim=1)  # (64, 4)
+    demo_best = box_iou(boxes, _anchors_192(load_config(str(DEMO_CONFIG)))).max(dim=1).values
+    paper_best = box_iou(boxes, _anchors_192(Config())).max(dim=1).values
+    assert demo_best.min() > 0.3  # worst case: a 16 px anchor 4 px off in x and y, IoU 100/300
+    assert paper_best.max() < 0.15  # a 32 px anchor: at most 144/1024
+
+
+def test_fit_schedule_keeps_the_fractions():
+    from retinanet.commands.demo import fit_schedule
+    from retinanet.config import Config
+
+    cfg = Config()
+    t = cfg.train
+    t.iterations, t.lr_steps, t.warmup_iters, t.eval_every, t.checkpoint_every = 400, [320, 380], 50, 100, 100
+    fit_schedule(cfg, seconds_per_iteration=0.5, minutes=1.5)  # 180 iterations
+    assert (t.iterations, t.lr_steps, t.warmup_iters, t.eval_every, t.checkpoint_every) == (180, [144, 171], 22, 45, 45)
+
+
+def test_demo_end_to_end_on_a_tiny_dataset(tmp_path, monkeypatch, capsys):
+    from retinanet.commands import demo
+
+    monkeypatch.setattr(demo, "NUM_TRAIN", 8)
+    monkeypatch.setattr(demo, "NUM_VAL", 4)
+    monkeypatch.setattr(demo, "IMAGE_SIZE", 64)
+    out = tmp_path / "demo"
+    tiny = ["backbone_width=8", "fpn_channels=16", "head_channels=64", "head_convs=1", "min_size=64", "max_size=64",
+            "batch_size=4", "iterations=4", "warmup_iters=1", "lr_steps=[3]", "eval_every=2", "checkpoint_every=2",
+            "threads=1"]  # one thread, as the rest of the suite (conftest)
+    assert main(["demo", *tiny, "--output", str(out), "--data-dir", str(tmp_path / "shapes"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out COCO AP" in printed and "seconds per training iteration: 1 thread(s)" in printed
+    assert (out / "detections.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((out / "demo_metrics.json").read_text())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert report["AP"] == [r for r in records if "val" in r][-1]["val"]["AP"]  # the held-out split's final AP
+    assert report["iterations"] == 4 and report["num_val"] == 4
+    assert sorted(p.name for p in (tmp_path / "shapes" / "val").iterdir()) == [f"{i:06d}.png" for i in range(4)]
+    assert main(["demo", *tiny, "--output", str(out), "--data-dir", str(tmp_path / "shapes")]) == 1  # never overwrites
+    assert "already holds a training run" in capsys.readouterr().err

@@ -9,12 +9,15 @@ The model and schedule are retinanet/configs/demo.yaml; key=value overrides appl
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from pathlib import Path
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 NUM_TRAIN, NUM_VAL, IMAGE_SIZE, DATA_SEED = 4000, 500, 192, 0
 AP50_TARGET = 0.85
+MAX_MINUTES = 7.0  # of training by default, so that the whole demo stays under 10 minutes on a slow machine
 
 
 def register(sub) -> None:
@@ -25,7 +28,8 @@ def register(sub) -> None:
                    help="a new folder for the results (default: the first of demo, demo-2, ... that does not exist)")
     p.add_argument("--minutes", type=float,
                    help="fit the training schedule into this many minutes, from the speed of a few timed "
-                        "iterations (default: the config's iteration count)")
+                        f"iterations (default: the config's iterations, shortened if they would take more than "
+                        f"{MAX_MINUTES:g} minutes here)")
     p.add_argument("--data-dir", metavar="DIR", help="where the shapes dataset is generated or reused "
                                                      "(default: ~/.cache/retinanet/shapes-<hash>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -52,8 +56,9 @@ def fit_schedule(cfg, seconds_per_iteration: float, minutes: float) -> None:
     t.iterations = iterations
 
 
-def time_iterations(cfg, dataset, count: int = 3) -> float:
-    """Seconds per training iteration of `cfg` on this machine now (after one untimed iteration)."""
+def time_iterations(cfg, dataset, count: int = 3, give_up_after: float = math.inf) -> float:
+    """Seconds per training iteration of `cfg` on this machine now (after one untimed iteration);
+    math.inf if the timed iterations pass `give_up_after` seconds."""
     import torch
 
     from ..data.loader import build_train_loader
@@ -71,6 +76,8 @@ def time_iterations(cfg, dataset, count: int = 3) -> float:
     for i in range(count + 1):
         if i == 1:
             start = time.perf_counter()
+        elif i > 1 and time.perf_counter() - start > give_up_after:
+            return math.inf
         images, targets = next(batches)
         with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
             losses = model(images, targets)
@@ -80,8 +87,8 @@ def time_iterations(cfg, dataset, count: int = 3) -> float:
     return (time.perf_counter() - start) / count
 
 
-def choose_threads(cfg, dataset) -> tuple:
-    """(threads, seconds per iteration): every core or one thread, whichever trains faster now.
+def choose_threads(cfg, dataset) -> dict:
+    """{threads: seconds per iteration} for one thread and for every core; the fastest is set in torch.
 
     On a machine whose cores other jobs also use, OpenMP threads spend their time waiting for each
     other, and one thread can be several times faster than all of them.
@@ -90,15 +97,15 @@ def choose_threads(cfg, dataset) -> tuple:
 
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-        return cfg.train.threads, time_iterations(cfg, dataset)
-    cores = torch.get_num_threads()
-    timings = {}
-    for threads in sorted({cores, 1}, reverse=True):
-        torch.set_num_threads(threads)
-        timings[threads] = time_iterations(cfg, dataset)
-    torch.set_num_threads(cores)
-    best = min(timings, key=timings.get)
-    return best, timings[best]
+        return {cfg.train.threads: time_iterations(cfg, dataset)}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(1)
+    timings = {1: time_iterations(cfg, dataset)}
+    if cores > 1:
+        torch.set_num_threads(cores)
+        timings[cores] = time_iterations(cfg, dataset, give_up_after=3 * timings[1])
+    torch.set_num_threads(min(timings, key=timings.get))
+    return timings
 
 
 def draw_detections(model, dataset, path: Path, *, count: int = 12, score_thresh: float = 0.5, scale: int = 2) -> None:
@@ -143,13 +150,14 @@ def draw_detections(model, dataset, path: Path, *, count: int = 12, score_thresh
         sheet.save(f, format="PNG")
 
 
-def time_to_ap50(metrics_path: Path, target: float) -> tuple:
-    """(iteration, training seconds) of the first validation with AP50 >= target, else (None, None)."""
+def time_to_ap50(metrics_path: Path, target: float) -> dict:
+    """The first validation with AP50 >= target: {"iteration", "seconds" (since training started),
+    "train_seconds" (the same without the time spent evaluating)}; {} if none reached it."""
     for line in metrics_path.read_text().splitlines():
         record = json.loads(line)
         if "val" in record and (record["val"].get("AP50") or 0.0) >= target:
-            return record["iteration"], record["time_s"]
-    return None, None
+            return {"iteration": record["iteration"], "seconds": record["time_s"], "train_seconds": record["train_s"]}
+    return {}
 
 
 def run(args) -> int:
@@ -174,22 +182,32 @@ def run(args) -> int:
                                          *args.overrides])
     dataset = build_train_dataset(cfg)
     cfg.model.num_classes = dataset.num_classes
-    cfg.train.threads, seconds = choose_threads(cfg, dataset)
-    print(f"{seconds:.2f} s per training iteration with {cfg.train.threads} thread(s)")
-    if args.minutes is not None:
-        fit_schedule(cfg, seconds, args.minutes)
-        print(f"  {cfg.train.iterations} iterations fit in {args.minutes:g} minutes")
+    timings = choose_threads(cfg, dataset)
+    cfg.train.threads = min(timings, key=timings.get)
+    seconds = timings[cfg.train.threads]
+    print("seconds per training iteration: " + ", ".join(
+        f"{t} thread(s) {s:.2f}" if math.isfinite(s) else f"{t} thread(s) over {3 * timings[1]:.1f} (stopped)"
+        for t, s in timings.items())
+          + f"; training with {cfg.train.threads}")
+    expected = cfg.train.iterations * seconds / 60
+    if args.minutes is not None or expected > MAX_MINUTES:
+        minutes = args.minutes if args.minutes is not None else MAX_MINUTES
+        planned = cfg.train.iterations
+        fit_schedule(cfg, seconds, minutes)
+        print(f"  {planned} iterations would take {expected:.1f} minutes: {cfg.train.iterations} iterations fit in "
+              f"{minutes:g} minutes (LR steps, warmup and evaluations at the same fractions)")
 
     summary = train(cfg, str(output), progress=not args.no_progress)
     model, _, _ = load_model(summary["final"])
     val = CocoDataset(paths.val_json, paths.val_images, check_images="exists")
     draw_detections(model, val, output / "detections.png")
     metrics = summary["val"]
-    reached_at, reached_s = time_to_ap50(output / "metrics.jsonl", AP50_TARGET)
+    reached = time_to_ap50(output / "metrics.jsonl", AP50_TARGET)
     total = time.perf_counter() - started
     report = {"AP": metrics["AP"], "AP50": metrics["AP50"], "AP75": metrics["AP75"], "metrics": metrics,
               "iterations": cfg.train.iterations, "training_seconds": summary["seconds"], "total_seconds": total,
-              "ap50_target": AP50_TARGET, "ap50_target_iteration": reached_at, "ap50_target_seconds": reached_s,
+              "ap50_target": AP50_TARGET, "ap50_target_reached": reached, "threads": cfg.train.threads,
+              "seconds_per_iteration_timed": {str(k): v if math.isfinite(v) else None for k, v in timings.items()},
               "dataset": str(paths.root), "num_train": NUM_TRAIN, "num_val": NUM_VAL, "image_size": IMAGE_SIZE}
     with atomic_write(output / "demo_metrics.json", "w") as f:
         json.dump(report, f, indent=2)
@@ -197,8 +215,10 @@ def run(args) -> int:
     print(f"RetinaNet demo: {cfg.train.iterations} iterations, {summary['seconds'] / 60:.1f} min training, "
           f"{total / 60:.1f} min in all")
     print(f"  held-out COCO AP {metrics['AP']:.3f}   AP50 {metrics['AP50']:.3f}   AP75 {metrics['AP75']:.3f}")
-    if reached_at is not None:
-        print(f"  AP50 >= {AP50_TARGET} first measured at iteration {reached_at} ({reached_s / 60:.1f} min)")
-    print(f"  per class: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics["per_category"].items() if v is not None))
+    if reached:
+        print(f"  AP50 >= {AP50_TARGET} first measured at iteration {reached['iteration']}, "
+              f"{reached['seconds'] / 60:.1f} min into training ({reached['train_seconds'] / 60:.1f} min without "
+              f"the evaluations)")
+    print("  per class: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics["per_category"].items() if v is not None))
     print(f"  results in {output}/: detections.png, loss_curve.png, demo_metrics.json, final.pt")
     return 0
