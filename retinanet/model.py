@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .anchors import AnchorGenerator
-from .backbone import FPN, ResNet
+from .backbone import FPN, ResNet, make_norm
 from .boxes import decode, encode, paired_iou
 from .config import Config, LossConfig
 from .losses import (fl_star_loss, giou_loss, iou_balanced_weights, ohem_select, sigmoid_focal_loss,
@@ -31,7 +31,7 @@ class Subnet(nn.Module):
         for i in range(num_convs):
             layers.append(nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1))
             if norm == "gn":
-                layers.append(nn.GroupNorm(32, channels))
+                layers.append(make_norm("gn", channels))  # 32 groups, fewer when channels is not a multiple
             elif norm != "none":
                 raise ValueError(f"head_norm must be 'none' or 'gn', got '{norm}'")
             layers.append(nn.ReLU(inplace=True))

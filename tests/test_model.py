@@ -155,3 +155,11 @@ def test_training_lowers_the_loss():
         history.append(total.item())
     assert all(math.isfinite(h) for h in history)
     assert history[-1] < 0.8 * history[0]
+
+
+def test_group_norm_heads_with_few_channels():
+    # 16 channels cannot take GroupNorm's usual 32 groups: the heads use the largest divisor <= 32
+    model = build_model(tiny_config(head_norm="gn"))
+    norms = [m for m in model.head.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == 16 for m in norms)
+    assert build_model(tiny_config(head_norm="gn", head_channels=64)).head.cls_subnet.tower[1].num_groups == 32
