@@ -1,9 +1,10 @@
 """Training step time and peak memory: batch 2, 512x512, SGD, same weights for every configuration.
 
-Each configuration runs in its own process (so its peak RSS is its own), several times, in rounds
-A B C A B C ...; a step is forward, loss, backward and the optimizer step.
+Step times are measured with every configuration in one process, steps interleaved A B C A B C
+(a load change on the shared machine hits all alike); peak memory is measured with each
+configuration alone in a fresh process (so its peak RSS is its own):
 
-    python benchmarks/bench_train.py --worker "ours fp32" --weights W.pt --steps 3   (one process)
+    python benchmarks/bench_train.py --worker "ours fp32" --weights W.pt   (one configuration, one process)
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -23,7 +23,8 @@ import torch
 from common import (
     ROOT,
     calibrated_model,
-    synchronize,
+    print_table,
+    time_interleaved,
     torchvision_layout_config,
     torchvision_module,
     torchvision_retinanet,
@@ -59,13 +60,13 @@ def batch(device: str, seed: int = 0) -> tuple:
     return images, targets
 
 
-def worker(name: str, weights: str, steps: int, warmup: int, device: str) -> dict:
-    """Run `warmup` + `steps` training steps of one configuration; step times and peak memory."""
-    cfg = torchvision_layout_config(min_size=SIZE, max_size=SIZE)
+def make_step(name: str, state: dict, device: str):
+    """A closure running one training step of configuration `name` (forward with the losses,
+    backward, SGD step) and the list it appends each step's total loss to."""
     from retinanet.model import build_model
 
-    model = build_model(cfg)
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model = build_model(torchvision_layout_config(min_size=SIZE, max_size=SIZE))
+    model.load_state_dict(state)
     if name.startswith("torchvision"):
         model = torchvision_retinanet(model)
     model = model.to(device).train()
@@ -78,77 +79,87 @@ def worker(name: str, weights: str, steps: int, warmup: int, device: str) -> dic
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
     scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
     images, targets = batch(device)
-    times, losses = [], []
-    for i in range(warmup + steps):
-        synchronize(device)
-        start = time.perf_counter()
+    losses = []
+
+    def step():
         with torch.autocast(device_type=torch.device(device).type, dtype=dtype or torch.float32,
                             enabled=dtype is not None):
-            loss_dict = model(images, targets)
-        loss = sum(loss_dict.values())
+            loss = sum(model(images, targets).values())
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-        losses.append(float(loss))
-    out = {"times": times, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-           "losses": losses}
+        losses.append(float(loss.detach()))
+
+    return step, losses
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (VmHWM; unlike getrusage's ru_maxrss, it is not
+    inherited from the parent that started this process)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: best effort
+
+
+def worker(name: str, weights: str, steps: int, device: str) -> dict:
+    """One configuration alone in this process: one warm-up step, `steps` more; peak memory."""
+    step, losses = make_step(name, torch.load(weights, map_location="cpu", weights_only=True), device)
+    for _ in range(1 + steps):
+        step()
+    out = {"peak_rss": peak_rss_bytes(), "losses": losses}
     if device.startswith("cuda"):
         out["peak_cuda"] = torch.cuda.max_memory_allocated()
     return out
 
 
 def run_train(args) -> None:
-    print(f"\n== training step, batch {BATCH}, {SIZE}x{SIZE}, SGD; each configuration in its own process")
+    print(f"\n== training step, batch {BATCH}, {SIZE}x{SIZE}, SGD (momentum 0.9): forward, losses, backward, step")
     names = configurations(args.dtypes, args.compile)
-    rounds, steps = (1, 2) if args.quick else (3, 3)
+    state = calibrated_model(torchvision_layout_config(min_size=SIZE, max_size=SIZE)).state_dict()
+    # Time: every configuration in this process, steps interleaved A B C A B C ...
+    steps = {}
+    for name in names:
+        steps[name], _ = make_step(name, state, args.device)
+    times = time_interleaved(steps, repeats=args.repeats, warmup=args.warmup, device=args.device)
+    del steps
+    # Memory: each configuration alone in a fresh process.
+    memory = {}
     with tempfile.TemporaryDirectory() as tmp:
         weights = str(Path(tmp) / "weights.pt")
-        torch.save(calibrated_model(torchvision_layout_config(min_size=SIZE, max_size=SIZE)).state_dict(), weights)
-        results = {n: {"times": [], "peak_rss": 0, "peak_cuda": 0, "losses": []} for n in names}
-        for _ in range(rounds):
-            for name in names:
-                cmd = [sys.executable, str(Path(__file__)), "--worker", name, "--weights", weights,
-                       "--steps", str(steps), "--warmup", "1", "--device", args.device]
-                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-                if proc.returncode != 0:
-                    print(f"  {name}: failed\n{proc.stderr[-2000:]}")
-                    continue
-                r = json.loads(proc.stdout.strip().splitlines()[-1])
-                results[name]["times"] += r["times"]
-                results[name]["losses"] = r["losses"]
-                results[name]["peak_rss"] = max(results[name]["peak_rss"], r["peak_rss"])
-                results[name]["peak_cuda"] = max(results[name]["peak_cuda"], r.get("peak_cuda", 0))
-    base = statistics.median(results[names[0]]["times"])
-    print(f"  {'configuration':<40} {'median ms':>10} {'range ms':>13} {'speed-up':>9} {'peak RSS':>10}"
-          + ("   peak CUDA" if args.device.startswith("cuda") else "") + "   first/last loss")
+        torch.save(state, weights)
+        for name in names:
+            cmd = [sys.executable, str(Path(__file__)), "--worker", name, "--weights", weights, "--steps", "1",
+                   "--device", args.device]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            if proc.returncode != 0:
+                print(f"  {name}: the memory run failed\n{proc.stderr[-2000:]}")
+                continue
+            memory[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    print_table("", list(times.items()), baseline=names[0])
+    print(f"  {'peak memory, one configuration per process':<46} {'peak RSS':>10}"
+          + (f" {'peak CUDA':>10}" if args.device.startswith("cuda") else "") + "   loss at steps 1, 2")
     for name in names:
-        t = results[name]["times"]
-        if not t:
+        if name not in memory:
             continue
-        med = statistics.median(t)
-        line = (f"  {name:<40} {1000 * med:>10.0f} {1000 * min(t):>6.0f}-{1000 * max(t):<6.0f} {base / med:>8.2f}x "
-                f"{results[name]['peak_rss'] / 2 ** 30:>8.2f} GiB")
+        m = memory[name]
+        line = f"  {name:<46} {m['peak_rss'] / 2 ** 30:>6.2f} GiB"
         if args.device.startswith("cuda"):
-            line += f" {results[name]['peak_cuda'] / 2 ** 30:>8.2f} GiB"
-        losses = results[name]["losses"]
-        line += f"   {losses[0]:.3f} / {losses[-1]:.3f}"
-        print(line)
-    print(f"  images/s of the fastest: {BATCH / min(statistics.median(r['times']) for r in results.values() if r['times']):.2f}")
+            line += f" {m['peak_cuda'] / 2 ** 30:>6.2f} GiB"
+        print(line + "   " + ", ".join(f"{v:.4f}" for v in m["losses"]))
+    best = min(statistics.median(t) for t in times.values())
+    print(f"  fastest: {BATCH / best:.2f} images/s")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", required=True, help="configuration name to run in this process")
     parser.add_argument("--weights", required=True, help="state dict of our model (torchvision's is converted)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--steps", type=int, default=1, help="steps after the warm-up step")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
-    print(json.dumps(worker(args.worker, args.weights, args.steps, args.warmup, args.device)))
+    print(json.dumps(worker(args.worker, args.weights, args.steps, args.device)))
 
 
 if __name__ == "__main__":

@@ -137,3 +137,12 @@ def test_frozen_bn_is_one_affine_map_and_keeps_channels_last():
     y = bn(x)
     assert torch.allclose(y, expected, atol=1e-6)
     assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_compile_network_leaves_the_model_eager_without_a_compiler(monkeypatch):
+    import retinanet.optimize as optimize
+
+    monkeypatch.setattr(optimize, "compiler_works", lambda device_type: False)
+    model = _model()
+    assert optimize.compile_network(model) is False
+    assert model.backbone._compiled_call_impl is None  # nn.Module.compile() was not called
