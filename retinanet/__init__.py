@@ -7,10 +7,11 @@ The names below are imported on first use (PEP 562), so commands that never touc
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["Config", "RetinaNet", "build_model", "load_config", "__version__"]
+__all__ = ["Config", "Detections", "Predictor", "RetinaNet", "build_model", "load_config", "__version__"]
 
 # public name -> submodule that defines it
-_LAZY = {"Config": "config", "load_config": "config", "RetinaNet": "model", "build_model": "model"}
+_LAZY = {"Config": "config", "load_config": "config", "RetinaNet": "model", "build_model": "model",
+         "Predictor": "predict", "Detections": "predict"}
 
 
 def __getattr__(name):

@@ -46,7 +46,8 @@ class FrozenBatchNorm2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         scale, shift = self.scale_shift()
-        return x * scale.to(x.dtype).reshape(1, -1, 1, 1) + shift.to(x.dtype).reshape(1, -1, 1, 1)
+        # One pass over x (x * scale + shift would take two), in x's dtype and memory format.
+        return torch.addcmul(shift.to(x.dtype).reshape(1, -1, 1, 1), x, scale.to(x.dtype).reshape(1, -1, 1, 1))
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -120,9 +121,11 @@ class ResNet(nn.Module):
         width: stem channels (64 for the standard nets; smaller gives a tiny ResNet for tests/demo).
         norm: "frozen_bn", "bn" or "gn".
         frozen_stages: 0 trains everything; 1 freezes the stem; k >= 2 also freezes layer1..layer{k-1}.
+        norm_eps: the BatchNorm eps (1e-5; torchvision's COCO detection weights were trained with 0).
     """
 
-    def __init__(self, name: str = "resnet50", width: int = 64, norm: str = "frozen_bn", frozen_stages: int = 2):
+    def __init__(self, name: str = "resnet50", width: int = 64, norm: str = "frozen_bn", frozen_stages: int = 2,
+                 norm_eps: float = 1e-5):
         super().__init__()
         if name not in RESNETS:
             raise ValueError(f"unknown backbone '{name}' (expected one of {', '.join(RESNETS)})")
@@ -144,6 +147,8 @@ class ResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d)):
+                m.eps = norm_eps
         self.frozen_stages = frozen_stages
         for stage in [self.conv1, self.bn1, self.layer1, self.layer2, self.layer3, self.layer4][: self._frozen_modules()]:
             for p in stage.parameters():

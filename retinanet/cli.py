@@ -12,10 +12,15 @@ import sys
 # name -> module; the module's register() gives the help text and flags.
 COMMANDS = {
     "smoke": "retinanet.commands.smoke",
-    "check-data": "retinanet.commands.check_data",
     "train": "retinanet.commands.train",
     "demo": "retinanet.commands.demo",
     "eval": "retinanet.commands.eval",
+    "predict": "retinanet.commands.predict",
+    "export": "retinanet.commands.export",
+    "convert": "retinanet.commands.convert",
+    "check-data": "retinanet.commands.check_data",
+    "ablate": "retinanet.commands.ablate",
+    "analyze": "retinanet.commands.analyze",
 }
 
 

@@ -28,6 +28,7 @@ class ModelConfig:
     backbone: str = "resnet50"
     backbone_width: int = 64  # channels of the stem; 64 is the standard ResNet, smaller for tiny models
     backbone_norm: str = "frozen_bn"  # frozen_bn (pretrained) | bn | gn
+    backbone_norm_eps: float = 1e-5  # BatchNorm eps; torchvision's COCO RetinaNet weights need 0.0
     frozen_stages: int = 2  # 0: none, 1: stem, 2: stem + layer1 (paper/Detectron default), ... 5: all
     backbone_weights: Optional[str] = None  # a torchvision ImageNet ResNet state dict file
     # FPN (sec. 4, "Feature Pyramid Network Backbone")
@@ -160,6 +161,28 @@ class LossConfig:
 
 
 @dataclass
+class DataConfig:
+    """Training and validation data: COCO-format files, training resize and flip, batching and loading."""
+
+    train_json: Optional[str] = None  # COCO instances JSON
+    train_images: Optional[str] = None  # folder that the JSON's file_name entries are relative to
+    val_json: Optional[str] = None
+    val_images: Optional[str] = None
+    # Training resize: the shorter side per image (the paper trains and tests at one scale, 400-800 px,
+    # Table 1e; its best model adds scale jitter, Table 3).
+    # Empty: the model's min_size, so training and test images have the same scale.
+    train_sizes: list = field(default_factory=list)
+    train_size_sampling: str = "choice"  # choice: any of train_sizes | range: an int in [train_sizes[0], train_sizes[1]]
+    train_max_size: Optional[int] = None  # the longer side at most; None: the model's max_size
+    flip_prob: float = 0.5  # horizontal flip, the paper's only augmentation (sec. 4.1)
+    batch_size: int = 16  # images per iteration, all processes together (sec. 4.1: 16)
+    num_workers: int = 2  # DataLoader worker processes per training process; 0 loads in the main process
+    aspect_grouping: bool = True  # batch landscape (w >= h) and portrait images apart: less padding
+    strict: bool = False  # boxes with width or height <= 0 are errors, not dropped with a warning
+    check_images: str = "header"  # before training: exists | header (size, EXIF orientation) | decode (every pixel)
+
+
+@dataclass
 class TrainConfig:
     """The optimizer, learning-rate schedule, precision, checkpoints and logging of `retinanet train`.
 
@@ -194,28 +217,6 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest periodic checkpoints kept, so a broken last one has a good predecessor
     eval_every: int = 0  # iterations between COCO evaluations on the validation set; 0: only at the end
     log_every: int = 20  # iterations between lines in metrics.jsonl
-
-
-@dataclass
-class DataConfig:
-    """Training and validation data: COCO-format files, training resize and flip, batching and loading."""
-
-    train_json: Optional[str] = None  # COCO instances JSON
-    train_images: Optional[str] = None  # folder that the JSON's file_name entries are relative to
-    val_json: Optional[str] = None
-    val_images: Optional[str] = None
-    # Training resize: the shorter side per image (the paper trains and tests at one scale, 400-800 px,
-    # Table 1e; its best model adds scale jitter, Table 3).
-    # Empty: the model's min_size, so training and test images have the same scale.
-    train_sizes: list = field(default_factory=list)
-    train_size_sampling: str = "choice"  # choice: any of train_sizes | range: an int in [train_sizes[0], train_sizes[1]]
-    train_max_size: Optional[int] = None  # the longer side at most; None: the model's max_size
-    flip_prob: float = 0.5  # horizontal flip, the paper's only augmentation (sec. 4.1)
-    batch_size: int = 16  # images per iteration, all processes together (sec. 4.1: 16)
-    num_workers: int = 2  # DataLoader worker processes per training process; 0 loads in the main process
-    aspect_grouping: bool = True  # batch landscape (w >= h) and portrait images apart: less padding
-    strict: bool = False  # boxes with width or height <= 0 are errors, not dropped with a warning
-    check_images: str = "header"  # before training: exists | header (size, EXIF orientation) | decode (every pixel)
 
 
 @dataclass

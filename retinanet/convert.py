@@ -1,7 +1,9 @@
-"""Use the weights people already have: torchvision ImageNet ResNets (and, later, its RetinaNet)."""
+"""Use the weights people already have: torchvision ImageNet ResNets and its COCO RetinaNet."""
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 import torch
@@ -45,3 +47,183 @@ def load_backbone_weights(backbone: nn.Module, path: str, verbose: bool = True) 
               f"{len(missing)} missing{': ' + ', '.join(missing[:10]) if missing else ''}, "
               f"{len(unexpected)} unexpected{': ' + ', '.join(unexpected[:10]) if unexpected else ''}")
     return missing, unexpected
+
+
+# ----------------------------------------------------------------------------------------------
+# torchvision's retinanet_resnet50_fpn (v1) -> a checkpoint of ours
+#
+# Key mapping (ours <- torchvision; torchvision's current names, with the older names it still loads):
+#   backbone.{...}                  <- backbone.body.{...}                           (ResNet; num_batches_tracked dropped)
+#   fpn.lateral.{i}.{w,b}           <- backbone.fpn.inner_blocks.{i}.0.{w,b}         (older: inner_blocks.{i}.{w,b})
+#   fpn.output.{i}.{w,b}            <- backbone.fpn.layer_blocks.{i}.0.{w,b}         (older: layer_blocks.{i}.{w,b})
+#   fpn.extra.0 / fpn.extra.1       <- backbone.fpn.extra_blocks.p6 / .p7
+#   head.cls_subnet.tower.{2j}      <- head.classification_head.conv.{j}.0           (older: conv.{2j}), j = 0..3
+#   head.cls_subnet.predictor       <- head.classification_head.cls_logits
+#   head.box_subnet.tower.{2j}      <- head.regression_head.conv.{j}.0               (older: conv.{2j})
+#   head.box_subnet.predictor       <- head.regression_head.bbox_reg
+# No tensor is permuted: both models order a location's A = 9 anchors ratio-major (anchor_style
+# "torchvision") and lay the head's channels out as anchor * K + class (boxes: anchor * 4 + coord).
+
+# torchvision's 91 COCO label slots: label i is COCO category id i; "__background__" (0) and "N/A"
+# are ids that COCO never used. They are kept (the head has outputs for them) and marked
+# placeholder, so that `Predictor` leaves them out unless asked for.
+TORCHVISION_COCO_NAMES = [
+    "__background__", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "N/A", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse",
+    "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "N/A", "backpack", "umbrella", "N/A", "N/A", "handbag",
+    "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
+    "skateboard", "surfboard", "tennis racket", "bottle", "N/A", "wine glass", "cup", "fork", "knife", "spoon",
+    "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake",
+    "chair", "couch", "potted plant", "bed", "N/A", "dining table", "N/A", "N/A", "toilet", "N/A", "tv", "laptop",
+    "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "N/A",
+    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+]
+PLACEHOLDER_NAMES = ("__background__", "N/A")
+
+
+def torchvision_retinanet_config(num_classes: int = 91, bn_eps: float = 0.0):
+    """The config under which our RetinaNet computes what torchvision's retinanet_resnet50_fpn computes.
+
+    bn_eps: 0.0 for torchvision's COCO weights (it sets FrozenBatchNorm eps to 0 when it loads
+    them); 1e-5 for a model torchvision built without them (weights=None).
+    """
+    from .config import Config
+
+    cfg = Config()
+    m = cfg.model
+    m.num_classes = num_classes
+    m.backbone, m.backbone_width, m.backbone_norm, m.backbone_norm_eps = "resnet50", 64, "frozen_bn", bn_eps
+    m.frozen_stages = 2  # trainable_backbone_layers=3: conv1 and layer1 frozen
+    m.min_level, m.max_level, m.fpn_channels, m.p6_from = 3, 7, 256, "p5"  # LastLevelP6P7(256, 256): P6 from P5
+    m.anchor_sizes = [32.0, 64.0, 128.0, 256.0, 512.0]  # x, int(x * 2^(1/3)), int(x * 2^(2/3))
+    m.anchor_scales = [1.0, 2 ** (1.0 / 3), 2 ** (2.0 / 3)]
+    m.anchor_ratios = [0.5, 1.0, 2.0]
+    m.anchor_offset, m.anchor_style = 0.0, "torchvision"
+    m.head_convs, m.head_channels, m.head_norm = 4, 256, "none"
+    m.box_weights, m.box_clamp = [1.0, 1.0, 1.0, 1.0], math.log(1000.0 / 16)
+    m.score_thresh, m.topk_candidates, m.nms_thresh, m.detections_per_image = 0.05, 1000, 0.5, 300
+    m.class_agnostic_nms = False
+    m.min_size, m.max_size, m.resize_rounding, m.size_divisibility = 800, 1333, "floor", 32
+    m.pixel_mean, m.pixel_std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    return cfg
+
+
+def torchvision_categories(num_classes: int) -> list:
+    """Label i -> {"id": i, "name": ...}; placeholder slots carry "placeholder": True.
+
+    91 classes: torchvision's COCO names. Otherwise torchvision's convention that label 0 is the
+    background, and "class_i" for the rest.
+    """
+    if num_classes == len(TORCHVISION_COCO_NAMES):
+        names = TORCHVISION_COCO_NAMES
+    else:
+        names = ["__background__"] + [f"class_{i}" for i in range(1, num_classes)]
+    return [{"id": i, "name": n, **({"placeholder": True} if n in PLACEHOLDER_NAMES else {})} for i, n in enumerate(names)]
+
+
+_HEADS = {"cls_subnet": "classification_head", "box_subnet": "regression_head"}
+
+
+def _tower_conv(match) -> str:
+    """Our tower (conv, ReLU, conv, ReLU, ...) layer 2j -> torchvision's conv block j."""
+    i = int(match[2])
+    if i % 2:
+        raise ValueError(f"tower layer {i} is not a convolution (head_norm must be 'none' for torchvision's layout)")
+    return f"head.{_HEADS[match[1]]}.conv.{i // 2}.0.{match[3]}"
+
+_OURS_TO_TORCHVISION = [
+    (r"backbone\.(.+)", lambda m: f"backbone.body.{m[1]}"),
+    (r"fpn\.lateral\.(\d+)\.(weight|bias)", lambda m: f"backbone.fpn.inner_blocks.{m[1]}.0.{m[2]}"),
+    (r"fpn\.output\.(\d+)\.(weight|bias)", lambda m: f"backbone.fpn.layer_blocks.{m[1]}.0.{m[2]}"),
+    (r"fpn\.extra\.([01])\.(weight|bias)", lambda m: f"backbone.fpn.extra_blocks.p{int(m[1]) + 6}.{m[2]}"),
+    (r"head\.(cls_subnet|box_subnet)\.tower\.(\d+)\.(weight|bias)", _tower_conv),
+    (r"head\.cls_subnet\.predictor\.(weight|bias)", lambda m: f"head.classification_head.cls_logits.{m[1]}"),
+    (r"head\.box_subnet\.predictor\.(weight|bias)", lambda m: f"head.regression_head.bbox_reg.{m[1]}"),
+]
+
+
+def torchvision_name(key: str) -> str:
+    """Our state-dict key -> torchvision's (current layout) key for the same tensor."""
+    for pattern, rename in _OURS_TO_TORCHVISION:
+        m = re.fullmatch(pattern, key)
+        if m:
+            return rename(m)
+    raise ValueError(f"'{key}' has no counterpart in torchvision's retinanet_resnet50_fpn")
+
+
+def normalize_torchvision_keys(state: dict) -> dict:
+    """torchvision's older key layout -> its current one, as its own `_load_from_state_dict` does.
+
+    Drops `num_batches_tracked` (BatchNorm2d counters; FrozenBatchNorm has none) and a DDP
+    `module.` prefix.
+    """
+    out = {}
+    for key, value in state.items():
+        if key.startswith("module."):
+            key = key[len("module."):]
+        if key.endswith("num_batches_tracked"):
+            continue
+        key = re.sub(r"^(backbone\.fpn\.(?:inner|layer)_blocks\.\d+)\.(weight|bias)$", r"\1.0.\2", key)
+        m = re.fullmatch(r"(head\.(?:classification|regression)_head\.conv)\.(\d+)\.(weight|bias)", key)
+        if m and int(m[2]) % 2 == 0:  # v1 head: Sequential(conv, relu, conv, relu, ...)
+            key = f"{m[1]}.{int(m[2]) // 2}.0.{m[3]}"
+        out[key] = value
+    return out
+
+
+def to_torchvision_state_dict(state: dict) -> dict:
+    """Our RetinaNet state dict (torchvision config) -> torchvision's key names. Inverse of `from_torchvision_state_dict`."""
+    return {torchvision_name(k): v for k, v in state.items()}
+
+
+def from_torchvision_state_dict(state: dict, reference: dict) -> dict:
+    """torchvision retinanet_resnet50_fpn state dict -> ours, checked key by key and shape by shape.
+
+    reference: our model's state dict (gives the expected keys and shapes). Every tensor must find
+    its place and every place must be filled; the errors list what did not.
+    """
+    tv = normalize_torchvision_keys(state)
+    ours_of = {torchvision_name(k): k for k in reference}
+    unexpected = sorted(k for k in tv if k not in ours_of)
+    missing = sorted(k for k in ours_of if k not in tv)
+    if unexpected or missing:
+        raise ValueError("not a torchvision retinanet_resnet50_fpn state dict: "
+                         + (f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:5])}) " if unexpected else "")
+                         + (f"{len(missing)} missing keys ({', '.join(missing[:5])})" if missing else ""))
+    out = {}
+    for tv_key, ours in ours_of.items():
+        value = tv[tv_key]
+        if tuple(value.shape) != tuple(reference[ours].shape):
+            raise ValueError(f"'{tv_key}' has shape {tuple(value.shape)}, expected {tuple(reference[ours].shape)} for '{ours}'")
+        out[ours] = value.to(reference[ours].dtype)
+    return out
+
+
+def convert_torchvision_retinanet(src: str, dst: str, bn_eps: float = 0.0) -> dict:
+    """Read torchvision's retinanet_resnet50_fpn weights from `src`, write a checkpoint of ours to `dst`.
+
+    The class count comes from the classification layer (91 for torchvision's COCO model).
+    Returns the checkpoint written.
+    """
+    from .checkpoint import make_checkpoint, save_atomic
+    from .model import build_model
+
+    state = normalize_torchvision_keys(read_state_dict(src))
+    cls_bias = state.get("head.classification_head.cls_logits.bias")
+    if cls_bias is None:
+        raise ValueError(f"{src}: no 'head.classification_head.cls_logits.bias'; "
+                         "is this torchvision's retinanet_resnet50_fpn (v1)?")
+    anchors_per_location = 9
+    if cls_bias.numel() % anchors_per_location:
+        raise ValueError(f"{src}: {cls_bias.numel()} classification outputs is not a multiple of {anchors_per_location} anchors")
+    num_classes = cls_bias.numel() // anchors_per_location
+    cfg = torchvision_retinanet_config(num_classes=num_classes, bn_eps=bn_eps)
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(from_torchvision_state_dict(state, model.state_dict()))
+    except ValueError as e:
+        raise ValueError(f"{src}: {e}") from None
+    ckpt = make_checkpoint(model, cfg, torchvision_categories(num_classes),
+                           converted_from=f"torchvision retinanet_resnet50_fpn: {Path(src).name}")
+    save_atomic(ckpt, dst)
+    return ckpt

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .anchors import AnchorGenerator
-from .backbone import FPN, ResNet
+from .backbone import FPN, ResNet, make_norm
 from .boxes import decode, encode, paired_iou
 from .config import Config, LossConfig
 from .losses import (fl_star_loss, giou_loss, iou_balanced_weights, ohem_select, sigmoid_focal_loss,
@@ -31,7 +31,7 @@ class Subnet(nn.Module):
         for i in range(num_convs):
             layers.append(nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1))
             if norm == "gn":
-                layers.append(nn.GroupNorm(32, channels))
+                layers.append(make_norm("gn", channels))  # 32 groups, fewer when channels is not a multiple
             elif norm != "none":
                 raise ValueError(f"head_norm must be 'none' or 'gn', got '{norm}'")
             layers.append(nn.ReLU(inplace=True))
@@ -82,9 +82,14 @@ class RetinaNetHead(nn.Module):
 
 
 def resized_size(height: int, width: int, min_size: int, max_size: int, rounding: str = "round") -> tuple:
-    """Shorter side to `min_size`, unless the longer side would pass `max_size` (then that is capped)."""
+    """Shorter side to `min_size`, unless the longer side would pass `max_size` (then that is capped).
+
+    rounding "floor" is torchvision's GeneralizedRCNNTransform (checked against torchvision 0.29):
+    the scale in float64, then interpolate(scale_factor=..., recompute_scale_factor=True) floors
+    size * scale. E.g. 375 x 500 -> 800 x 1066 (rounding gives 800 x 1067).
+    """
     scale = min(min_size / min(height, width), max_size / max(height, width))
-    if rounding == "floor":  # torchvision: interpolate(scale_factor=..., recompute_scale_factor=True)
+    if rounding == "floor":
         return int(math.floor(height * scale)), int(math.floor(width * scale))
     return int(round(height * scale)), int(round(width * scale))
 
@@ -391,7 +396,8 @@ class RetinaNet(nn.Module):
 def build_model(config: Config) -> RetinaNet:
     """The one place that reads the config to build a RetinaNet."""
     m = config.model
-    backbone = ResNet(m.backbone, width=m.backbone_width, norm=m.backbone_norm, frozen_stages=m.frozen_stages)
+    backbone = ResNet(m.backbone, width=m.backbone_width, norm=m.backbone_norm, frozen_stages=m.frozen_stages,
+                      norm_eps=m.backbone_norm_eps)
     if m.backbone_weights:
         from .convert import load_backbone_weights
 

@@ -20,15 +20,27 @@ from .boxes import box_iou
 
 @functools.lru_cache(maxsize=1)
 def torchvision_batched_nms():
-    """torchvision.ops.batched_nms if torchvision imports and its kernel runs, else None."""
-    try:
-        import torchvision  # noqa: F401
-        from torchvision.ops import batched_nms
+    """Batched NMS on torchvision's kernel if torchvision imports and its kernel runs, else None.
 
-        batched_nms(torch.zeros(1, 4), torch.zeros(1), torch.zeros(1, dtype=torch.int64), 0.5)
-        return batched_nms
+    One kernel call for all groups (torchvision.ops.batched_nms loops over the groups in Python
+    above 1000 boxes on CPU): each group's boxes are shifted by group * (extent + 1), so boxes of
+    different groups never overlap; in float64 the shifted coordinates stay exact to ~1e-9 pixels.
+    """
+    try:
+        from torchvision.ops import nms
+
+        nms(torch.zeros(1, 4), torch.zeros(1), 0.5)
     except Exception:  # not installed, or its compiled ops do not load with this torch build
         return None
+
+    def grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, threshold: float) -> Tensor:
+        if boxes.numel() == 0:
+            return torch.zeros(0, dtype=torch.int64, device=boxes.device)
+        boxes = boxes.double()
+        offsets = groups.double() * (boxes.max() - boxes.min() + 1)  # (N,)
+        return nms(boxes + offsets[:, None], scores.double(), threshold)
+
+    return grouped_nms
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, threshold: float, backend: str = "auto") -> Tensor:
@@ -42,7 +54,7 @@ def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, threshold: float,
     if backend != "native":
         tv = torchvision_batched_nms()
         if tv is not None:
-            return tv(boxes.float(), scores.float(), groups, threshold)
+            return tv(boxes, scores, groups, threshold)
         if backend == "torchvision":
             raise RuntimeError("torchvision NMS requested but torchvision is not importable")
     return native_batched_nms(boxes, scores, groups, threshold)

@@ -25,3 +25,17 @@ def tiny_config(num_classes: int = 3, **model_overrides) -> Config:
     for k, v in model_overrides.items():
         setattr(m, k, v)
     return cfg
+
+
+def train_steps(model, images, targets, steps: int, lr: float = 0.05) -> list:
+    """Plain SGD steps on a fixed batch; returns the total loss before each step."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
+    history = []
+    for _ in range(steps):
+        losses = model(images, targets)
+        total = sum(losses.values())
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        history.append(total.item())
+    return history

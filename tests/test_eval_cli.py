@@ -162,3 +162,38 @@ def test_atomic_write_keeps_the_old_file_on_error(tmp_path):
     with atomic_write(target, "w") as f:
         f.write("new")
     assert target.read_text() == "new"
+
+
+def test_eval_checkpoint_runs_the_model_over_a_dataset(tmp_path):
+    import torch
+
+    from conftest import tiny_config
+    from retinanet.checkpoint import load_model, make_checkpoint, save_atomic
+    from retinanet.data.coco import CocoDataset
+    from retinanet.data.synthetic import make_shapes_dataset
+    from retinanet.evaluate import detections_to_coco_results, evaluate_coco
+    from retinanet.model import build_model
+
+    paths = make_shapes_dataset(str(tmp_path / "shapes"), num_train=2, num_val=5, image_size=64, seed=1)
+    cfg = tiny_config(num_classes=4, score_thresh=0.0)
+    cats = [{"id": i + 1, "name": n} for i, n in enumerate(["rectangle", "ellipse", "triangle", "cross"])]
+    save_atomic(make_checkpoint(build_model(cfg), cfg, cats), str(tmp_path / "m.pt"))
+    out, saved = tmp_path / "metrics.json", tmp_path / "dt.json"
+    assert main(["eval", "--checkpoint", str(tmp_path / "m.pt"), "--json", str(paths.val_json), "--images",
+                 str(paths.val_images), "--save-results", str(saved), "--output", str(out), "--batch-size", "2",
+                 "--workers", "0"]) == 0
+    metrics = json.loads(out.read_text())
+    results = json.loads(saved.read_text())
+    # the same as running the model image by image and evaluating its results
+    model, _, _ = load_model(str(tmp_path / "m.pt"))
+    dataset = CocoDataset(paths.val_json, paths.val_images)
+    expected = []
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            image, target = dataset[i]
+            expected += detections_to_coco_results(model([image]), [target["image_id"]], [c["id"] for c in cats])
+    assert len(results) == len(expected) == 5 * 100
+    assert [r["image_id"] for r in results] == [r["image_id"] for r in expected]
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(results, expected)) < 1e-5
+    assert metrics["AP"] == pytest.approx(evaluate_coco(str(paths.val_json), results)["AP"], abs=1e-9)
+    assert main(["eval", "--checkpoint", str(tmp_path / "m.pt"), "--json", str(paths.val_json)]) == 1  # no --images

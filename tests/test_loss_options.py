@@ -14,7 +14,7 @@ from retinanet.matcher import BACKGROUND, FOREGROUND, IGNORE
 from retinanet.model import RetinaNetHead, build_model
 from retinanet.postprocess import postprocess
 
-from conftest import tiny_config
+from conftest import tiny_config, train_steps
 from test_model import _rect_image
 
 
@@ -378,14 +378,6 @@ def test_every_loss_option_trains_a_tiny_model(name):
     boxes = [torch.tensor([[8.0, 8, 48, 48], [50, 40, 90, 90]]), torch.tensor([[20.0, 10, 80, 40]])]
     images = [_rect_image(96, 96, b) for b in boxes]
     targets = [{"boxes": b, "labels": torch.arange(len(b))} for b in boxes]
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
-    history = []
-    for _ in range(10):
-        losses = model(images, targets)
-        total = losses["cls"] + losses["box"]
-        opt.zero_grad()
-        total.backward()
-        opt.step()
-        history.append(total.item())
+    history = train_steps(model, images, targets, steps=10)
     assert all(math.isfinite(h) for h in history), history
     assert history[-1] < 0.98 * history[0], history

@@ -8,7 +8,7 @@ from retinanet.matcher import FOREGROUND, IGNORE
 from retinanet.model import build_model, resized_size
 from retinanet.nms import reference_nms
 
-from conftest import tiny_config
+from conftest import tiny_config, train_steps
 
 
 def _rect_image(h, w, boxes):
@@ -144,14 +144,14 @@ def test_training_lowers_the_loss():
     boxes = [torch.tensor([[16.0, 16, 64, 64], [80, 70, 120, 120]]), torch.tensor([[40.0, 20, 100, 50]])]
     images = [_rect_image(128, 128, b) for b in boxes]
     targets = [{"boxes": b, "labels": torch.arange(len(b))} for b in boxes]
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
-    history = []
-    for _ in range(20):
-        losses = model(images, targets)
-        total = losses["cls"] + losses["box"]
-        opt.zero_grad()
-        total.backward()
-        opt.step()
-        history.append(total.item())
+    history = train_steps(model, images, targets, steps=20)
     assert all(math.isfinite(h) for h in history)
     assert history[-1] < 0.8 * history[0]
+
+
+def test_group_norm_heads_with_few_channels():
+    # 16 channels cannot take GroupNorm's usual 32 groups: the heads use the largest divisor <= 32
+    model = build_model(tiny_config(head_norm="gn"))
+    norms = [m for m in model.head.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == 16 for m in norms)
+    assert build_model(tiny_config(head_norm="gn", head_channels=64)).head.cls_subnet.tower[1].num_groups == 32

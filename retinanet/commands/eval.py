@@ -1,7 +1,9 @@
-"""`retinanet eval`: COCO bbox metrics of a results file against a ground truth file (no model).
+"""`retinanet eval`: COCO bbox metrics of a results file against a ground truth file, or of a model on a dataset.
 
     retinanet eval --gt instances_val2017.json --results detections.json \
         [--output metrics.json] [--backend hotcoco|faster-coco-eval|pycocotools] [--plots DIR]
+    retinanet eval --checkpoint model.pt --json instances_val2017.json --images val2017/ \
+        [--save-results detections.json] [--output metrics.json] [--batch-size 8] [--device cpu] [--bf16]
 
 Prints pycocotools' 12 summary lines, AP at IoU .60/.70/.80/.90 and a per-category AP table;
 --output writes them as JSON (keys: AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl,
@@ -23,9 +25,17 @@ def register(sub) -> None:
 
     p = sub.add_parser("eval", help="COCO bbox metrics of a results file against ground truth",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--gt", required=True, metavar="GT.json", help="COCO ground truth (images, annotations, categories)")
-    p.add_argument("--results", required=True, metavar="DT.json",
+    p.add_argument("--gt", metavar="GT.json", help="COCO ground truth (images, annotations, categories)")
+    p.add_argument("--results", metavar="DT.json",
                    help="COCO results: a JSON list of {image_id, category_id, bbox [x, y, w, h], score}")
+    p.add_argument("--checkpoint", metavar="C", help="instead of --results: run this model over --json/--images")
+    p.add_argument("--json", metavar="J", help="with --checkpoint: the dataset's COCO instances JSON (the ground truth)")
+    p.add_argument("--images", metavar="D", help="with --checkpoint: the dataset's image folder")
+    p.add_argument("--save-results", metavar="DT.json", help="with --checkpoint: also write the detections as COCO results")
+    p.add_argument("--batch-size", type=int, default=8, help="with --checkpoint: images per forward pass (default 8)")
+    p.add_argument("--workers", type=int, default=2, help="with --checkpoint: image-loading worker processes (default 2)")
+    p.add_argument("--device", default="auto", help="with --checkpoint: auto | cpu | cuda | cuda:N")
+    p.add_argument("--bf16", action="store_true", help="with --checkpoint: bfloat16 autocast for the network")
     p.add_argument("--output", metavar="metrics.json", help="write the metrics as JSON here")
     p.add_argument("--backend", default=DEFAULT_BACKEND, choices=list(BACKENDS),
                    help=f"COCOeval implementation (default {DEFAULT_BACKEND}; all give pycocotools' numbers)")
@@ -40,13 +50,60 @@ def run(args) -> int:
 
     if args.plots_per_category and not args.plots:
         raise ValueError("--plots-per-category needs --plots DIR")
+    if args.checkpoint:
+        if args.gt or args.results:
+            raise ValueError("give either --gt and --results, or --checkpoint with --json and --images")
+        if not (args.json and args.images):
+            raise ValueError("--checkpoint needs --json J and --images D")
+        gt, results, protect = args.json, run_model(args), [args.checkpoint]
+    else:
+        if not (args.gt and args.results):
+            raise ValueError("give --gt GT.json and --results DT.json (or --checkpoint with --json and --images)")
+        gt, results, protect = args.gt, args.results, []
     try:
-        report_results(args.gt, args.results, backend=args.backend, output=args.output, plots=args.plots,
-                       plots_per_category=args.plots_per_category)
+        report_results(gt, results, backend=args.backend, output=args.output, plots=args.plots,
+                       plots_per_category=args.plots_per_category, protect=protect)
     except BackendNotInstalled as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def run_model(args) -> list:
+    """COCO results of the checkpoint's model on every image of --json/--images (batched, progress bar)."""
+    import contextlib
+
+    import torch
+    from tqdm import tqdm
+
+    from ..checkpoint import load_model
+    from ..data.coco import CocoDataset
+    from ..data.loader import build_test_loader
+    from ..engine import resolve_device
+    from ..evaluate import detections_to_coco_results
+
+    device = resolve_device(args.device)
+    model, _, categories = load_model(args.checkpoint, device=str(device))
+    if args.save_results:
+        for source in (args.json, args.checkpoint):
+            if _same_file(Path(args.save_results), Path(source)):
+                raise ValueError(f"refusing to overwrite the input file {source} with --save-results")
+    dataset = CocoDataset(args.json, args.images, check_images="exists")
+    label_to_cat = [c["id"] for c in categories]
+    placeholders = {c["id"] for c in categories if c.get("placeholder")}  # e.g. torchvision's unused slots
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+    results = []
+    loader = build_test_loader(dataset, batch_size=args.batch_size, num_workers=args.workers)
+    with torch.inference_mode(), amp:
+        for images, targets in tqdm(loader, desc="eval", unit="batch", file=sys.stderr):
+            detections = model([image.to(device) for image in images])
+            results += detections_to_coco_results(detections, [t["image_id"] for t in targets], label_to_cat)
+    results = [r for r in results if r["category_id"] not in placeholders]
+    print(f"{len(results)} detections on {len(dataset)} images", file=sys.stderr)
+    if args.save_results:
+        _write_json_atomic(results, Path(args.save_results))
+        print(f"results written to {args.save_results}")
+    return results
 
 
 def report_results(gt: Union[str, Path, dict], results: Union[str, Path, list], *, backend: str,
@@ -97,7 +154,7 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
-def _write_json_atomic(obj: dict, path: Path) -> None:
+def _write_json_atomic(obj, path: Path) -> None:
     import json
 
     from ..atomic import atomic_write

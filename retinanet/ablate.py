@@ -1,0 +1,274 @@
+"""`retinanet ablate`: rerun the papers' ablations on any dataset.
+
+A sweep file (YAML) is a base config plus a list of settings, each a set of config overrides, and
+a seed list:
+
+    name: table1b_gamma
+    title: "Table 1b: varying gamma for FL (with its best alpha)"
+    profiles:                      # the base config per profile; `--profile` picks one
+      small: {base: demo, overrides: {train.iterations: 300}}
+      paper: {base: paper, overrides: {}}
+    seeds: [0, 1, 2]
+    metrics: [AP, AP50, AP75, APs, APm, APl]
+    settings:
+      - {name: "gamma=0, alpha=.75", overrides: {loss.gamma: 0, loss.alpha: 0.75}}
+      - ...
+
+`base: demo` is the demo's config (retinanet/configs/demo.yaml) on the generated shapes dataset;
+`base: paper` is the paper's RetinaNet-50 (the config defaults); any other value is a YAML path.
+Data paths come from the base or from `--data KEY=VALUE` overrides (data.train_json=...).
+
+Each (setting, seed) is one run in DIR/runs/<setting>-seed<k>/, with its checkpoints and a
+result.json. A run whose result.json says "ok" or "diverged" is skipped on restart; a "failed" run
+is tried again. DIR/results.md (the papers' layout: mean +- spread over seeds) and results.json are
+rewritten after every run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Optional
+
+from .config import ConfigError, apply_override, config_from_dict, read_yaml
+
+SWEEPS_DIR = Path(__file__).resolve().parent / "sweeps"
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+DEFAULT_METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+FINAL = ("ok", "diverged")
+
+
+def find_sweep(name_or_path: str) -> Path:
+    """A sweep by path, or by the name of a shipped sweep (retinanet/sweeps/NAME.yaml)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    shipped = SWEEPS_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(s.stem for s in SWEEPS_DIR.glob("*.yaml")))
+    raise FileNotFoundError(f"sweep not found: {name_or_path} (shipped sweeps: {names})")
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=+-]+", "_", text.replace("*", "star")).strip("_") or "setting"
+
+
+def _override_strings(overrides) -> list:
+    """{key: value} or ["key=value"] -> ["key=value"] with values written as YAML."""
+    if overrides is None:
+        return []
+    if isinstance(overrides, dict):
+        return [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
+    if isinstance(overrides, list) and all(isinstance(o, str) for o in overrides):
+        return list(overrides)
+    raise ConfigError(f"overrides must be a mapping or a list of key=value strings, got {overrides!r}")
+
+
+def base_config_dict(base: str, sweep_path: Path) -> dict:
+    if base == "demo":
+        return read_yaml(str(DEMO_CONFIG))
+    if base == "paper":
+        return {}
+    path = Path(base)
+    if not path.is_absolute():
+        path = sweep_path.parent / path
+    return read_yaml(str(path))
+
+
+def expand_sweep(sweep_path: str, profile: str = "small", extra_overrides: Optional[list] = None,
+                 seeds: Optional[list] = None) -> list:
+    """The runs of a sweep: [{"setting", "seed", "run_id", "config": Config}], in file order.
+
+    Every config is built (and so checked) here, before anything trains: a typo in the last
+    setting is an error at start-up, not after hours of training.
+    """
+    path = find_sweep(sweep_path)
+    sweep = read_yaml(str(path))
+    unknown = set(sweep) - {"name", "title", "profiles", "seeds", "metrics", "settings", "notes"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown sweep keys: {', '.join(sorted(unknown))}")
+    profiles = sweep.get("profiles") or {}
+    if profile not in profiles:
+        raise ConfigError(f"{path}: no profile '{profile}' (has: {', '.join(profiles) or 'none'})")
+    prof = profiles[profile]
+    base = base_config_dict(str(prof.get("base", "paper")), path)
+    for item in _override_strings(prof.get("overrides")):
+        apply_override(base, item)
+    for item in extra_overrides or []:
+        apply_override(base, item)
+    settings = sweep.get("settings") or []
+    if not settings:
+        raise ConfigError(f"{path}: no settings")
+    seeds = list(seeds if seeds is not None else sweep.get("seeds", [0]))
+    runs, seen = [], set()
+    for i, setting in enumerate(settings):
+        if not isinstance(setting, dict) or "name" not in setting:
+            raise ConfigError(f"{path}: setting {i} needs a name")
+        if slug(setting["name"]) in seen:
+            raise ConfigError(f"{path}: two settings are named '{setting['name']}'")
+        seen.add(slug(setting["name"]))
+        data = copy.deepcopy(base)
+        try:
+            for item in _override_strings(setting.get("overrides")):
+                apply_override(data, item)
+            for seed in seeds:
+                data_seed = copy.deepcopy(data)
+                apply_override(data_seed, f"train.seed={int(seed)}")
+                cfg = config_from_dict(data_seed)
+                runs.append({"setting": setting["name"], "seed": int(seed),
+                             "run_id": f"{slug(setting['name'])}-seed{int(seed)}", "config": cfg})
+        except ConfigError as e:
+            raise ConfigError(f"{path}: setting '{setting['name']}': {e}") from None
+    return runs
+
+
+def sweep_info(sweep_path: str) -> dict:
+    sweep = read_yaml(str(find_sweep(sweep_path)))
+    return {"name": sweep.get("name", Path(sweep_path).stem), "title": sweep.get("title", ""),
+            "metrics": list(sweep.get("metrics", DEFAULT_METRICS)), "notes": sweep.get("notes", "")}
+
+
+def _default_train(cfg, run_dir: str) -> dict:
+    """Train with the engine (resuming a run that was cut off) and return its validation metrics."""
+    from .engine import train
+
+    summary = train(cfg, run_dir, resume="auto", progress=False)
+    return summary.get("val") or {}
+
+
+def run_sweep(sweep_path: str, output: str, *, profile: str = "small", extra_overrides: Optional[list] = None,
+              seeds: Optional[list] = None, train_fn: Optional[Callable] = None,
+              prepare: Optional[Callable] = None, log=print) -> dict:
+    """Run every (setting, seed) of a sweep that has not finished; return the aggregated results.
+
+    train_fn(cfg, run_dir) -> metrics dict (default: the engine). A NonFiniteLossError marks the
+    run "diverged"; any other exception marks it "failed" with the error, and the sweep goes on.
+    prepare(cfg) may fill in data paths (the demo base generates the shapes dataset).
+    """
+    from .engine import NonFiniteLossError
+
+    runs = expand_sweep(sweep_path, profile, extra_overrides, seeds)
+    info = sweep_info(sweep_path)
+    out = Path(output)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    train_fn = train_fn or _default_train
+    for n, run in enumerate(runs, 1):
+        run_dir = out / "runs" / run["run_id"]
+        result_path = run_dir / "result.json"
+        previous = _read_result(result_path)
+        if previous and previous.get("status") in FINAL:
+            log(f"[{n}/{len(runs)}] {run['run_id']}: {previous['status']} (done before, skipped)")
+            continue
+        cfg = run["config"]
+        if prepare is not None:
+            prepare(cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log(f"[{n}/{len(runs)}] {run['run_id']}: training ...")
+        started = time.perf_counter()
+        record = {"setting": run["setting"], "seed": run["seed"], "run_id": run["run_id"]}
+        try:
+            metrics = train_fn(cfg, str(run_dir))
+            record.update(status="ok", metrics={k: v for k, v in metrics.items() if k != "per_category"})
+        except NonFiniteLossError as e:
+            record.update(status="diverged", error=str(e))
+        except Exception as e:  # recorded; the other runs go on
+            record.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=5))
+        record["seconds"] = round(time.perf_counter() - started, 1)
+        _write_json(result_path, record)
+        summary = record.get("metrics", {}).get("AP")
+        log(f"[{n}/{len(runs)}] {run['run_id']}: {record['status']}"
+            + (f", AP {summary:.3f}" if isinstance(summary, float) else "")
+            + (f" ({record['error'][:200]})" if "error" in record else "") + f", {record['seconds']:.0f} s")
+        write_results(out, runs, info)
+    return write_results(out, runs, info)
+
+
+def _read_result(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, obj) -> None:
+    from .atomic import atomic_write
+
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def aggregate(records: list, settings: list, metrics: list) -> list:
+    """Per setting (in sweep order): mean and spread (sample std; 0 for one seed) of each metric over
+    its finished runs, with counts of diverged and failed runs."""
+    rows = []
+    for name in settings:
+        mine = [r for r in records if r["setting"] == name]
+        ok = [r for r in mine if r.get("status") == "ok"]
+        row = {"setting": name, "runs": len(mine), "ok": len(ok),
+               "diverged": sum(r.get("status") == "diverged" for r in mine),
+               "failed": sum(r.get("status") == "failed" for r in mine),
+               "pending": sum(r.get("status") is None for r in mine), "mean": {}, "std": {}}
+        for m in metrics:
+            values = [r["metrics"][m] for r in ok if isinstance(r["metrics"].get(m), (int, float))]
+            if values:
+                mean = sum(values) / len(values)
+                row["mean"][m] = mean
+                row["std"][m] = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+                                 if len(values) > 1 else 0.0)
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list, metrics: list) -> str:
+    """A markdown table in the papers' layout, AP in points (x100): mean +- spread over seeds."""
+    head = "| setting | " + " | ".join(metrics) + " | runs |"
+    lines = [head, "|" + "---|" * (len(metrics) + 2)]
+    for row in rows:
+        cells = []
+        for m in metrics:
+            if m in row["mean"]:
+                spread = f" ± {100 * row['std'][m]:.1f}" if row["ok"] > 1 else ""
+                cells.append(f"{100 * row['mean'][m]:.1f}{spread}")
+            else:
+                cells.append("—")
+        status = f"{row['ok']}/{row['runs']} ok"
+        if row["diverged"]:
+            status += f", {row['diverged']} diverged"
+        if row["failed"]:
+            status += f", {row['failed']} failed"
+        if row["pending"]:
+            status += f", {row['pending']} pending"
+        lines.append(f"| {row['setting']} | " + " | ".join(cells) + f" | {status} |")
+    return "\n".join(lines)
+
+
+def write_results(out: Path, runs: list, info: dict) -> dict:
+    records = []
+    for run in runs:
+        rec = _read_result(out / "runs" / run["run_id"] / "result.json")
+        records.append(rec or {"setting": run["setting"], "seed": run["seed"], "run_id": run["run_id"], "status": None})
+    settings = list(dict.fromkeys(r["setting"] for r in runs))
+    rows = aggregate(records, settings, info["metrics"])
+    md = [f"# {info['title'] or info['name']}", "",
+          "AP in points (COCO AP x 100) on the validation set: mean ± sample standard deviation over seeds.", "",
+          format_table(rows, info["metrics"]), ""]
+    problems = [r for r in records if r.get("status") in ("diverged", "failed")]
+    if problems:
+        md += ["Runs that did not finish:", ""]
+        md += [f"- {r['run_id']}: {r['status']}: {r.get('error', '')[:300]}" for r in problems]
+        md.append("")
+    if info.get("notes"):
+        md += [str(info["notes"]).strip(), ""]
+    from .atomic import atomic_write
+
+    with atomic_write(out / "results.md", "w") as f:
+        f.write("\n".join(md))
+    result = {"sweep": info["name"], "title": info["title"], "metrics": info["metrics"], "settings": rows, "runs": records}
+    _write_json(out / "results.json", result)
+    return result

@@ -1,0 +1,57 @@
+"""`retinanet ablate SWEEP --output DIR`: one model per setting and seed of a sweep, then the papers' tables."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("ablate", help="rerun a paper ablation (a sweep of settings x seeds) and tabulate COCO AP",
+                       description=__doc__)
+    p.add_argument("sweep", help="a sweep YAML file, or the name of a shipped sweep "
+                                 "(table1a_alpha_ce, table1b_gamma, table1c_anchors, table1d_ohem, table2_fl_star, "
+                                 "iou_table2_components, iou_table3_eta, iou_table4_lambda)")
+    p.add_argument("--output", required=True, metavar="DIR",
+                   help="folder for the runs and results.md/results.json; rerun with the same folder to resume")
+    p.add_argument("--profile", default="small", help="small (2-core CPU, minutes per run; default) or paper (GPUs)")
+    p.add_argument("--seeds", type=int, nargs="+", help="override the sweep's seed list")
+    p.add_argument("--data-dir", metavar="DIR", help="where the shapes dataset is generated (demo-based profiles)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="applied to every run, e.g. data.train_json=... or train.iterations=100")
+    p.add_argument("--list", action="store_true", help="print the runs the sweep expands to and exit")
+    p.set_defaults(func=run)
+
+
+def shapes_preparer(data_dir=None, num_train=None, num_val=None, image_size=None):
+    """Fill in the generated shapes dataset (the demo's, by default) for configs that name no training data."""
+    from .demo import IMAGE_SIZE, NUM_TRAIN, NUM_VAL
+
+    num_train, num_val, image_size = num_train or NUM_TRAIN, num_val or NUM_VAL, image_size or IMAGE_SIZE
+    state = {}
+
+    def prepare(cfg) -> None:
+        if cfg.data.train_json:
+            return
+        if "paths" not in state:
+            from ..data.synthetic import make_shapes_dataset
+            from .demo import DATA_SEED
+
+            state["paths"] = make_shapes_dataset(data_dir, num_train=num_train, num_val=num_val,
+                                                 image_size=image_size, seed=DATA_SEED)
+        paths = state["paths"]
+        cfg.data.train_json, cfg.data.train_images = str(paths.train_json), str(paths.train_images)
+        cfg.data.val_json, cfg.data.val_images = str(paths.val_json), str(paths.val_images)
+
+    return prepare
+
+
+def run(args) -> int:
+    from ..ablate import expand_sweep, run_sweep
+
+    if args.list:
+        for r in expand_sweep(args.sweep, args.profile, args.overrides, args.seeds):
+            print(r["run_id"])
+        return 0
+    result = run_sweep(args.sweep, args.output, profile=args.profile, extra_overrides=args.overrides,
+                       seeds=args.seeds, prepare=shapes_preparer(args.data_dir))
+    print(f"results: {args.output}/results.md")
+    bad = sum(r["failed"] for r in result["settings"])
+    return 1 if bad else 0

@@ -1,0 +1,68 @@
+"""`retinanet analyze`: the papers' analysis figures (PNG and JSON).
+
+  curves     Focal Loss paper Figures 1, 3, 4 (CE, FL, FL* and their derivatives)
+  loss-cdf   Figure 6: CDF of the normalized loss of positive and negative anchors of a trained model
+  iou        IoU-balanced paper Figures 2 and 3: average score by IoU, share of detections above IoU
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("analyze", help="the papers' analysis figures (loss curves, loss CDF, score vs IoU)",
+                       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("figure", choices=["curves", "loss-cdf", "iou"], help="which figure(s)")
+    p.add_argument("--output", required=True, metavar="DIR", help="folder for the PNG and JSON files")
+    p.add_argument("--checkpoint", metavar="C", help="a trained retinanet checkpoint (loss-cdf, iou)")
+    p.add_argument("--json", metavar="J", help="COCO instances JSON of the images to analyze (loss-cdf, iou)")
+    p.add_argument("--images", metavar="D", help="the images folder of --json (loss-cdf, iou)")
+    p.add_argument("--max-images", type=int, default=200, help="images to use (default 200)")
+    p.add_argument("--gammas", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0], help="gammas for loss-cdf")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..analysis import (anchor_samples, detection_ious, loss_cdfs, mean_score_by_iou, plot_iou_figures,
+                            plot_loss_cdf, plot_loss_curves, share_above)
+
+    out = Path(args.output)
+    if args.figure == "curves":
+        for path in plot_loss_curves(str(out)):
+            print(f"wrote {path}")
+        return 0
+    missing = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--json", args.json),
+                                        ("--images", args.images)) if not value]
+    if missing:
+        raise ValueError(f"analyze {args.figure} needs {', '.join(missing)}")
+    from ..atomic import atomic_write
+    from ..checkpoint import load_model
+    from ..data.coco import CocoDataset
+
+    model, _, _ = load_model(args.checkpoint)
+    dataset = CocoDataset(args.json, args.images, check_images="exists")
+    if dataset.num_classes != model.num_classes:
+        raise ValueError(f"{args.json} has {dataset.num_classes} categories, the model {model.num_classes}")
+    if args.figure == "loss-cdf":
+        cdfs = loss_cdfs(*anchor_samples(model, dataset, args.max_images), gammas=args.gammas)
+        png = plot_loss_cdf(cdfs, str(out / "figure6_loss_cdf.png"))
+        # The share of the loss carried by the hardest 20% of samples, per gamma (sec. 5.1's reading of Figure 6)
+        summary = {f"{g:g}": {kind: 1 - float(y[int(0.8 * (len(y) - 1))]) for kind, (_, y) in c.items()}
+                   for g, c in cdfs.items()}
+        data = {"hardest_20_percent_share_of_loss": summary}
+        name = "figure6_loss_cdf.json"
+    else:
+        scores, ious = detection_ious(model, dataset, args.max_images)
+        png = plot_iou_figures(scores, ious, str(out / "iou_figures.png"))
+        data = {"detections": int(scores.numel()),
+                "mean_score_by_iou": [{"iou_from": lo, "iou_to": hi, "mean_score": m, "count": c}
+                                      for lo, hi, m, c in mean_score_by_iou(scores, ious)],
+                "share_at_or_above_iou": {f"{t:g}": s for t, s in share_above(ious)}}
+        name = "iou_figures.json"
+    with atomic_write(out / name, "w") as f:
+        json.dump(data, f, indent=2)
+    print(f"wrote {png} and {out / name}")
+    print(json.dumps(data, indent=2)[:2000])
+    return 0

@@ -1,0 +1,125 @@
+import json
+import math
+
+import pytest
+
+from retinanet.ablate import aggregate, expand_sweep, format_table, run_sweep
+from retinanet.config import ConfigError
+from retinanet.engine import NonFiniteLossError
+
+SWEEP = """
+name: tiny
+title: "A tiny sweep"
+profiles:
+  small: {base: demo, overrides: {train.iterations: 7}}
+seeds: [0, 1]
+metrics: [AP, AP50]
+settings:
+  - {name: "gamma=0", overrides: {loss.gamma: 0, loss.alpha: 0.75}}
+  - {name: "gamma=2", overrides: {loss.gamma: 2.0}}
+  - {name: "bad", overrides: {loss.gamma: 5.0}}
+"""
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    p = tmp_path / "tiny.yaml"
+    p.write_text(SWEEP)
+    return str(p)
+
+
+def test_expansion_builds_every_config(sweep):
+    runs = expand_sweep(sweep)
+    assert [r["run_id"] for r in runs] == ["gamma=0-seed0", "gamma=0-seed1", "gamma=2-seed0", "gamma=2-seed1",
+                                           "bad-seed0", "bad-seed1"]
+    first = runs[0]["config"]
+    assert first.loss.gamma == 0.0 and first.loss.alpha == 0.75 and first.train.seed == 0
+    assert first.train.iterations == 7 and first.model.backbone == "resnet18"  # the demo base + profile override
+    assert runs[3]["config"].train.seed == 1 and runs[3]["config"].loss.alpha == 0.25
+    assert [r["seed"] for r in expand_sweep(sweep, seeds=[5])] == [5, 5, 5]
+
+
+def test_a_bad_key_fails_at_start_naming_the_setting(tmp_path):
+    p = tmp_path / "typo.yaml"
+    p.write_text(SWEEP.replace("loss.gamma: 5.0", "loss.gama: 5.0"))
+    with pytest.raises(ConfigError, match="setting 'bad'.*did you mean 'loss.gamma'"):
+        expand_sweep(str(p))
+    with pytest.raises(ConfigError, match="no profile 'paper'"):
+        expand_sweep(str(tmp_path / "typo.yaml"), profile="paper")
+
+
+def test_shipped_sweeps_expand():
+    for name, count in [("table1a_alpha_ce", 8), ("table1b_gamma", 7), ("table1c_anchors", 7), ("table1d_ohem", 7),
+                        ("table2_fl_star", 4), ("iou_table2_components", 4), ("iou_table3_eta", 6),
+                        ("iou_table4_lambda", 5)]:
+        for profile in ("small", "paper"):
+            runs = expand_sweep(name, profile=profile)
+            assert len(runs) == 3 * count, name
+    anchors = {r["setting"]: r["config"] for r in expand_sweep("table1c_anchors")}
+    assert len(anchors["1 scale(s), 1 ratio(s)"].model.anchor_scales) == 1
+    assert anchors["4 scale(s), 3 ratio(s)"].model.anchor_scales[1] == pytest.approx(2 ** 0.25)
+
+
+def test_runs_resume_record_failures_and_divergence(sweep, tmp_path):
+    calls = []
+
+    def fake_train(cfg, run_dir):
+        calls.append((cfg.loss.gamma, cfg.train.seed))
+        if cfg.loss.gamma == 5.0 and cfg.train.seed == 0:
+            raise NonFiniteLossError("iteration 3: cls nan, box 0.1")
+        if cfg.loss.gamma == 5.0:
+            raise RuntimeError("out of memory")
+        return {"AP": 0.1 * (1 + cfg.loss.gamma) + 0.01 * cfg.train.seed, "AP50": 0.5, "per_category": {"a": 1}}
+
+    out = tmp_path / "out"
+    result = run_sweep(sweep, str(out), train_fn=fake_train, log=lambda *a: None)
+    assert len(calls) == 6
+    status = {r["run_id"]: r["status"] for r in result["runs"]}
+    assert status == {"gamma=0-seed0": "ok", "gamma=0-seed1": "ok", "gamma=2-seed0": "ok", "gamma=2-seed1": "ok",
+                      "bad-seed0": "diverged", "bad-seed1": "failed"}
+    assert "iteration 3" in json.loads((out / "runs" / "bad-seed0" / "result.json").read_text())["error"]
+    # restart: finished and diverged runs are skipped, the failed one is tried again
+    calls.clear()
+    run_sweep(sweep, str(out), train_fn=fake_train, log=lambda *a: None)
+    assert calls == [(5.0, 1)]
+    md = (out / "results.md").read_text()
+    assert "| gamma=2 | 30.5 ± 0.7 | 50.0 ± 0.0 | 2/2 ok |" in md  # AP 0.30, 0.31: mean 30.5, std 0.707
+    assert "| bad | — | — | 0/2 ok, 1 diverged, 1 failed |" in md
+    assert "bad-seed1: failed: RuntimeError: out of memory" in md
+
+
+def test_aggregate_by_hand():
+    recs = [{"setting": "a", "status": "ok", "metrics": {"AP": 0.2}}, {"setting": "a", "status": "ok", "metrics": {"AP": 0.4}},
+            {"setting": "b", "status": "ok", "metrics": {"AP": 0.3}}, {"setting": "b", "status": None}]
+    rows = aggregate(recs, ["a", "b"], ["AP"])
+    assert rows[0]["mean"]["AP"] == pytest.approx(0.3) and rows[0]["std"]["AP"] == pytest.approx(math.sqrt(0.02))
+    assert rows[1]["std"]["AP"] == 0.0 and rows[1]["pending"] == 1
+    assert format_table(rows, ["AP"]).splitlines()[3] == "| b | 30.0 | 1/2 ok, 1 pending |"
+
+
+def test_end_to_end_with_the_engine(tmp_path):
+    from retinanet.commands.ablate import shapes_preparer
+
+    p = tmp_path / "e2e.yaml"
+    p.write_text("""
+name: e2e
+profiles:
+  small:
+    base: demo
+    overrides: {train.iterations: 2, train.warmup_iters: 1, train.lr_steps: [], train.amp: none, train.eval_every: 0,
+                data.batch_size: 2, model.backbone_width: 8, model.fpn_channels: 16, model.head_channels: 16}
+seeds: [0]
+settings:
+  - {name: "FL", overrides: {}}
+  - {name: "FL*", overrides: {loss.cls: fl_star}}
+""")
+    lines = []
+    out = tmp_path / "out"
+    result = run_sweep(str(p), str(out), prepare=shapes_preparer(str(tmp_path / "shapes"), 8, 4, 64), log=lines.append,
+                       extra_overrides=[])
+    for row in result["settings"]:
+        assert row["ok"] == 1 and 0.0 <= row["mean"]["AP"] <= 1.0
+    assert (out / "runs" / "FL-seed0" / "config.yaml").is_file()
+    lines.clear()
+    run_sweep(str(p), str(out), log=lines.append)
+    assert len(lines) == 2 and all("skipped" in line for line in lines)

@@ -1,0 +1,80 @@
+"""ONNX export: onnxruntime + our postprocess gives PyTorch's detections, at any image size."""
+
+import numpy as np
+import pytest
+import torch
+
+from retinanet.checkpoint import make_checkpoint, save_atomic
+from retinanet.cli import main
+from retinanet.export import OnnxDetector
+from retinanet.model import build_model
+from retinanet.predict import Predictor
+
+from conftest import tiny_config
+
+CATEGORIES = [{"id": 1, "name": "cat"}, {"id": 5, "name": "dog"}, {"id": 9, "name": "bird"}]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny model exported by `retinanet export` (default exporter: dynamo)."""
+    torch.manual_seed(0)
+    tmp = tmp_path_factory.mktemp("export")
+    cfg = tiny_config(num_classes=3)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # spread the scores of a random head, so that detections are many and distinct
+        model.head.cls_subnet.predictor.weight.normal_(std=1.0)
+        model.head.cls_subnet.predictor.bias.normal_(-4.0, 0.5)
+    ckpt = tmp / "model.pt"
+    save_atomic(make_checkpoint(model, cfg, CATEGORIES), str(ckpt))
+    path = tmp / "model.onnx"
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--output", str(path), "--no-verify"]) == 0
+    return model, path, ckpt
+
+
+def _compare(a, b) -> tuple:
+    """Same detections: same labels in the same order, boxes within 1e-3 relative, scores within 1e-4."""
+    assert len(a) == len(b) and len(a) > 0
+    assert np.array_equal(a.labels, b.labels) and np.array_equal(a.category_ids, b.category_ids)
+    box_rel = np.abs(a.boxes - b.boxes).max() / max(1.0, np.abs(a.boxes).max())
+    score_diff = np.abs(a.scores - b.scores).max()
+    assert box_rel < 1e-3 and score_diff < 1e-4
+    return box_rel, score_diff
+
+
+@pytest.mark.parametrize("size", [(100, 150), (171, 93)])
+def test_onnx_equals_pytorch_at_two_image_sizes(exported, size, capsys):
+    model, path, _ = exported
+    image = np.random.default_rng(size[0]).integers(0, 256, (*size, 3), dtype=np.uint8)
+    a = Predictor(model, CATEGORIES, device="cpu")(image)
+    b = OnnxDetector(str(path))(image)
+    box_rel, score_diff = _compare(a, b)
+    with capsys.disabled():
+        print(f"\nONNX vs PyTorch {size}: {len(a)} detections, max box diff {box_rel:.1e} relative, "
+              f"max score diff {score_diff:.1e}")
+
+
+def test_onnx_batch_of_different_sizes(exported):
+    model, path, _ = exported
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (90, 120, 3), dtype=np.uint8), rng.integers(0, 256, (130, 60, 3), dtype=np.uint8)]
+    a = Predictor(model, CATEGORIES, device="cpu", batch_size=2)(images)
+    b = OnnxDetector(str(path), batch_size=2)(images)
+    for x, y in zip(a, b):
+        _compare(x, y)
+
+
+def test_metadata_carries_config_and_categories(exported):
+    model, path, _ = exported
+    detector = OnnxDetector(str(path), classes=["dog"])
+    assert detector.categories == CATEGORIES and detector.config.min_size == model.min_size
+    assert detector.labels == [1]
+
+
+def test_torchscript_exporter_and_the_cli_check(exported, tmp_path, capsys):
+    model, _, ckpt = exported
+    path = tmp_path / "ts.onnx"
+    assert main(["export", "--checkpoint", str(ckpt), "--output", str(path), "--exporter", "torchscript"]) == 0
+    assert "anchors identical; 100 detections, labels identical" in capsys.readouterr().err
+    image = np.random.default_rng(2).integers(0, 256, (120, 110, 3), dtype=np.uint8)
+    _compare(Predictor(model, CATEGORIES, device="cpu")(image), OnnxDetector(str(path))(image))
