@@ -1,7 +1,8 @@
 """Shared pieces of the benchmarks: the machine report, interleaved timing, the models under test.
 
 The models are R50-FPN RetinaNets in torchvision's pretrained layout (FrozenBatchNorm2d, P6 from
-P5, torchvision's anchors, 91 classes), so that our model and torchvision's run the same weights.
+P5, torchvision's anchors, 91 classes; `retinanet.convert` maps the keys), so that our model and
+torchvision's run the same weights.
 The weights are random but realistic: BatchNorm statistics are calibrated on random images (so
 activations stay normalized through 50 layers) and the classification bias is set so that a given
 number of (anchor, class) scores pass the 0.05 threshold, which gives post-processing real work.
@@ -27,6 +28,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from retinanet.config import Config  # noqa: E402
+from retinanet.convert import to_torchvision_state_dict, torchvision_retinanet_config  # noqa: E402
 from retinanet.model import RetinaNet, build_model  # noqa: E402
 
 
@@ -139,16 +141,10 @@ def torchvision_module():
 
 
 def torchvision_layout_config(num_classes: int = 91, min_size: int = 800, max_size: int = 1333) -> Config:
-    """Our config for torchvision's retinanet_resnet50_fpn (v1) with its COCO weights' layout."""
-    cfg = Config()
-    m = cfg.model
-    m.num_classes = num_classes
-    m.backbone, m.backbone_norm, m.frozen_stages = "resnet50", "frozen_bn", 2
-    m.p6_from = "p5"
-    m.anchor_style = "torchvision"
-    m.resize_rounding = "floor"
-    m.detections_per_image = 300
-    m.min_size, m.max_size = min_size, max_size
+    """Our config for torchvision's retinanet_resnet50_fpn (v1) in its COCO weights' layout
+    (FrozenBatchNorm2d; eps 1e-5, torchvision's default), at the given input size."""
+    cfg = torchvision_retinanet_config(num_classes=num_classes, bn_eps=1e-5)
+    cfg.model.min_size, cfg.model.max_size = min_size, max_size
     cfg.loss.smooth_l1_beta = 0.0  # torchvision's RetinaNet uses L1 for boxes
     return cfg
 
@@ -196,34 +192,6 @@ def set_candidate_load(model: RetinaNet, image: torch.Tensor, candidates: int, s
 
 
 # ---------------------------------------------------------------------------------------------- torchvision
-
-
-def to_torchvision_state_dict(state: dict) -> dict:
-    """Our RetinaNet state dict -> torchvision retinanet_resnet50_fpn's key layout (v1: P6 from P5)."""
-    out = {}
-    for key, value in state.items():
-        parts = key.split(".")
-        if parts[0] == "backbone":
-            new = "backbone.body." + ".".join(parts[1:])
-        elif parts[0] == "fpn":
-            kind, index, leaf = parts[1], int(parts[2]), parts[3]
-            if kind == "lateral":
-                new = f"backbone.fpn.inner_blocks.{index}.0.{leaf}"
-            elif kind == "output":
-                new = f"backbone.fpn.layer_blocks.{index}.0.{leaf}"
-            else:
-                new = f"backbone.fpn.extra_blocks.p{6 + index}.{leaf}"
-        elif parts[0] == "head":
-            sub = {"cls_subnet": "classification_head", "box_subnet": "regression_head"}[parts[1]]
-            if parts[2] == "tower":
-                new = f"head.{sub}.conv.{int(parts[3]) // 2}.0.{parts[4]}"
-            else:
-                last = "cls_logits" if parts[1] == "cls_subnet" else "bbox_reg"
-                new = f"head.{sub}.{last}.{parts[3]}"
-        else:
-            raise KeyError(f"no torchvision name for '{key}'")
-        out[new] = value
-    return out
 
 
 def torchvision_retinanet(model: RetinaNet):

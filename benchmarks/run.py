@@ -8,7 +8,8 @@ measured in the same run (torchvision's RetinaNet when it imports, else our plai
 
 Sections: inference (end to end at 800 and 512 px), stages (backbone, FPN, heads, post-processing),
 postprocess, train (step time and peak memory, one process per configuration), focal (the focal
-loss alone), eval (COCO evaluation of a generated 5000-image set), data (data-loading throughput).
+loss alone), eval (COCO evaluation of a generated 5000-image set), data (data-loading throughput),
+precision (COCO AP of a trained model plain, folded and in bf16).
 See BENCHMARKS.md for the figures and for making an environment where torchvision imports.
 """
 
@@ -28,7 +29,7 @@ sys.path.insert(0, str(HERE))
 
 from common import ROOT, machine_report, torchvision_module  # noqa: E402
 
-SECTIONS = ["inference", "stages", "postprocess", "train", "focal", "eval", "data"]
+SECTIONS = ["inference", "stages", "postprocess", "train", "focal", "eval", "data", "precision"]
 
 
 def run_script(name: str, extra: list) -> None:
@@ -61,6 +62,16 @@ def run_data(args) -> None:
     run_script("bench_data.py", ["--quick"] if args.quick else [])
 
 
+def run_precision(args) -> None:
+    print("\n== accuracy of the fast path: COCO AP on the shapes validation set, fp32 vs folded vs bf16")
+    if args.checkpoint:
+        run_script("bench_precision.py", ["--checkpoint", args.checkpoint])
+    elif args.quick:
+        print("  needs a trained model: pass --checkpoint (e.g. a `retinanet demo` output's final.pt); skipped")
+    else:
+        run_script("bench_precision.py", [])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, fewer configurations")
@@ -75,6 +86,8 @@ def main(argv=None) -> int:
     parser.add_argument("--candidates", type=int, default=5000,
                         help="(anchor, class) scores above 0.05 in the inference image (the post-processing load)")
     parser.add_argument("--compile", action="store_true", help="also time our model under torch.compile")
+    parser.add_argument("--checkpoint", help="precision section: a trained checkpoint whose validation set to "
+                                             "evaluate (default: train `retinanet demo` first, several minutes)")
     args = parser.parse_args(argv)
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
@@ -100,7 +113,8 @@ def main(argv=None) -> int:
     from bench_train import run_train
 
     runners = {"inference": run_inference, "stages": run_stages, "postprocess": run_postprocess,
-               "train": run_train, "focal": run_focal, "eval": run_eval, "data": run_data}
+               "train": run_train, "focal": run_focal, "eval": run_eval, "data": run_data,
+               "precision": run_precision}
     for section in sections:
         start = time.perf_counter()
         runners[section](args)
