@@ -42,15 +42,22 @@ def save_atomic(obj: dict, path: str) -> None:
         torch.save(obj, f)
 
 
+def load_data_file(path: str, kind: str = "checkpoint"):
+    """torch.load as data only (`weights_only=True`: nothing in the file can run), on the CPU.
+    Errors name the file: missing, or unreadable (truncated, corrupt, not a PyTorch file)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{kind} not found: {p}")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{p}: not a readable {kind} (truncated or corrupt?): {type(e).__name__}: {e}") from None
+
+
 def load_checkpoint(path: str) -> dict:
     """Read a checkpoint as data only. Errors name the file."""
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {p}")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{p}: not a readable checkpoint (truncated or corrupt?): {type(e).__name__}: {e}") from None
+    ckpt = load_data_file(p, "checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{p}: not a retinanet checkpoint (no 'model' and 'config' entries)")
     version = ckpt.get("format_version", 0)

@@ -12,13 +12,10 @@ from torch import nn
 
 def read_state_dict(path: str) -> dict:
     """A state dict from a file, loaded as data only (`weights_only=True`): nothing in it can run."""
+    from .checkpoint import load_data_file
+
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"weights file not found: {p}")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{p}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from None
+    obj = load_data_file(p, "PyTorch weights file")
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

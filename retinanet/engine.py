@@ -332,8 +332,11 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
         amp_dtype = autocast_dtype(t.amp, env.device)
+        for key in ("iterations", "accumulate", "checkpoint_every", "keep_checkpoints", "log_every"):
+            if getattr(t, key) < 1:
+                raise ValueError(f"train.{key} must be at least 1, got {getattr(t, key)}")
         accum, world = t.accumulate, env.world_size
-        if accum < 1 or cfg.data.batch_size % (world * accum):
+        if cfg.data.batch_size % (world * accum):
             raise ValueError(f"data.batch_size {cfg.data.batch_size} must be divisible by {world} process(es) "
                              f"x train.accumulate {accum}")
 

@@ -97,12 +97,14 @@ def test_linear_scaling_rule_unless_lr_is_given():
 # resume
 
 
-def test_resume_gives_the_same_weights_as_training_straight(shapes, tmp_path):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_resume_gives_the_same_weights_as_training_straight(shapes, tmp_path, accumulate):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(train_config(shapes), str(straight), progress=False)
-    train(train_config(shapes, iterations=2), str(resumed), progress=False)
+    train(train_config(shapes, accumulate=accumulate), str(straight), progress=False)
+    train(train_config(shapes, accumulate=accumulate, iterations=2), str(resumed), progress=False)
     first_half = final_weights(resumed)
-    train(train_config(shapes), str(resumed), resume="auto", progress=False)
+    assert load_checkpoint(str(resumed / checkpoint_name(2)))["data_position"]["micro_batches"] == 2 * accumulate
+    train(train_config(shapes, accumulate=accumulate), str(resumed), resume="auto", progress=False)
     assert_same_weights(final_weights(straight), final_weights(resumed))
     assert not all(torch.equal(first_half[k], final_weights(resumed)[k]) for k in first_half)  # it did train on
     metrics = (resumed / "metrics.jsonl").read_text().splitlines()

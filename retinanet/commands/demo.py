@@ -172,8 +172,8 @@ def run(args) -> int:
     started = time.perf_counter()
     output = Path(args.output) if args.output else _default_output()
     check_output_dir(output, resuming=False)
-    print(f"generating the shapes dataset ({NUM_TRAIN} training, {NUM_VAL} validation images of "
-          f"{IMAGE_SIZE} px) ...")
+    print(f"shapes dataset: {NUM_TRAIN} training, {NUM_VAL} validation images of {IMAGE_SIZE} px "
+          f"(generated once, then reused) ...")
     paths = make_shapes_dataset(args.data_dir, num_train=NUM_TRAIN, num_val=NUM_VAL, image_size=IMAGE_SIZE,
                                 seed=DATA_SEED)
     print(f"  in {paths.root} ({time.perf_counter() - started:.0f} s)")
@@ -185,10 +185,9 @@ def run(args) -> int:
     timings = choose_threads(cfg, dataset)
     cfg.train.threads = min(timings, key=timings.get)
     seconds = timings[cfg.train.threads]
-    print("seconds per training iteration: " + ", ".join(
-        f"{t} thread(s) {s:.2f}" if math.isfinite(s) else f"{t} thread(s) over {3 * timings[1]:.1f} (stopped)"
-        for t, s in timings.items())
-          + f"; training with {cfg.train.threads}")
+    timed = [f"{t} thread(s) {s:.2f}" if math.isfinite(s) else f"{t} thread(s) over {3 * timings[1]:.1f} (stopped)"
+             for t, s in timings.items()]
+    print(f"seconds per training iteration: {', '.join(timed)}; training with {cfg.train.threads}")
     expected = cfg.train.iterations * seconds / 60
     if args.minutes is not None or expected > MAX_MINUTES:
         minutes = args.minutes if args.minutes is not None else MAX_MINUTES

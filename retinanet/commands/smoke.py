@@ -21,6 +21,7 @@ def run(args) -> int:
 
     cfg = Config()
     cfg.model.backbone, cfg.model.num_classes = args.backbone, args.num_classes
+    torch.manual_seed(0)  # the same random weights every run
     model = build_model(cfg).eval()
     image = torch.rand(3, *args.size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
