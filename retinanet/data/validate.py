@@ -157,20 +157,29 @@ def _positive_int(value) -> bool:
     return _is_number(value) and math.isfinite(value) and float(value).is_integer() and value > 0
 
 
+def _new_id(record, i: int, section: str, kind: str, seen: dict, path: Path, report: ValidationReport):
+    """The integer id of `section[i]`, recorded in `seen` (id -> index); None, with an error reported,
+    when the id is missing, not an integer, or already used."""
+    where = f"{section}[{i}]"
+    if not isinstance(record, dict) or not _is_int(record.get("id")):
+        if not _missing(record, ("id",), where, path, report):
+            report.errors.append(f"{path}: {where}: {kind} id must be an integer, got {record['id']!r}")
+        return None
+    rid = record["id"]
+    if rid in seen:
+        report.errors.append(f"{path}: duplicate {kind} id {rid} ({section}[{seen[rid]}] and {section}[{i}])")
+        return None
+    seen[rid] = i
+    return rid
+
+
 def _check_image_records(records: list, path: Path, report: ValidationReport) -> tuple:
     """Valid image records -> report.images; returns (every image id seen, id -> valid record)."""
     seen, valid = {}, {}
     for i, img in enumerate(records):
-        where = f"images[{i}]"
-        if not isinstance(img, dict) or not _is_int(img.get("id")):
-            if not _missing(img, ("id",), where, path, report):
-                report.errors.append(f"{path}: {where}: image id must be an integer, got {img['id']!r}")
+        iid = _new_id(img, i, "images", "image", seen, path, report)
+        if iid is None:
             continue
-        iid = img["id"]
-        if iid in seen:
-            report.errors.append(f"{path}: duplicate image id {iid} (images[{seen[iid]}] and images[{i}])")
-            continue
-        seen[iid] = i
         where = f"image id {iid}"
         if _missing(img, ("file_name", "height", "width"), where, path, report):
             continue
@@ -198,16 +207,9 @@ def _check_annotations(records: list, path: Path, image_ids, images: dict, categ
     """
     seen = {}
     for i, ann in enumerate(records):
-        where = f"annotations[{i}]"
-        if not isinstance(ann, dict) or not _is_int(ann.get("id")):
-            if not _missing(ann, ("id",), where, path, report):
-                report.errors.append(f"{path}: {where}: annotation id must be an integer, got {ann['id']!r}")
+        aid = _new_id(ann, i, "annotations", "annotation", seen, path, report)
+        if aid is None:
             continue
-        aid = ann["id"]
-        if aid in seen:
-            report.errors.append(f"{path}: duplicate annotation id {aid} (annotations[{seen[aid]}] and annotations[{i}])")
-            continue
-        seen[aid] = i
         where = f"annotation id {aid}"
         if _missing(ann, ("image_id", "category_id", "bbox"), where, path, report):
             continue
