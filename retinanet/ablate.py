@@ -20,7 +20,9 @@ Data paths come from the base or from `--data KEY=VALUE` overrides (data.train_j
 
 Each (setting, seed) is one run in DIR/runs/<setting>-seed<k>/, with its checkpoints and a
 result.json. A run whose result.json says "ok" or "diverged" is skipped on restart; a "failed" run
-is tried again. DIR/results.md (the papers' layout: mean +- spread over seeds) and results.json are
+is tried again. With `reuse` (other sweeps' output folders), a run whose config is identical to a
+finished run there (the FL baseline appears in six sweeps) copies that run's result instead of
+training again; its result.json names the source. DIR/results.md (the papers' layout: mean +- spread over seeds) and results.json are
 rewritten after every run.
 """
 
@@ -144,13 +146,15 @@ def _default_train(cfg, run_dir: str) -> dict:
 
 def run_sweep(sweep_path: str, output: str, *, profile: str = "small", extra_overrides: Optional[list] = None,
               seeds: Optional[list] = None, train_fn: Optional[Callable] = None,
-              prepare: Optional[Callable] = None, log=print) -> dict:
+              prepare: Optional[Callable] = None, reuse: Optional[list] = None, log=print) -> dict:
     """Run every (setting, seed) of a sweep that has not finished; return the aggregated results.
 
     train_fn(cfg, run_dir) -> metrics dict (default: the engine). A NonFiniteLossError marks the
     run "diverged"; any other exception marks it "failed" with the error, and the sweep goes on.
     prepare(cfg) may fill in data paths (the demo base generates the shapes dataset).
+    reuse: folders of other sweeps whose finished runs with an identical config are copied, not rerun.
     """
+    from .config import config_to_dict
     from .engine import NonFiniteLossError
 
     runs = expand_sweep(sweep_path, profile, extra_overrides, seeds)
@@ -169,9 +173,18 @@ def run_sweep(sweep_path: str, output: str, *, profile: str = "small", extra_ove
         if prepare is not None:
             prepare(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
+        record = {"setting": run["setting"], "seed": run["seed"], "run_id": run["run_id"],
+                  "config": config_to_dict(cfg)}
+        source = _find_identical(reuse or [], record["config"])
+        if source is not None:
+            record.update({k: v for k, v in source[1].items() if k in ("status", "metrics", "error", "seconds")},
+                          reused_from=str(source[0]))
+            _write_json(result_path, record)
+            log(f"[{n}/{len(runs)}] {run['run_id']}: {record['status']} (same config as {source[0]}, reused)")
+            write_results(out, runs, info)
+            continue
         log(f"[{n}/{len(runs)}] {run['run_id']}: training ...")
         started = time.perf_counter()
-        record = {"setting": run["setting"], "seed": run["seed"], "run_id": run["run_id"]}
         try:
             metrics = train_fn(cfg, str(run_dir))
             record.update(status="ok", metrics={k: v for k, v in metrics.items() if k != "per_category"})
@@ -187,6 +200,16 @@ def run_sweep(sweep_path: str, output: str, *, profile: str = "small", extra_ove
             + (f" ({record['error'][:200]})" if "error" in record else "") + f", {record['seconds']:.0f} s")
         write_results(out, runs, info)
     return write_results(out, runs, info)
+
+
+def _find_identical(folders: list, config: dict) -> Optional[tuple]:
+    """(result path, record) of a finished run in folders/runs/* trained with exactly this config, or None."""
+    for folder in folders:
+        for path in sorted(Path(folder).glob("runs/*/result.json")):
+            rec = _read_result(path)
+            if rec and rec.get("status") in FINAL and rec.get("config") == config:
+                return path, rec
+    return None
 
 
 def _read_result(path: Path) -> Optional[dict]:

@@ -88,6 +88,29 @@ def test_runs_resume_record_failures_and_divergence(sweep, tmp_path):
     assert "bad-seed1: failed: RuntimeError: out of memory" in md
 
 
+def test_identical_configs_are_reused_from_other_sweeps(sweep, tmp_path):
+    calls = []
+
+    def fake_train(cfg, run_dir):
+        calls.append((cfg.loss.gamma, cfg.train.seed))
+        return {"AP": 0.1 * cfg.loss.gamma + 0.01 * cfg.train.seed}
+
+    first = tmp_path / "first"
+    run_sweep(sweep, str(first), train_fn=fake_train, log=lambda *a: None)
+    calls.clear()
+    other = tmp_path / "other.yaml"  # one setting equal to "gamma=2" under another name, one new
+    other.write_text(SWEEP.replace('name: "gamma=2"', 'name: "FL"').replace("loss.gamma: 5.0", "loss.gamma: 1.0"))
+    result = run_sweep(str(other), str(tmp_path / "second"), train_fn=fake_train, reuse=[str(first)], log=lambda *a: None)
+    assert calls == [(1.0, 0), (1.0, 1)]  # "gamma=0" and "FL" were copied, only gamma=1 trained
+    fl = [r for r in result["runs"] if r["setting"] == "FL"]
+    assert [r["metrics"]["AP"] for r in fl] == [pytest.approx(0.2), pytest.approx(0.21)]
+    assert fl[0]["reused_from"].endswith("gamma=2-seed0/result.json")
+    # a different seed list is a different config: nothing to copy
+    calls.clear()
+    run_sweep(sweep, str(tmp_path / "third"), train_fn=fake_train, seeds=[7], reuse=[str(first)], log=lambda *a: None)
+    assert len(calls) == 3
+
+
 def test_aggregate_by_hand():
     recs = [{"setting": "a", "status": "ok", "metrics": {"AP": 0.2}}, {"setting": "a", "status": "ok", "metrics": {"AP": 0.4}},
             {"setting": "b", "status": "ok", "metrics": {"AP": 0.3}}, {"setting": "b", "status": None}]

@@ -12,12 +12,25 @@ def register(sub) -> None:
     p.add_argument("--output", required=True, metavar="DIR",
                    help="folder for the runs and results.md/results.json; rerun with the same folder to resume")
     p.add_argument("--profile", default="small", help="small (2-core CPU, minutes per run; default) or paper (GPUs)")
-    p.add_argument("--seeds", type=int, nargs="+", help="override the sweep's seed list")
+    p.add_argument("--seeds", type=seed_list, metavar="S[,S...]", help="override the sweep's seed list, e.g. 0,1,2")
     p.add_argument("--data-dir", metavar="DIR", help="where the shapes dataset is generated (demo-based profiles)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="applied to every run, e.g. data.train_json=... or train.iterations=100")
+    p.add_argument("--reuse", action="append", default=[], metavar="DIR",
+                   help="output folder of another sweep (repeatable): runs with an identical config are copied from "
+                        "there instead of trained again")
     p.add_argument("--list", action="store_true", help="print the runs the sweep expands to and exit")
     p.set_defaults(func=run)
+
+
+def seed_list(text: str) -> list:
+    """'0,1,2' -> [0, 1, 2]."""
+    import argparse
+
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds are integers separated by commas, got {text!r}") from None
 
 
 def shapes_preparer(data_dir=None, num_train=None, num_val=None, image_size=None):
@@ -51,7 +64,7 @@ def run(args) -> int:
             print(r["run_id"])
         return 0
     result = run_sweep(args.sweep, args.output, profile=args.profile, extra_overrides=args.overrides,
-                       seeds=args.seeds, prepare=shapes_preparer(args.data_dir))
+                       seeds=args.seeds, prepare=shapes_preparer(args.data_dir), reuse=args.reuse)
     print(f"results: {args.output}/results.md")
     bad = sum(r["failed"] for r in result["settings"])
     return 1 if bad else 0
