@@ -307,9 +307,14 @@ def ohem_select(scores: Tensor, boxes: Tensor, positive: Tensor, batch_size: int
     img = torch.arange(b, device=scores.device)[:, None].expand(b, k)[finite]  # (C,)
     anchor = top_idx[finite]
     score = top_scores[finite]
-    keep = batched_nms(boxes[img, anchor], score, img, nms_thresh)  # by decreasing score
+    # Only each image's first batch_size survivors (OHEM 1:r: first batch_size // (1 + r) positives
+    # and batch_size negatives) can be picked below, so the native NMS may stop there.
+    is_pos = positive[img, anchor]
+    quota = [batch_size] if ratio <= 0 else [batch_size, batch_size // (1 + ratio)]
+    keep = batched_nms(boxes[img, anchor], score, img, nms_thresh,
+                       kinds=is_pos.long() if ratio > 0 else None, quota=quota)  # by decreasing score
     img, anchor, score = img[keep], anchor[keep], score[keep]
-    pos = positive[img, anchor]
+    pos = is_pos[keep]
     if ratio <= 0:
         order, rank = segment_rank(img, score)
         chosen = order[rank < batch_size]

@@ -11,6 +11,7 @@ from earlier blocks. Memory stays O(block * kept-in-group).
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -43,11 +44,15 @@ def torchvision_batched_nms():
     return grouped_nms
 
 
-def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, threshold: float, backend: str = "auto") -> Tensor:
+def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, threshold: float, backend: str = "auto",
+                kinds: Optional[Tensor] = None, quota: Optional[list] = None) -> Tensor:
     """NMS within each group (e.g. image * num_classes + label).
 
     boxes (N, 4) xyxy, scores (N,), groups (N,) int -> indices of kept boxes, by decreasing score.
     backend: "auto" (torchvision if available), "torchvision" or "native".
+    kinds (N,) int in [0, K) and quota (K ints): a caller that only uses the first quota[k] kept
+    boxes of each kind in each group lets the native NMS stop early (see `native_batched_nms`);
+    the boxes it returns are then a prefix of the full result per group, which holds those.
     """
     if backend not in ("auto", "torchvision", "native"):
         raise ValueError(f"unknown NMS backend '{backend}'")
@@ -57,18 +62,46 @@ def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, threshold: float,
             return tv(boxes, scores, groups, threshold)
         if backend == "torchvision":
             raise RuntimeError("torchvision NMS requested but torchvision is not importable")
+    if quota is not None:
+        return native_batched_nms(boxes, scores, groups, threshold, kinds=kinds, quota=quota)
     return native_batched_nms(boxes, scores, groups, threshold)
 
 
-def native_batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, threshold: float, block: int = 512) -> Tensor:
-    """Exact greedy NMS per group in tensor ops (see module docstring). Same contract as `batched_nms`."""
+def _block_keep(b: Tensor, g: Tensor, alive: Tensor, threshold: float) -> Tensor:
+    """Greedy NMS inside one block, given which of its boxes earlier blocks left alive. -> keep (m,) bool."""
+    sup = (box_iou(b, b) > threshold) & (g[:, None] == g[None, :])
+    sup = torch.triu(sup, diagonal=1) & alive[:, None]  # sup[i, j]: i (earlier) can suppress j
+    sup_f = sup.float()
+    k = alive
+    while True:
+        k_new = alive & ((k.float() @ sup_f) == 0)
+        if torch.equal(k_new, k):
+            return k
+        k = k_new
+
+
+def _sort_by_group_and_score(scores: Tensor, groups: Tensor) -> Tensor:
+    """Order by group, then by decreasing score (stable: equal scores keep input order)."""
+    order = torch.sort(scores.float(), descending=True, stable=True).indices
+    return order[torch.sort(groups[order], stable=True).indices]
+
+
+def native_batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, threshold: float, block: int = 512,
+                       kinds: Optional[Tensor] = None, quota: Optional[list] = None) -> Tensor:
+    """Exact greedy NMS per group in tensor ops (see module docstring). Same contract as `batched_nms`.
+
+    With kinds/quota, each group is processed block by block until, for every kind k, it has
+    quota[k] kept boxes of that kind or has no box of that kind left: greedy NMS decides a box
+    from the boxes ranked above it only, so the kept boxes found so far are exactly the full
+    result's first ones. (OHEM needs the first 128 survivors of ~7,000 boxes per image.)
+    """
     n = boxes.shape[0]
     if n == 0:
         return torch.zeros(0, dtype=torch.int64, device=boxes.device)
+    if quota is not None:
+        return _native_nms_with_quota(boxes.float(), scores, groups, threshold, block, kinds, list(quota))
     boxes = boxes.float()
-    # Sort by group, then by decreasing score (stable: equal scores keep input order).
-    order = torch.sort(scores.float(), descending=True, stable=True).indices
-    order = order[torch.sort(groups[order], stable=True).indices]
+    order = _sort_by_group_and_score(scores, groups)
     boxes, groups_sorted = boxes[order], groups[order]
     keep = torch.zeros(n, dtype=torch.bool, device=boxes.device)
     group_starts = torch.searchsorted(groups_sorted, groups_sorted[::block].contiguous())  # first index of each block's first group
@@ -81,16 +114,45 @@ def native_batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, threshold:
             if prev.numel():
                 hit = (box_iou(boxes[prev], b) > threshold) & (groups_sorted[prev][:, None] == g[None, :])
                 alive = ~hit.any(dim=0)
-        sup = (box_iou(b, b) > threshold) & (g[:, None] == g[None, :])
-        sup = torch.triu(sup, diagonal=1) & alive[:, None]  # sup[i, j]: i (earlier) can suppress j
-        sup_f = sup.float()
-        k = alive
-        while True:
-            k_new = alive & ((k.float() @ sup_f) == 0)
-            if torch.equal(k_new, k):
+        keep[start:start + b.shape[0]] = _block_keep(b, g, alive, threshold)
+    kept = order[keep]
+    return kept[torch.sort(scores[kept].float(), descending=True, stable=True).indices]
+
+
+def _native_nms_with_quota(boxes: Tensor, scores: Tensor, groups: Tensor, threshold: float, block: int,
+                           kinds: Tensor, quota: list) -> Tensor:
+    """native_batched_nms with early stopping per group (one group at a time: groups are few here)."""
+    if kinds is None:
+        kinds = torch.zeros_like(groups)
+    order = _sort_by_group_and_score(scores, groups)
+    boxes, groups_sorted, kinds = boxes[order], groups[order], kinds[order]
+    num_kinds = len(quota)
+    quota_t = torch.tensor(quota, dtype=torch.int64)
+    keep = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+    _, counts = torch.unique_consecutive(groups_sorted, return_counts=True)
+    start = 0
+    for count in counts.tolist():
+        end = start + count
+        # kinds left in this group from each position on: a kind with none left needs no more
+        left = torch.zeros(num_kinds, dtype=torch.int64)
+        left.index_add_(0, kinds[start:end].cpu(), torch.ones(count, dtype=torch.int64))
+        kept_idx = torch.zeros(0, dtype=torch.int64, device=boxes.device)
+        have = torch.zeros(num_kinds, dtype=torch.int64)
+        for s in range(start, end, block):
+            b = boxes[s:min(s + block, end)]
+            g = groups_sorted[s:min(s + block, end)]
+            alive = torch.ones(b.shape[0], dtype=torch.bool, device=boxes.device)
+            if kept_idx.numel():
+                alive = ~(box_iou(boxes[kept_idx], b) > threshold).any(dim=0)
+            k = _block_keep(b, g, alive, threshold)
+            keep[s:s + b.shape[0]] = k
+            kept_idx = torch.cat([kept_idx, s + k.nonzero()[:, 0]])
+            kb = kinds[s:s + b.shape[0]].cpu()
+            have += torch.bincount(kb[k.cpu()], minlength=num_kinds)
+            left -= torch.bincount(kb, minlength=num_kinds)
+            if bool(((have >= quota_t) | (left == 0)).all()):
                 break
-            k = k_new
-        keep[start:start + b.shape[0]] = k
+        start = end
     kept = order[keep]
     return kept[torch.sort(scores[kept].float(), descending=True, stable=True).indices]
 

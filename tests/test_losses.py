@@ -385,3 +385,25 @@ def test_fast_focal_backward_twice_is_refused_not_wrong():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.parametrize("ratio", [0, 3])
+def test_ohem_select_with_early_stopping_nms_equals_full_nms(ratio, monkeypatch):
+    import retinanet.losses as L
+    from retinanet.nms import native_batched_nms
+
+    g = torch.Generator().manual_seed(0)
+    b, n = 3, 2500
+    xy = torch.rand(b, n, 2, generator=g) * 150
+    boxes = torch.cat([xy, xy + 8 + torch.rand(b, n, 2, generator=g) * 40], dim=2)
+    scores = torch.rand(b, n, generator=g)
+    scores[0, :5] = float("-inf")
+    positive = torch.rand(b, n, generator=g) < 0.01
+    fast = L.ohem_select(scores, boxes, positive, 64, 0.5, ratio)
+    monkeypatch.setattr(L, "batched_nms", lambda bx, sc, gr, t, **kw: native_batched_nms(bx, sc, gr, t))
+    full = L.ohem_select(scores, boxes, positive, 64, 0.5, ratio)
+    assert fast[0].tolist() == full[0].tolist() and fast[1].tolist() == full[1].tolist()
+    if ratio == 0:
+        assert len(full[0]) == 3 * 64
+    else:  # at most 64 // 4 positives per image
+        assert max(int(positive[full[0], full[1]][full[0] == i].sum()) for i in range(b)) <= 16

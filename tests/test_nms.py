@@ -58,3 +58,27 @@ def test_torchvision_one_call_equals_its_per_group_loop():
         groups = groups * 300  # large group ids: offsets far beyond float32's exact range
         assert torchvision_batched_nms()(boxes, scores, groups, 0.5).tolist() == \
             batched_nms(boxes, scores, groups, 0.5).tolist()
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.7])
+def test_quota_stops_early_with_the_full_result_as_prefix(threshold):
+    g = torch.Generator().manual_seed(3)
+    n = 3000
+    xy = torch.rand(n, 2, generator=g) * 200
+    boxes = torch.cat([xy, xy + 10 + torch.rand(n, 2, generator=g) * 40], dim=1)
+    scores = torch.rand(n, generator=g)
+    groups = torch.randint(0, 3, (n,), generator=g)
+    kinds = (torch.rand(n, generator=g) < 0.05).long()  # a few "positives"
+    full = native_batched_nms(boxes, scores, groups, threshold)
+    for quota in ([40], [40, 5], [2000, 1000]):
+        k = kinds if len(quota) == 2 else torch.zeros_like(kinds)
+        part = native_batched_nms(boxes, scores, groups, threshold, block=64, kinds=k, quota=quota)
+        assert set(part.tolist()) <= set(full.tolist())
+        for grp in range(3):
+            f, p = full[groups[full] == grp], part[groups[part] == grp]
+            assert p.tolist() == f[:len(p)].tolist()  # a prefix of the full result, by score
+            for kind, q in enumerate(quota):
+                want = f[k[f] == kind][:q]
+                assert p[k[p] == kind][:q].tolist() == want.tolist()  # every box the quota asks for
+        if quota == [40]:
+            assert len(part) < len(full)  # it did stop early
