@@ -203,17 +203,27 @@ def share_above(ious, thresholds=IOU_THRESHOLDS) -> list:
     return [(t, float((ious >= t).sum()) / n) for t in thresholds]
 
 
-def plot_iou_figures(scores, ious, path: str) -> str:
+def plot_iou_figures(models: dict, path: str) -> str:
+    """IoU-balanced Figures 2 and 3 side by side; models: {label: (scores (D,), ious (D,))}, one bar
+    colour per model (the paper compares the baseline with IoU-balanced classification)."""
     from .atomic import atomic_write
 
     plt = _pyplot()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=80)
-    rows = [r for r in mean_score_by_iou(scores, ious) if r[2] is not None]
-    a.bar([f"{lo:.2f}" for lo, *_ in rows], [r[2] for r in rows], color="tab:blue")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), dpi=80)
+    width = 0.8 / max(len(models), 1)
+    for i, (label, (scores, ious)) in enumerate(models.items()):
+        rows = mean_score_by_iou(scores, ious)
+        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(rows))]
+        a.bar(xs, [r[2] or 0.0 for r in rows], width=width, label=label)
+        shares = share_above(ious)
+        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(shares))]
+        b.bar(xs, [100 * v for _, v in shares], width=width, label=label)
+    a.set_xticks(range(len(IOU_BINS) - 1), [f"{lo:.2f}" for lo in IOU_BINS[:-1]], rotation=45)
     a.set(xlabel="IoU with ground truth (bin start)", ylabel="average score",
           title="IoU-balanced Fig. 2: average score by IoU")
-    a.tick_params(axis="x", labelrotation=45)
-    shares = share_above(ious)
-    b.bar([f">= {t:g}" for t, _ in shares], [100 * s for _, s in shares], color="tab:green")
+    b.set_xticks(range(len(IOU_THRESHOLDS)), [f">= {t:g}" for t in IOU_THRESHOLDS])
     b.set(xlabel="IoU threshold", ylabel="% of detections", title="IoU-balanced Fig. 3: detections above IoU")
+    if len(models) > 1:
+        a.legend()
+        b.legend()
     return _save(fig, Path(path), atomic_write, plt)

@@ -102,9 +102,15 @@ def test_analyze_cli_on_a_tiny_checkpoint(tmp_path):
     data = json.loads((tmp_path / "a" / "figure6_loss_cdf.json").read_text())
     shares = data["hardest_20_percent_share_of_loss"]
     assert set(shares) == {"0", "0.5", "1", "2"} and all(0 < v["negative"] <= 1 for v in shares.values())
-    assert main(["analyze", "iou", "--output", str(tmp_path / "b"), *common]) == 0
+    second = ["--checkpoint", str(tmp_path / "m.pt"), "--label", "a", "--label", "b"]
+    assert main(["analyze", "iou", "--output", str(tmp_path / "b"), *common, *second]) == 0
     iou = json.loads((tmp_path / "b" / "iou_figures.json").read_text())
-    assert len(iou["mean_score_by_iou"]) == 10 and set(iou["share_at_or_above_iou"]) == {"0.5", "0.6", "0.7", "0.8", "0.9"}
+    assert [m["label"] for m in iou["models"]] == ["a", "b"]
+    first = iou["models"][0]
+    assert len(first["mean_score_by_iou"]) == 10 and set(first["share_at_or_above_iou"]) == {"0.5", "0.6", "0.7", "0.8", "0.9"}
+    assert first["detections"] == sum(r["count"] for r in first["mean_score_by_iou"])  # every detection in one bin
+    assert iou["models"][1]["mean_score_by_iou"] == first["mean_score_by_iou"]  # same checkpoint, same figures
+    assert main(["analyze", "iou", "--output", str(tmp_path / "d"), *common, "--label", "x", "--label", "y"]) == 1
     for png in (tmp_path / "a" / "figure6_loss_cdf.png", tmp_path / "b" / "iou_figures.png"):
         with Image.open(png) as im:
             assert im.format == "PNG"

@@ -16,7 +16,10 @@ def register(sub) -> None:
                        description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     p.add_argument("figure", choices=["curves", "loss-cdf", "iou"], help="which figure(s)")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for the PNG and JSON files")
-    p.add_argument("--checkpoint", metavar="C", help="a trained retinanet checkpoint (loss-cdf, iou)")
+    p.add_argument("--checkpoint", metavar="C", action="append",
+                   help="a trained retinanet checkpoint (loss-cdf: one; iou: one or more, drawn side by side)")
+    p.add_argument("--label", action="append", metavar="NAME",
+                   help="iou: a legend name per --checkpoint, in order (default: the checkpoint's folder name)")
     p.add_argument("--json", metavar="J", help="COCO instances JSON of the images to analyze (loss-cdf, iou)")
     p.add_argument("--images", metavar="D", help="the images folder of --json (loss-cdf, iou)")
     p.add_argument("--max-images", type=int, default=200, help="images to use (default 200)")
@@ -41,12 +44,18 @@ def run(args) -> int:
     from ..checkpoint import load_model
     from ..data.coco import CocoDataset
 
-    model, _, _ = load_model(args.checkpoint)
     dataset = CocoDataset(args.json, args.images, check_images="exists")
-    if dataset.num_classes != model.num_classes:
-        raise ValueError(f"{args.json} has {dataset.num_classes} categories, the model {model.num_classes}")
+
+    def load(path):
+        model, _, _ = load_model(path)
+        if dataset.num_classes != model.num_classes:
+            raise ValueError(f"{args.json} has {dataset.num_classes} categories, the model in {path} {model.num_classes}")
+        return model
+
     if args.figure == "loss-cdf":
-        cdfs = loss_cdfs(*anchor_samples(model, dataset, args.max_images), gammas=args.gammas)
+        if len(args.checkpoint) != 1:
+            raise ValueError("analyze loss-cdf takes one --checkpoint (the gammas are applied to its predictions)")
+        cdfs = loss_cdfs(*anchor_samples(load(args.checkpoint[0]), dataset, args.max_images), gammas=args.gammas)
         png = plot_loss_cdf(cdfs, str(out / "figure6_loss_cdf.png"))
         # The share of the loss carried by the hardest 20% of samples, per gamma (sec. 5.1's reading of Figure 6)
         summary = {f"{g:g}": {kind: 1 - float(y[int(0.8 * (len(y) - 1))]) for kind, (_, y) in c.items()}
@@ -54,12 +63,19 @@ def run(args) -> int:
         data = {"hardest_20_percent_share_of_loss": summary}
         name = "figure6_loss_cdf.json"
     else:
-        scores, ious = detection_ious(model, dataset, args.max_images)
-        png = plot_iou_figures(scores, ious, str(out / "iou_figures.png"))
-        data = {"detections": int(scores.numel()),
-                "mean_score_by_iou": [{"iou_from": lo, "iou_to": hi, "mean_score": m, "count": c}
-                                      for lo, hi, m, c in mean_score_by_iou(scores, ious)],
-                "share_at_or_above_iou": {f"{t:g}": s for t, s in share_above(ious)}}
+        labels = list(args.label or [])
+        if labels and len(labels) != len(args.checkpoint):
+            raise ValueError(f"{len(labels)} --label for {len(args.checkpoint)} --checkpoint")
+        labels = labels or [Path(c).resolve().parent.name for c in args.checkpoint]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"two checkpoints have the same label ({', '.join(labels)}): give --label")
+        models = {label: detection_ious(load(c), dataset, args.max_images) for label, c in zip(labels, args.checkpoint)}
+        png = plot_iou_figures(models, str(out / "iou_figures.png"))
+        data = {"models": [{"label": label, "checkpoint": c, "detections": int(scores.numel()),
+                            "mean_score_by_iou": [{"iou_from": lo, "iou_to": hi, "mean_score": m, "count": n}
+                                                  for lo, hi, m, n in mean_score_by_iou(scores, ious)],
+                            "share_at_or_above_iou": {f"{t:g}": v for t, v in share_above(ious)}}
+                           for (label, (scores, ious)), c in zip(models.items(), args.checkpoint)]}
         name = "iou_figures.json"
     with atomic_write(out / name, "w") as f:
         json.dump(data, f, indent=2)
