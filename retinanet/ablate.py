@@ -158,7 +158,7 @@ def run_sweep(sweep_path: str, output: str, *, profile: str = "small", extra_ove
     from .engine import NonFiniteLossError
 
     runs = expand_sweep(sweep_path, profile, extra_overrides, seeds)
-    info = sweep_info(sweep_path)
+    info = dict(sweep_info(sweep_path), profile=profile, overrides=list(extra_overrides or []))
     out = Path(output)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     train_fn = train_fn or _default_train
@@ -278,8 +278,11 @@ def write_results(out: Path, runs: list, info: dict) -> dict:
         records.append(rec or {"setting": run["setting"], "seed": run["seed"], "run_id": run["run_id"], "status": None})
     settings = list(dict.fromkeys(r["setting"] for r in runs))
     rows = aggregate(records, settings, info["metrics"])
+    how = f"Profile `{info.get('profile', 'small')}`" + (
+        f", with {' '.join(f'`{o}`' for o in info['overrides'])}" if info.get("overrides") else "")
     md = [f"# {info['title'] or info['name']}", "",
-          "AP in points (COCO AP x 100) on the validation set: mean ± sample standard deviation over seeds.", "",
+          "AP in points (COCO AP x 100) on the validation set: mean ± sample standard deviation over seeds.",
+          f"{how}.", "",
           format_table(rows, info["metrics"]), ""]
     problems = [r for r in records if r.get("status") in ("diverged", "failed")]
     if problems:
@@ -292,6 +295,7 @@ def write_results(out: Path, runs: list, info: dict) -> dict:
 
     with atomic_write(out / "results.md", "w") as f:
         f.write("\n".join(md))
-    result = {"sweep": info["name"], "title": info["title"], "metrics": info["metrics"], "settings": rows, "runs": records}
+    result = {"sweep": info["name"], "title": info["title"], "profile": info.get("profile"),
+              "overrides": info.get("overrides", []), "metrics": info["metrics"], "settings": rows, "runs": records}
     _write_json(out / "results.json", result)
     return result

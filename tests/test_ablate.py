@@ -86,6 +86,9 @@ def test_runs_resume_record_failures_and_divergence(sweep, tmp_path):
     assert "| gamma=2 | 30.5 ± 0.7 | 50.0 ± 0.0 | 2/2 ok |" in md  # AP 0.30, 0.31: mean 30.5, std 0.707
     assert "| bad | — | — | 0/2 ok, 1 diverged, 1 failed |" in md
     assert "bad-seed1: failed: RuntimeError: out of memory" in md
+    assert "Profile `small`." in md
+    run_sweep(sweep, str(out), train_fn=fake_train, extra_overrides=["train.lr=0.01"], log=lambda *a: None)
+    assert "Profile `small`, with `train.lr=0.01`." in (out / "results.md").read_text()
 
 
 def test_identical_configs_are_reused_from_other_sweeps(sweep, tmp_path):
