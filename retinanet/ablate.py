@@ -84,8 +84,9 @@ def base_config_dict(base: str, sweep_path: Path) -> dict:
 
 
 def expand_sweep(sweep_path: str, profile: str = "small", extra_overrides: Optional[list] = None,
-                 seeds: Optional[list] = None) -> list:
+                 seeds: Optional[list] = None, only: Optional[list] = None) -> list:
     """The runs of a sweep: [{"setting", "seed", "run_id", "config": Config}], in file order.
+    only: setting names (or their folder names) to keep; the others are left out.
 
     Every config is built (and so checked) here, before anything trains: a typo in the last
     setting is an error at start-up, not after hours of training.
@@ -107,6 +108,13 @@ def expand_sweep(sweep_path: str, profile: str = "small", extra_overrides: Optio
     settings = sweep.get("settings") or []
     if not settings:
         raise ConfigError(f"{path}: no settings")
+    if only:
+        names = {str(x.get("name")) for x in settings if isinstance(x, dict)}
+        unknown = [o for o in only if o not in names and o not in {slug(n) for n in names}]
+        if unknown:
+            raise ConfigError(f"{path}: no setting named {', '.join(map(repr, unknown))} "
+                              f"(settings: {', '.join(map(repr, sorted(names)))})")
+        settings = [x for x in settings if x.get("name") in only or slug(str(x.get("name"))) in only]
     seeds = list(seeds if seeds is not None else sweep.get("seeds", [0]))
     runs, seen = [], set()
     for i, setting in enumerate(settings):
@@ -146,7 +154,8 @@ def _default_train(cfg, run_dir: str) -> dict:
 
 def run_sweep(sweep_path: str, output: str, *, profile: str = "small", extra_overrides: Optional[list] = None,
               seeds: Optional[list] = None, train_fn: Optional[Callable] = None,
-              prepare: Optional[Callable] = None, reuse: Optional[list] = None, log=print) -> dict:
+              prepare: Optional[Callable] = None, reuse: Optional[list] = None, only: Optional[list] = None,
+              log=print) -> dict:
     """Run every (setting, seed) of a sweep that has not finished; return the aggregated results.
 
     train_fn(cfg, run_dir) -> metrics dict (default: the engine). A NonFiniteLossError marks the
@@ -157,7 +166,7 @@ def run_sweep(sweep_path: str, output: str, *, profile: str = "small", extra_ove
     from .config import config_to_dict
     from .engine import NonFiniteLossError
 
-    runs = expand_sweep(sweep_path, profile, extra_overrides, seeds)
+    runs = expand_sweep(sweep_path, profile, extra_overrides, seeds, only)
     info = dict(sweep_info(sweep_path), profile=profile, overrides=list(extra_overrides or []))
     out = Path(output)
     (out / "runs").mkdir(parents=True, exist_ok=True)

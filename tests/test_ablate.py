@@ -37,6 +37,9 @@ def test_expansion_builds_every_config(sweep):
     assert first.train.iterations == 7 and first.model.backbone == "resnet18"  # the demo base + profile override
     assert runs[3]["config"].train.seed == 1 and runs[3]["config"].loss.alpha == 0.25
     assert [r["seed"] for r in expand_sweep(sweep, seeds=[5])] == [5, 5, 5]
+    assert [r["run_id"] for r in expand_sweep(sweep, seeds=[1], only=["bad", "gamma=0"])] == ["gamma=0-seed1", "bad-seed1"]
+    with pytest.raises(ConfigError, match="no setting named 'gamma=3'"):
+        expand_sweep(sweep, only=["gamma=3"])
 
 
 def test_a_bad_key_fails_at_start_naming_the_setting(tmp_path):

@@ -19,6 +19,8 @@ def register(sub) -> None:
     p.add_argument("--reuse", action="append", default=[], metavar="DIR",
                    help="output folder of another sweep (repeatable): runs with an identical config are copied from "
                         "there instead of trained again")
+    p.add_argument("--only", action="append", metavar="SETTING",
+                   help="run only this setting (its name as in the sweep, or its folder name; repeatable)")
     p.add_argument("--list", action="store_true", help="print the runs the sweep expands to and exit")
     p.set_defaults(func=run)
 
@@ -60,11 +62,11 @@ def run(args) -> int:
     from ..ablate import expand_sweep, run_sweep
 
     if args.list:
-        for r in expand_sweep(args.sweep, args.profile, args.overrides, args.seeds):
+        for r in expand_sweep(args.sweep, args.profile, args.overrides, args.seeds, args.only):
             print(r["run_id"])
         return 0
     result = run_sweep(args.sweep, args.output, profile=args.profile, extra_overrides=args.overrides,
-                       seeds=args.seeds, prepare=shapes_preparer(args.data_dir), reuse=args.reuse)
+                       seeds=args.seeds, prepare=shapes_preparer(args.data_dir), reuse=args.reuse, only=args.only)
     print(f"results: {args.output}/results.md")
     bad = sum(r["failed"] for r in result["settings"])
     return 1 if bad else 0
