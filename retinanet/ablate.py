@@ -235,9 +235,18 @@ def _write_json(path: Path, obj) -> None:
         json.dump(obj, f, indent=2)
 
 
+def _mean_std(values: list) -> tuple:
+    """(mean, sample standard deviation; 0 for one value)."""
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
 def aggregate(records: list, settings: list, metrics: list) -> list:
     """Per setting (in sweep order): mean and spread (sample std; 0 for one seed) of each metric over
-    its finished runs, with counts of diverged and failed runs."""
+    its finished runs, with counts of diverged and failed runs; and "paired": the first metric's
+    difference from the first setting, seed by seed (same seed, same initialization and data order),
+    mean and spread over the seeds both finished: a far smaller spread than the metric's own."""
     rows = []
     for name in settings:
         mine = [r for r in records if r["setting"] == name]
@@ -249,19 +258,32 @@ def aggregate(records: list, settings: list, metrics: list) -> list:
         for m in metrics:
             values = [r["metrics"][m] for r in ok if isinstance(r["metrics"].get(m), (int, float))]
             if values:
-                mean = sum(values) / len(values)
-                row["mean"][m] = mean
-                row["std"][m] = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-                                 if len(values) > 1 else 0.0)
+                row["mean"][m], row["std"][m] = _mean_std(values)
         rows.append(row)
+    if metrics and settings:
+        m = metrics[0]
+
+        def by_seed(name):
+            return {r.get("seed"): r["metrics"][m] for r in records if r["setting"] == name and r.get("status") == "ok"
+                    and isinstance(r["metrics"].get(m), (int, float))}
+
+        base = by_seed(settings[0])
+        for row in rows[1:]:
+            mine = by_seed(row["setting"])
+            deltas = [mine[s] - base[s] for s in mine if s in base]
+            if deltas:
+                mean, std = _mean_std(deltas)
+                row["paired"] = {"metric": m, "mean": mean, "std": std, "seeds": len(deltas)}
     return rows
 
 
 def format_table(rows: list, metrics: list) -> str:
-    """A markdown table in the papers' layout, AP in points (x100): mean +- spread over seeds."""
-    head = "| setting | " + " | ".join(metrics) + " | runs |"
-    lines = [head, "|" + "---|" * (len(metrics) + 2)]
-    for row in rows:
+    """A markdown table in the papers' layout, AP in points (x100): mean +- spread over seeds, then
+    the first metric's paired difference from the first setting."""
+    paired = bool(metrics) and len(rows) > 1
+    head = "| setting | " + " | ".join(metrics) + (f" | Δ{metrics[0]} (paired) |" if paired else " |") + " runs |"
+    lines = [head, "|" + "---|" * (len(metrics) + 2 + paired)]
+    for i, row in enumerate(rows):
         cells = []
         for m in metrics:
             if m in row["mean"]:
@@ -269,6 +291,10 @@ def format_table(rows: list, metrics: list) -> str:
                 cells.append(f"{100 * row['mean'][m]:.1f}{spread}")
             else:
                 cells.append("—")
+        if paired:
+            d = row.get("paired")
+            cells.append("(base)" if i == 0 else "—" if d is None else
+                         f"{100 * d['mean']:+.1f}" + (f" ± {100 * d['std']:.1f}" if d["seeds"] > 1 else ""))
         status = f"{row['ok']}/{row['runs']} ok"
         if row["diverged"]:
             status += f", {row['diverged']} diverged"
@@ -290,7 +316,9 @@ def write_results(out: Path, runs: list, info: dict) -> dict:
     how = f"Profile `{info.get('profile', 'small')}`" + (
         f", with {' '.join(f'`{o}`' for o in info['overrides'])}" if info.get("overrides") else "")
     md = [f"# {info['title'] or info['name']}", "",
-          "AP in points (COCO AP x 100) on the validation set: mean ± sample standard deviation over seeds.",
+          "AP in points (COCO AP x 100) on the validation set: mean ± sample standard deviation over seeds; "
+          "the paired column is each setting's difference from the first one, seed by seed (same seed: same "
+          "initialization and data order), mean ± standard deviation.",
           f"{how}.", "",
           format_table(rows, info["metrics"]), ""]
     problems = [r for r in records if r.get("status") in ("diverged", "failed")]

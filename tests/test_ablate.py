@@ -86,8 +86,10 @@ def test_runs_resume_record_failures_and_divergence(sweep, tmp_path):
     run_sweep(sweep, str(out), train_fn=fake_train, log=lambda *a: None)
     assert calls == [(5.0, 1)]
     md = (out / "results.md").read_text()
-    assert "| gamma=2 | 30.5 ± 0.7 | 50.0 ± 0.0 | 2/2 ok |" in md  # AP 0.30, 0.31: mean 30.5, std 0.707
-    assert "| bad | — | — | 0/2 ok, 1 diverged, 1 failed |" in md
+    # AP 0.30, 0.31: mean 30.5, std 0.707; paired with gamma=0 (0.10, 0.11): +20.0 twice
+    assert "| gamma=2 | 30.5 ± 0.7 | 50.0 ± 0.0 | +20.0 ± 0.0 | 2/2 ok |" in md
+    assert "| gamma=0 | 10.5 ± 0.7 | 50.0 ± 0.0 | (base) | 2/2 ok |" in md
+    assert "| bad | — | — | — | 0/2 ok, 1 diverged, 1 failed |" in md
     assert "bad-seed1: failed: RuntimeError: out of memory" in md
     assert "Profile `small`." in md
     run_sweep(sweep, str(out), train_fn=fake_train, extra_overrides=["train.lr=0.01"], log=lambda *a: None)
@@ -120,10 +122,16 @@ def test_identical_configs_are_reused_from_other_sweeps(sweep, tmp_path):
 def test_aggregate_by_hand():
     recs = [{"setting": "a", "status": "ok", "metrics": {"AP": 0.2}}, {"setting": "a", "status": "ok", "metrics": {"AP": 0.4}},
             {"setting": "b", "status": "ok", "metrics": {"AP": 0.3}}, {"setting": "b", "status": None}]
+    recs[0]["seed"], recs[1]["seed"], recs[2]["seed"], recs[3]["seed"] = 0, 1, 1, 0
     rows = aggregate(recs, ["a", "b"], ["AP"])
     assert rows[0]["mean"]["AP"] == pytest.approx(0.3) and rows[0]["std"]["AP"] == pytest.approx(math.sqrt(0.02))
     assert rows[1]["std"]["AP"] == 0.0 and rows[1]["pending"] == 1
-    assert format_table(rows, ["AP"]).splitlines()[3] == "| b | 30.0 | 1/2 ok, 1 pending |"
+    assert rows[1]["paired"] == {"metric": "AP", "mean": pytest.approx(-0.1), "std": 0.0, "seeds": 1}  # 0.3 - 0.4, seed 1
+    assert format_table(rows, ["AP"]).splitlines()[3] == "| b | 30.0 | -10.0 | 1/2 ok, 1 pending |"
+    recs += [{"setting": "c", "seed": 0, "status": "ok", "metrics": {"AP": 0.5}},
+             {"setting": "c", "seed": 1, "status": "ok", "metrics": {"AP": 0.5}}]
+    c = aggregate(recs, ["a", "b", "c"], ["AP"])[2]["paired"]  # differences 0.3 and 0.1
+    assert c["mean"] == pytest.approx(0.2) and c["std"] == pytest.approx(math.sqrt(0.02)) and c["seeds"] == 2
 
 
 def test_end_to_end_with_the_engine(tmp_path):
