@@ -138,6 +138,14 @@ def run_stages(args) -> None:
         print(f"  {name:<46}" + "".join(f"{m:>12.1f}" for m in meds) + f"{sum(meds):>10.1f}")
 
 
+def _in_context(v: Variant, fn: Callable) -> Callable:
+    """fn, called under the variant's context (autocast, no_grad) when timed."""
+    def wrapped():
+        with v.context():
+            fn()
+    return wrapped
+
+
 def _our_stages(v: Variant, image: torch.Tensor) -> dict:
     m = v.model
     with v.context():
@@ -146,18 +154,13 @@ def _our_stages(v: Variant, image: torch.Tensor) -> dict:
         pyramid = m.fpn(feats)
         cls_logits, box_deltas = m.head(pyramid)
 
-    def run(fn):
-        def wrapped():
-            with v.context():
-                fn()
-        return wrapped
-
     def post():
         level_anchors = m.anchor_generator([f.shape[-2:] for f in pyramid], batch.shape[-2:], batch.device)
         m.postprocess(cls_logits, box_deltas, torch.cat(level_anchors), [a.shape[0] for a in level_anchors], sizes)
 
-    return {"preprocess": run(lambda: m.preprocess([image], resize=True)), "backbone": run(lambda: m.backbone(batch)),
-            "fpn": run(lambda: m.fpn(feats)), "heads": run(lambda: m.head(pyramid)), "postprocess": run(post)}
+    stages = {"preprocess": lambda: m.preprocess([image], resize=True), "backbone": lambda: m.backbone(batch),
+              "fpn": lambda: m.fpn(feats), "heads": lambda: m.head(pyramid), "postprocess": post}
+    return {name: _in_context(v, fn) for name, fn in stages.items()}
 
 
 def _tv_stages(v: Variant, image: torch.Tensor) -> dict:
@@ -168,12 +171,6 @@ def _tv_stages(v: Variant, image: torch.Tensor) -> dict:
         pyramid = net.backbone.fpn(feats)
         head_outputs = net.head(list(pyramid.values()))
 
-    def run(fn):
-        def wrapped():
-            with v.context():
-                fn()
-        return wrapped
-
     def post():
         features = list(pyramid.values())
         anchors = net.anchor_generator(images, features)
@@ -182,9 +179,9 @@ def _tv_stages(v: Variant, image: torch.Tensor) -> dict:
         dets = net.postprocess_detections(split, [list(a.split(level_sizes)) for a in anchors], images.image_sizes)
         net.transform.postprocess(dets, images.image_sizes, [tuple(image.shape[-2:])])
 
-    return {"preprocess": run(lambda: net.transform([image])), "backbone": run(lambda: net.backbone.body(images.tensors)),
-            "fpn": run(lambda: net.backbone.fpn(feats)), "heads": run(lambda: net.head(list(pyramid.values()))),
-            "postprocess": run(post)}
+    stages = {"preprocess": lambda: net.transform([image]), "backbone": lambda: net.backbone.body(images.tensors),
+              "fpn": lambda: net.backbone.fpn(feats), "heads": lambda: net.head(list(pyramid.values())), "postprocess": post}
+    return {name: _in_context(v, fn) for name, fn in stages.items()}
 
 
 def run_postprocess(args) -> None:

@@ -9,7 +9,8 @@ measured in the same run (torchvision's RetinaNet when it imports, else our plai
 Sections: inference (end to end at 800 and 512 px), stages (backbone, FPN, heads, post-processing),
 postprocess, train (step time and peak memory, one process per configuration), focal (the focal
 loss alone), eval (COCO evaluation of a generated 5000-image set), data (data-loading throughput),
-precision (COCO AP of a trained model plain, folded and in bf16).
+precision (COCO AP of a trained model plain, folded and in bf16), ohem (OHEM's NMS with and without
+early stopping).
 See BENCHMARKS.md for the figures and for making an environment where torchvision imports.
 """
 
@@ -29,7 +30,7 @@ sys.path.insert(0, str(HERE))
 
 from common import ROOT, machine_report, torchvision_module  # noqa: E402
 
-SECTIONS = ["inference", "stages", "postprocess", "train", "focal", "eval", "data", "precision"]
+SECTIONS = ["inference", "stages", "postprocess", "train", "focal", "eval", "data", "precision", "ohem"]
 
 
 def run_script(name: str, extra: list) -> None:
@@ -60,6 +61,11 @@ def run_data(args) -> None:
         print("  retinanet.data is not on this branch yet: skipped")
         return
     run_script("bench_data.py", ["--quick"] if args.quick else [])
+
+
+def run_ohem(args) -> None:
+    print("\n== OHEM's example selection: native NMS to the end vs stopping early")
+    run_script("bench_ohem.py", ["--quick"] if args.quick else [])
 
 
 def run_precision(args) -> None:
@@ -114,7 +120,7 @@ def main(argv=None) -> int:
 
     runners = {"inference": run_inference, "stages": run_stages, "postprocess": run_postprocess,
                "train": run_train, "focal": run_focal, "eval": run_eval, "data": run_data,
-               "precision": run_precision}
+               "precision": run_precision, "ohem": run_ohem}
     for section in sections:
         start = time.perf_counter()
         runners[section](args)

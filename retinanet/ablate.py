@@ -22,8 +22,8 @@ Each (setting, seed) is one run in DIR/runs/<setting>-seed<k>/, with its checkpo
 result.json. A run whose result.json says "ok" or "diverged" is skipped on restart; a "failed" run
 is tried again. With `reuse` (other sweeps' output folders), a run whose config is identical to a
 finished run there (the FL baseline appears in six sweeps) copies that run's result instead of
-training again; its result.json names the source. DIR/results.md (the papers' layout: mean +- spread over seeds) and results.json are
-rewritten after every run.
+training again; its result.json names the source. DIR/results.md (the papers' layout: mean +-
+spread over seeds) and results.json are rewritten after every run.
 """
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ def aggregate(records: list, settings: list, metrics: list) -> list:
     its finished runs, with counts of diverged and failed runs; and "paired": the first metric's
     difference from the first setting, seed by seed (same seed, same initialization and data order),
     mean and spread over the seeds both finished: a far smaller spread than the metric's own."""
-    rows = []
+    rows, first_metric = [], {}  # first_metric[setting]: {seed: value of metrics[0]}
     for name in settings:
         mine = [r for r in records if r["setting"] == name]
         ok = [r for r in mine if r.get("status") == "ok"]
@@ -256,24 +256,20 @@ def aggregate(records: list, settings: list, metrics: list) -> list:
                "failed": sum(r.get("status") == "failed" for r in mine),
                "pending": sum(r.get("status") is None for r in mine), "mean": {}, "std": {}}
         for m in metrics:
-            values = [r["metrics"][m] for r in ok if isinstance(r["metrics"].get(m), (int, float))]
+            values = [(r.get("seed"), r["metrics"][m]) for r in ok if isinstance(r["metrics"].get(m), (int, float))]
             if values:
-                row["mean"][m], row["std"][m] = _mean_std(values)
+                row["mean"][m], row["std"][m] = _mean_std([v for _, v in values])
+            if m == metrics[0]:
+                first_metric[name] = dict(values)
         rows.append(row)
-    if metrics and settings:
-        m = metrics[0]
-
-        def by_seed(name):
-            return {r.get("seed"): r["metrics"][m] for r in records if r["setting"] == name and r.get("status") == "ok"
-                    and isinstance(r["metrics"].get(m), (int, float))}
-
-        base = by_seed(settings[0])
+    if rows and metrics:
+        base = first_metric[settings[0]]
         for row in rows[1:]:
-            mine = by_seed(row["setting"])
+            mine = first_metric[row["setting"]]
             deltas = [mine[s] - base[s] for s in mine if s in base]
             if deltas:
                 mean, std = _mean_std(deltas)
-                row["paired"] = {"metric": m, "mean": mean, "std": std, "seeds": len(deltas)}
+                row["paired"] = {"metric": metrics[0], "mean": mean, "std": std, "seeds": len(deltas)}
     return rows
 
 

@@ -212,12 +212,11 @@ def plot_iou_figures(models: dict, path: str) -> str:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), dpi=80)
     width = 0.8 / max(len(models), 1)
     for i, (label, (scores, ious)) in enumerate(models.items()):
+        shift = (i - (len(models) - 1) / 2) * width  # this model's bar beside the others'
         rows = mean_score_by_iou(scores, ious)
-        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(rows))]
-        a.bar(xs, [r[2] or 0.0 for r in rows], width=width, label=label)
+        a.bar([j + shift for j in range(len(rows))], [r[2] or 0.0 for r in rows], width=width, label=label)
         shares = share_above(ious)
-        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(shares))]
-        b.bar(xs, [100 * v for _, v in shares], width=width, label=label)
+        b.bar([j + shift for j in range(len(shares))], [100 * v for _, v in shares], width=width, label=label)
     a.set_xticks(range(len(IOU_BINS) - 1), [f"{lo:.2f}" for lo in IOU_BINS[:-1]], rotation=45)
     a.set(xlabel="IoU with ground truth (bin start)", ylabel="average score",
           title="IoU-balanced Fig. 2: average score by IoU")

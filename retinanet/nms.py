@@ -62,9 +62,7 @@ def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, threshold: float,
             return tv(boxes, scores, groups, threshold)
         if backend == "torchvision":
             raise RuntimeError("torchvision NMS requested but torchvision is not importable")
-    if quota is not None:
-        return native_batched_nms(boxes, scores, groups, threshold, kinds=kinds, quota=quota)
-    return native_batched_nms(boxes, scores, groups, threshold)
+    return native_batched_nms(boxes, scores, groups, threshold, kinds=kinds, quota=quota)
 
 
 def _block_keep(b: Tensor, g: Tensor, alive: Tensor, threshold: float) -> Tensor:
@@ -133,7 +131,7 @@ def _native_nms_with_quota(boxes: Tensor, scores: Tensor, groups: Tensor, thresh
     start = 0
     for count in counts.tolist():
         end = start + count
-        # kinds left in this group from each position on: a kind with none left needs no more
+        # boxes of each kind not yet processed in this group: a kind with none left needs no more
         left = torch.zeros(num_kinds, dtype=torch.int64)
         left.index_add_(0, kinds[start:end].cpu(), torch.ones(count, dtype=torch.int64))
         kept_idx = torch.zeros(0, dtype=torch.int64, device=boxes.device)
