@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine_report, print_table, time_interleaved  # noqa: E402
 from retinanet import losses  # noqa: E402
-from retinanet.anchors import AnchorGenerator  # noqa: E402
-from retinanet.nms import native_batched_nms, torchvision_batched_nms  # noqa: E402
+from retinanet.ops.anchors import AnchorGenerator  # noqa: E402
+from retinanet.ops.nms import native_batched_nms, torchvision_batched_nms  # noqa: E402
 
 
 def main(argv=None) -> int:

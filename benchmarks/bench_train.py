@@ -63,7 +63,7 @@ def batch(device: str, seed: int = 0) -> tuple:
 def make_step(name: str, state: dict, device: str):
     """A closure running one training step of configuration `name` (forward with the losses,
     backward, SGD step) and the list it appends each step's total loss to."""
-    from retinanet.model import build_model
+    from retinanet.modeling import build_model
 
     model = build_model(torchvision_layout_config(min_size=SIZE, max_size=SIZE))
     model.load_state_dict(state)

@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
 
 from retinanet.config import Config  # noqa: E402
 from retinanet.convert import to_torchvision_state_dict, torchvision_retinanet_config  # noqa: E402
-from retinanet.model import RetinaNet, build_model  # noqa: E402
+from retinanet.modeling import RetinaNet, build_model  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- machine
@@ -231,8 +231,8 @@ def loop_postprocess(cls_logits, box_deltas, anchors, level_sizes, image_sizes, 
                      box_weights=(1.0, 1.0, 1.0, 1.0), box_clamp=math.log(1000.0 / 16)) -> list:
     """The per-image, per-level post-processing torchvision's RetinaNet does (the baseline when
     torchvision is absent): sigmoid of every score, threshold, top-k, decode, clip, NMS."""
-    from retinanet.boxes import decode
-    from retinanet.nms import batched_nms
+    from retinanet.ops.boxes import decode
+    from retinanet.ops.nms import batched_nms
 
     num_classes = cls_logits.shape[-1]
     results = []

@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 __all__ = ["Config", "Detections", "Predictor", "RetinaNet", "build_model", "load_config", "__version__"]
 
 # public name -> submodule that defines it
-_LAZY = {"Config": "config", "load_config": "config", "RetinaNet": "model", "build_model": "model",
+_LAZY = {"Config": "config", "load_config": "config", "RetinaNet": "modeling", "build_model": "modeling",
          "Predictor": "predict", "Detections": "predict"}
 
 

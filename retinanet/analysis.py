@@ -115,7 +115,7 @@ def anchor_samples(model, dataset, max_images: int = 100, max_negatives: int = 1
     on the first `max_images` images: (pos_logits (P, K), pos_targets (P, K), neg_logits (M, K)).
     Images are resized as at test time; negatives are subsampled to at most `max_negatives`."""
     from .data.transforms import ResizeShortestSide
-    from .matcher import BACKGROUND, FOREGROUND
+    from .ops.matcher import BACKGROUND, FOREGROUND
 
     model.eval()
     resize = ResizeShortestSide([model.min_size], model.max_size, rounding=model.resize_rounding)
@@ -168,7 +168,7 @@ def plot_loss_cdf(cdfs: dict, path: str) -> str:
 def detection_ious(model, dataset, max_images: int = 500, batch_size: int = 8) -> tuple:
     """(scores (D,), ious (D,)) of the model's detections: each detection's IoU with the best
     overlapping non-crowd ground-truth box of its class in its image (0 if none)."""
-    from .boxes import box_iou
+    from .ops.boxes import box_iou
 
     model.eval()
     scores, ious = [], []

@@ -74,7 +74,7 @@ def make_checkpoint(model: torch.nn.Module, cfg: Config, categories: list, **ext
 
 def load_model(path: str, device: str = "cpu"):
     """(model in eval mode, config, categories) from a checkpoint file."""
-    from .model import build_model
+    from .modeling import build_model
 
     ckpt = load_checkpoint(path)
     cfg = config_from_dict(ckpt["config"])

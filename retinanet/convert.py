@@ -203,7 +203,7 @@ def convert_torchvision_retinanet(src: str, dst: str, bn_eps: float = 0.0) -> di
     Returns the checkpoint written.
     """
     from .checkpoint import make_checkpoint, save_atomic
-    from .model import build_model
+    from .modeling import build_model
 
     state = normalize_torchvision_keys(read_state_dict(src))
     cls_bias = state.get("head.classification_head.cls_logits.bias")

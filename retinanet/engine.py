@@ -36,7 +36,8 @@ from .atomic import atomic_write
 from .checkpoint import (checkpoint_name, latest_good_checkpoint, list_checkpoints, load_checkpoint, load_weights,
                          make_checkpoint, prune_checkpoints, rng_state, save_atomic, set_rng_state)
 from .config import Config, config_to_dict, save_config
-from .model import build_model
+from .modeling import build_model
+from .optimize import to_channels_last
 
 RUN_FILES = ("config.yaml", "metrics.jsonl")  # a folder holding these (or checkpoints) holds a run
 
@@ -375,7 +376,7 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
             model.load_state_dict(ckpt["model"])
         model.to(env.device)
         if t.channels_last:
-            model.to(memory_format=torch.channels_last)
+            to_channels_last(model, log=log)
         if t.sync_bn and env.distributed:
             if env.device.type != "cuda":
                 raise ValueError("train.sync_bn needs GPUs (nccl); use model.backbone_norm gn or frozen_bn on CPU")

@@ -12,7 +12,7 @@ The graph maps a normalized, padded batch to the head outputs and the anchors:
 
 Decoding and NMS are not in the graph: ONNX NonMaxSuppression has no per-level top-k and breaks
 ties its own way, so its detections would differ from PyTorch's. `OnnxDetector` runs the graph
-with onnxruntime and then this package's own postprocess (retinanet/postprocess.py): score > threshold,
+with onnxruntime and then this package's own postprocess (retinanet/ops/postprocess.py): score > threshold,
 top-k per level, decode (clamped dw, dh), clip, class-aware NMS, the best `detections_per_image`.
 The model config and categories travel in the ONNX file's metadata (`retinanet.config`,
 `retinanet.categories`, JSON), so an exported file is all `OnnxDetector` needs.

@@ -5,7 +5,7 @@ Focal Loss paper (Lin et al.): alpha-balanced cross entropy (eq. 3), focal loss 
 IoU-balanced paper (Wu and Li): the normalized weights of eqs. (2) and (5); eq. (4) is w_loc * iou^lambda.
 Box losses: smooth L1 (Fast R-CNN), GIoU (Rezatofighi et al. 2019).
 
-Every function here is pure: tensors in, tensors out. `RetinaNet.compute_losses` (model.py) picks
+Every function here is pure: tensors in, tensors out. `RetinaNet.compute_losses` (modeling/retinanet.py) picks
 and combines them as `LossConfig` says.
 """
 
@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .boxes import paired_giou
-from .nms import batched_nms
-from .postprocess import segment_rank
+from .ops.boxes import paired_giou
+from .ops.nms import batched_nms
+from .ops.postprocess import segment_rank
 
 
 def _reduce(loss: Tensor, reduction: str) -> Tensor:

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .backbone import FrozenBatchNorm2d
+from .modeling.backbone import FrozenBatchNorm2d
 
 
 def conv_norm_pairs(model: nn.Module) -> list:
@@ -82,6 +82,73 @@ def fold_batchnorm(model: nn.Module) -> int:
     return len(pairs)
 
 
+def onednn_unsafe_channels_last(conv: nn.Module) -> bool:
+    """Whether oneDNN's channels_last backward-weights kernel for `conv` is known to write out of bounds.
+
+    oneDNN's `jit_1x1` convolution, backward weights, NHWC, stride > 1 ("reduce to unit stride") writes
+    past its workspace when the input has fewer channels than its channel block (16 with AVX-512, 8 with
+    AVX2): heap corruption ("double free or corruption") seen on AMD Zen 4 with torch 2.13, SIGSEGV or
+    silently wrong gradients on Intel (uxlfoundation/oneDNN#6035, open). 1x1 stride-1, 3x3 and NCHW
+    convolutions take other kernels and are fine. A ResNet downsample conv with `backbone_width` <= 8
+    (the tests' tiny models) is such a layer.
+    """
+    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and max(conv.stride) > 1
+            and conv.in_channels < 16)
+
+
+def _run_nchw_on_cpu(conv: nn.Module, args: tuple):
+    """Forward pre-hook: on the CPU, the conv's weight and input in NCHW (so oneDNN takes its NCHW kernel)."""
+    x = args[0]
+    if x.device.type != "cpu":
+        return None
+    if conv.weight.stride() != _nchw_strides(conv.weight.shape):
+        conv.weight.data = _nchw(conv.weight.data)
+    return (x.contiguous(),)
+
+
+def _nchw_strides(shape) -> tuple:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+def _nchw(t: torch.Tensor) -> torch.Tensor:
+    """`t` with NCHW strides. `.contiguous()` is not enough for a 1x1 kernel: its channels_last strides
+    (C, 1, C, C) already count as contiguous, and PyTorch would still pick NHWC for the conv."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+
+
+def _grad_nchw(conv: nn.Module, args: tuple, output):
+    """Forward hook: the gradient that reaches the conv's backward in NCHW too (an expanded or NHWC
+    gradient, e.g. from `.sum()`, would lead oneDNN back to its NHWC kernel)."""
+    if output.device.type == "cpu" and output.requires_grad:
+        output.register_hook(lambda grad: grad.contiguous())
+    return None
+
+
+def to_channels_last(model: nn.Module, log=None) -> nn.Module:
+    """`model.to(memory_format=torch.channels_last)`, except the convolutions that oneDNN's defect
+    (`onednn_unsafe_channels_last`) makes unsafe to train in channels_last: those run NCHW on the CPU
+    (a forward pre-hook; the rest of the network stays NHWC). In place; returns `model`.
+    `log`: called once with a one-line notice when such layers are found.
+    """
+    model.to(memory_format=torch.channels_last)
+    unsafe = [(name, m) for name, m in model.named_modules() if onednn_unsafe_channels_last(m)]
+    for _, conv in unsafe:
+        if not getattr(conv, "_nchw_hook", False):
+            conv.register_forward_pre_hook(_run_nchw_on_cpu)
+            conv.register_forward_hook(_grad_nchw)
+            conv._nchw_hook = True
+        conv.weight.data = _nchw(conv.weight.data)
+    if unsafe and log is not None:
+        log(f"channels_last: {len(unsafe)} 1x1 strided conv(s) with < 16 input channels stay NCHW on the CPU "
+            f"(oneDNN defect uxlfoundation/oneDNN#6035): {', '.join(name for name, _ in unsafe[:4])}"
+            + (", ..." if len(unsafe) > 4 else ""))
+    return model
+
+
 def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_last: bool = True) -> nn.Module:
     """Put `model` in eval mode, fold its BatchNorms into the convs and store its weights channels_last.
 
@@ -92,7 +159,7 @@ def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_l
     if fold_bn:
         fold_batchnorm(model)
     if channels_last:
-        model.to(memory_format=torch.channels_last)
+        to_channels_last(model)
     return model
 
 

@@ -7,7 +7,7 @@
 
 The pipeline is the model's: RGB uint8 -> [0, 1] -> normalize -> resize (shorter side `min_size`,
 longer at most `max_size`) -> pad to a multiple of `size_divisibility` -> backbone, FPN, heads ->
-score threshold, top-k per level, decode, NMS, cap (retinanet/postprocess.py) -> boxes scaled back
+score threshold, top-k per level, decode, NMS, cap (retinanet/ops/postprocess.py) -> boxes scaled back
 to the original image. `DetectorBase` holds everything but the network, so the ONNX runtime
 detector (retinanet/export.py) runs the same pre- and post-processing around its graph.
 """
@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import ModelConfig
-from .model import resized_size
-from .postprocess import postprocess
+from .ops.transform import resized_size
+from .ops.postprocess import postprocess
 
 
 @dataclass

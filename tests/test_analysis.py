@@ -90,7 +90,7 @@ def test_analyze_cli_on_a_tiny_checkpoint(tmp_path):
     from retinanet.checkpoint import make_checkpoint, save_atomic
     from retinanet.cli import main
     from retinanet.data.synthetic import make_shapes_dataset
-    from retinanet.model import build_model
+    from retinanet.modeling import build_model
 
     paths = make_shapes_dataset(str(tmp_path / "shapes"), num_train=2, num_val=3, image_size=64, seed=0)
     cfg = tiny_config(num_classes=4)

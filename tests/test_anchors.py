@@ -2,8 +2,8 @@ import math
 
 import torch
 
-from retinanet.anchors import AnchorGenerator, cell_anchors
-from retinanet.model import build_model
+from retinanet.ops.anchors import AnchorGenerator, cell_anchors
+from retinanet.modeling import build_model
 
 from conftest import tiny_config
 

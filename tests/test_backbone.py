@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from retinanet.backbone import FPN, FrozenBatchNorm2d, ResNet
+from retinanet.modeling.backbone import FPN, FrozenBatchNorm2d, ResNet
 from retinanet.convert import load_backbone_weights
 
 

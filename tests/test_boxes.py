@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from retinanet.boxes import box_ioa, box_iou, clip_boxes, decode, encode, paired_giou, paired_iou
+from retinanet.ops.boxes import box_ioa, box_iou, clip_boxes, decode, encode, paired_giou, paired_iou
 
 
 def test_iou_table_by_hand():

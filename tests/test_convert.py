@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from retinanet.anchors import AnchorGenerator
-from retinanet.boxes import decode
+from retinanet.ops.anchors import AnchorGenerator
+from retinanet.ops.boxes import decode
 from retinanet.checkpoint import load_model
 from retinanet.cli import main
 from retinanet.convert import (from_torchvision_state_dict, normalize_torchvision_keys, to_torchvision_state_dict,
                                torchvision_categories, torchvision_retinanet_config)
-from retinanet.model import build_model, resized_size
+from retinanet.modeling import build_model
+from retinanet.ops.transform import resized_size
 from retinanet.predict import Predictor
 
 

@@ -17,7 +17,7 @@ from retinanet.checkpoint import (checkpoint_name, latest_good_checkpoint, load_
                                   make_checkpoint, save_atomic)
 from retinanet.config import Config, save_config
 from retinanet.engine import NonFiniteLossError, build_optimizer, get_lr, resolve_lr, train
-from retinanet.model import RetinaNet, build_model
+from retinanet.modeling import RetinaNet, build_model
 
 from conftest import tiny_config
 

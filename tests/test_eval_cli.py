@@ -172,7 +172,7 @@ def test_eval_checkpoint_runs_the_model_over_a_dataset(tmp_path):
     from retinanet.data.coco import CocoDataset
     from retinanet.data.synthetic import make_shapes_dataset
     from retinanet.evaluate import detections_to_coco_results, evaluate_coco
-    from retinanet.model import build_model
+    from retinanet.modeling import build_model
 
     paths = make_shapes_dataset(str(tmp_path / "shapes"), num_train=2, num_val=5, image_size=64, seed=1)
     cfg = tiny_config(num_classes=4, score_thresh=0.0)

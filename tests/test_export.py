@@ -7,7 +7,7 @@ import torch
 from retinanet.checkpoint import make_checkpoint, save_atomic
 from retinanet.cli import main
 from retinanet.export import OnnxDetector
-from retinanet.model import build_model
+from retinanet.modeling import build_model
 from retinanet.predict import Predictor
 
 from conftest import tiny_config

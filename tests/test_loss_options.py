@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from retinanet.boxes import decode, encode, paired_iou
+from retinanet.ops.boxes import decode, encode, paired_iou
 from retinanet.config import ConfigError, load_config
 from retinanet.losses import sigmoid_focal_loss, smooth_l1_loss
-from retinanet.matcher import BACKGROUND, FOREGROUND, IGNORE
-from retinanet.model import RetinaNetHead, build_model
-from retinanet.postprocess import postprocess
+from retinanet.ops.matcher import BACKGROUND, FOREGROUND, IGNORE
+from retinanet.modeling import RetinaNetHead, build_model
+from retinanet.ops.postprocess import postprocess
 
 from conftest import tiny_config, train_steps
 from test_model import _rect_image
@@ -84,7 +84,7 @@ def test_box_losses_in_the_model_are_their_formulas():
         losses = _model(smooth_l1_beta=beta).compute_losses(cls_logits, box_deltas, ANCHORS, TARGETS)
         expected = torch.where(d.abs() < beta, 0.5 * d ** 2 / max(beta, 1e-12), d.abs() - 0.5 * beta).sum() / 3
         assert losses["box"].item() == pytest.approx(expected.item(), rel=1e-5)
-    from retinanet.boxes import paired_giou
+    from retinanet.ops.boxes import paired_giou
 
     giou = _model(box="giou").compute_losses(cls_logits, box_deltas, ANCHORS, TARGETS)["box"]
     assert giou.item() == pytest.approx((1 - paired_giou(decode(ANCHORS[FG], DELTAS[0, FG]), gt)).sum().item() / 3, rel=1e-5)
@@ -303,7 +303,7 @@ def test_softmax_model_predicts_classes_in_range():
 
 
 def test_head_and_loss_must_agree():
-    from retinanet.model import RetinaNet
+    from retinanet.modeling import RetinaNet
 
     model = _model()
     head = RetinaNetHead(16, 9, 3, channels=16, num_convs=1, classifier="sigmoid")

@@ -390,7 +390,7 @@ def test_fast_focal_backward_twice_is_refused_not_wrong():
 @pytest.mark.parametrize("ratio", [0, 3])
 def test_ohem_select_with_early_stopping_nms_equals_full_nms(ratio, monkeypatch):
     import retinanet.losses as L
-    from retinanet.nms import native_batched_nms
+    from retinanet.ops.nms import native_batched_nms
 
     g = torch.Generator().manual_seed(0)
     b, n = 3, 2500

@@ -1,7 +1,7 @@
 import torch
 
-from retinanet.boxes import box_iou
-from retinanet.matcher import Matcher, ignore_crowd
+from retinanet.ops.boxes import box_iou
+from retinanet.ops.matcher import Matcher, ignore_crowd
 
 
 def test_matcher_hand_matrix():

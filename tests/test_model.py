@@ -3,10 +3,11 @@ import math
 import pytest
 import torch
 
-from retinanet.boxes import decode
-from retinanet.matcher import FOREGROUND, IGNORE
-from retinanet.model import build_model, resized_size
-from retinanet.nms import reference_nms
+from retinanet.ops.boxes import decode
+from retinanet.ops.matcher import FOREGROUND, IGNORE
+from retinanet.modeling import build_model
+from retinanet.ops.transform import resized_size
+from retinanet.ops.nms import reference_nms
 
 from conftest import tiny_config, train_steps
 

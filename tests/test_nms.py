@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from retinanet.nms import native_batched_nms, reference_nms, torchvision_batched_nms
+from retinanet.ops.nms import native_batched_nms, reference_nms, torchvision_batched_nms
 
 
 def _random_boxes(n, seed, spread=100.0):

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from retinanet.backbone import FrozenBatchNorm2d
-from retinanet.model import build_model
+from retinanet.modeling.backbone import FrozenBatchNorm2d
+from retinanet.modeling import build_model
 from retinanet.optimize import autocast, fold_batchnorm, optimize_for_inference
 
 from conftest import tiny_config

@@ -11,7 +11,7 @@ from PIL import Image
 from retinanet import Predictor
 from retinanet.checkpoint import make_checkpoint, save_atomic
 from retinanet.cli import main
-from retinanet.model import build_model
+from retinanet.modeling import build_model
 
 from conftest import tiny_config
 
@@ -181,7 +181,7 @@ def test_cli_refuses_to_draw_into_the_input_folder(checkpoint, tmp_path, capsys)
 
 
 def test_bf16_runs_the_network_in_bfloat16_and_keeps_the_best_detection(model):
-    from retinanet.boxes import box_iou
+    from retinanet.ops.boxes import box_iou
 
     fp32 = Predictor(model, CATEGORIES, device="cpu")
     bf16 = Predictor(model, CATEGORIES, device="cpu", bf16=True)

@@ -118,7 +118,7 @@ def _anchors_192(cfg):
     """All anchors of `cfg`'s model on a 192 px image, (N, 4) xyxy."""
     import torch
 
-    from retinanet.model import build_model
+    from retinanet.modeling import build_model
 
     model = build_model(cfg)
     sizes = [(192 // 2 ** lvl, 192 // 2 ** lvl) for lvl in range(cfg.model.min_level, cfg.model.max_level + 1)]
@@ -128,7 +128,7 @@ def _anchors_192(cfg):
 def test_demo_anchors_can_match_the_smallest_shapes():
     import torch
 
-    from retinanet.boxes import box_iou
+    from retinanet.ops.boxes import box_iou
     from retinanet.commands.demo import DEMO_CONFIG
     from retinanet.config import Config, load_config
 

@@ -63,12 +63,13 @@ def time_iterations(cfg, dataset, count: int = 3, give_up_after: float = math.in
 
     from ..data.loader import build_train_loader
     from ..engine import autocast_dtype, build_optimizer
-    from ..model import build_model
+    from ..modeling import build_model
+    from ..optimize import to_channels_last
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg).train()
     if cfg.train.channels_last:
-        model.to(memory_format=torch.channels_last)
+        to_channels_last(model)
     optimizer = build_optimizer(model, cfg)
     dtype = autocast_dtype(cfg.train.amp, torch.device("cpu"))
     batches = iter(build_train_loader(cfg, dataset, seed=cfg.train.seed))

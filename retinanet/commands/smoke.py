@@ -17,7 +17,7 @@ def run(args) -> int:
     import torch
 
     from ..config import Config
-    from ..model import build_model
+    from ..modeling import build_model
 
     cfg = Config()
     cfg.model.backbone, cfg.model.num_classes = args.backbone, args.num_classes

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..model import resized_size
+from ..ops.transform import resized_size
 
 SIZE_SAMPLING = ("choice", "range")
 

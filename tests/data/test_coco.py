@@ -15,7 +15,8 @@ from retinanet.data.images import ImageError
 from retinanet.data.loader import build_train_dataset, build_train_loader, build_val_dataset
 from retinanet.data.transforms import RandomHorizontalFlip
 from retinanet.data.validate import DataValidationError
-from retinanet.model import build_model, resized_size
+from retinanet.modeling import build_model
+from retinanet.ops.transform import resized_size
 
 from .conftest import annotation, coco, image_record, save_image
 

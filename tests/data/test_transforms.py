@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from retinanet.data.transforms import Compose, RandomHorizontalFlip, ResizeShortestSide
-from retinanet.model import resized_size
+from retinanet.ops.transform import resized_size
 
 
 def _target(boxes):

@@ -12,14 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .anchors import AnchorGenerator
+from ..ops.anchors import AnchorGenerator
 from .backbone import FPN, ResNet, make_norm
-from .boxes import decode, encode, paired_iou
-from .config import Config, LossConfig
-from .losses import (fl_star_loss, giou_loss, iou_balanced_weights, ohem_select, sigmoid_focal_loss,
+from ..ops.boxes import decode, encode, paired_iou
+from ..config import Config, LossConfig
+from ..losses import (fl_star_loss, giou_loss, iou_balanced_weights, ohem_select, sigmoid_focal_loss,
                      sigmoid_focal_loss_fast, smooth_l1_loss, softmax_focal_loss, softmax_prior_bias)
-from .matcher import FOREGROUND, Matcher, ignore_crowd
-from .postprocess import postprocess
+from ..ops.matcher import FOREGROUND, Matcher, ignore_crowd
+from ..ops.postprocess import postprocess
+from ..ops.transform import resized_size
 
 
 class Subnet(nn.Module):
@@ -79,19 +80,6 @@ class RetinaNetHead(nn.Module):
             cls.append(self.cls_subnet(f).permute(0, 2, 3, 1).reshape(b, -1, self.num_logits))
             box.append(self.box_subnet(f).permute(0, 2, 3, 1).reshape(b, -1, 4))
         return torch.cat(cls, dim=1), torch.cat(box, dim=1)
-
-
-def resized_size(height: int, width: int, min_size: int, max_size: int, rounding: str = "round") -> tuple:
-    """Shorter side to `min_size`, unless the longer side would pass `max_size` (then that is capped).
-
-    rounding "floor" is torchvision's GeneralizedRCNNTransform (checked against torchvision 0.29):
-    the scale in float64, then interpolate(scale_factor=..., recompute_scale_factor=True) floors
-    size * scale. E.g. 375 x 500 -> 800 x 1066 (rounding gives 800 x 1067).
-    """
-    scale = min(min_size / min(height, width), max_size / max(height, width))
-    if rounding == "floor":
-        return int(math.floor(height * scale)), int(math.floor(width * scale))
-    return int(round(height * scale)), int(round(width * scale))
 
 
 class RetinaNet(nn.Module):
@@ -399,7 +387,7 @@ def build_model(config: Config) -> RetinaNet:
     backbone = ResNet(m.backbone, width=m.backbone_width, norm=m.backbone_norm, frozen_stages=m.frozen_stages,
                       norm_eps=m.backbone_norm_eps)
     if m.backbone_weights:
-        from .convert import load_backbone_weights
+        from ..convert import load_backbone_weights
 
         load_backbone_weights(backbone, m.backbone_weights)
     fpn = FPN(backbone.out_channels, m.fpn_channels, m.min_level, m.max_level, m.p6_from)
