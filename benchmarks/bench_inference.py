@@ -26,6 +26,7 @@ from common import (
     torchvision_postprocess,
     torchvision_retinanet,
 )
+from retinanet.modeling.detector import ImageBatch
 from retinanet.optimize import autocast, compile_network, optimize_for_inference
 
 
@@ -149,14 +150,15 @@ def _in_context(v: Variant, fn: Callable) -> Callable:
 def _our_stages(v: Variant, image: torch.Tensor) -> dict:
     m = v.model
     with v.context():
-        batch, sizes = m.preprocess([image], resize=True)
+        pre = m.preprocess([image], resize=True)
+        batch, sizes = pre.tensor, pre.image_sizes
         feats = m.backbone(batch)
         pyramid = m.fpn(feats)
         cls_logits, box_deltas = m.head(pyramid)
 
     def post():
         level_anchors = m.anchor_generator([f.shape[-2:] for f in pyramid], batch.shape[-2:], batch.device)
-        m.postprocess(cls_logits, box_deltas, torch.cat(level_anchors), [a.shape[0] for a in level_anchors], sizes)
+        m.postprocess((cls_logits, box_deltas, *level_anchors), pre)
 
     stages = {"preprocess": lambda: m.preprocess([image], resize=True), "backbone": lambda: m.backbone(batch),
               "fpn": lambda: m.fpn(feats), "heads": lambda: m.head(pyramid), "postprocess": post}
@@ -193,7 +195,8 @@ def run_postprocess(args) -> None:
     model = calibrated_model(cfg).to(args.device)
     set_candidate_load(model, image, args.candidates)
     with torch.no_grad():
-        batch, sizes = model.preprocess([image], resize=True)
+        pre = model.preprocess([image], resize=True)
+        batch, sizes = pre.tensor, pre.image_sizes
         cls_logits, box_deltas, anchors, level_sizes = model.forward_features(batch)
     above = int((torch.sigmoid(cls_logits) > model.score_thresh).sum())
     print(f"  {cls_logits.shape[1]} anchors x {cls_logits.shape[2]} classes, {above} scores above "
@@ -206,26 +209,30 @@ def run_postprocess(args) -> None:
         logits = cls_logits.expand(batch_size, -1, -1).contiguous()
         deltas = box_deltas.expand(batch_size, -1, -1).contiguous()
         image_sizes = sizes * batch_size
+        split_anchors = anchors.split(level_sizes)
+
+        def ours_post(logits, deltas, sizes=image_sizes, split_anchors=split_anchors):  # boxes stay in these sizes
+            return model.postprocess((logits, deltas, *split_anchors), ImageBatch(None, sizes, sizes))
+
         fns = {}
         if tv is not None:
             fns["torchvision postprocess_detections"] = lambda: torchvision_postprocess(
                 tv, logits, deltas, anchors, level_sizes, image_sizes)
         fns["per-image, per-level loop (torchvision's algorithm)"] = lambda: loop_postprocess(
             logits, deltas, anchors, level_sizes, image_sizes, **settings)
-        fns["ours, vectorized"] = lambda: model.postprocess(logits, deltas, anchors, level_sizes, image_sizes)
+        fns["ours, vectorized"] = lambda: ours_post(logits, deltas)
         logits_bf16, deltas_bf16 = logits.bfloat16(), deltas.bfloat16()
-        fns["ours, vectorized, bf16 head outputs"] = lambda: model.postprocess(
-            logits_bf16, deltas_bf16, anchors, level_sizes, image_sizes)
+        fns["ours, vectorized, bf16 head outputs"] = lambda: ours_post(logits_bf16, deltas_bf16)
         with torch.no_grad():
             times = time_interleaved(fns, repeats=args.repeats * 2, warmup=args.warmup, device=args.device)
         print_table(f"batch {batch_size}:", list(times.items()), baseline=next(iter(fns)))
         with torch.no_grad():
-            ours = model.postprocess(logits, deltas, anchors, level_sizes, image_sizes)
+            ours = ours_post(logits, deltas)
             ref = loop_postprocess(logits, deltas, anchors, level_sizes, image_sizes, **settings)
             c = compare_detections(ours, ref)
             print(f"  ours vs loop: matched {c['matched']}/{c['total']} detections, worst box difference "
                   f"{c['worst_rel']:.1e}; box dtype from bf16 outputs: "
-                  f"{model.postprocess(logits_bf16, deltas_bf16, anchors, level_sizes, image_sizes)[0]['boxes'].dtype}")
+                  f"{ours_post(logits_bf16, deltas_bf16)[0]['boxes'].dtype}")
             if tv is not None:
                 c = compare_detections(ours, torchvision_postprocess(tv, logits, deltas, anchors, level_sizes,
                                                                      image_sizes))

@@ -185,7 +185,7 @@ def set_candidate_load(model: RetinaNet, image: torch.Tensor, candidates: int, s
     pass `score_thresh` (random weights otherwise give none: every score starts at the prior 0.01)."""
     head = model.head.cls_subnet.predictor
     head.weight.mul_(20.0)  # spread the logits (std ~0.2 -> ~4) so candidates are not a flat plateau
-    batch, _ = model.preprocess([image], resize=True)
+    batch = model.preprocess([image], resize=True).tensor
     cls_logits, *_ = model.forward_features(batch)
     kth = torch.topk(cls_logits.flatten(), candidates).values[-1]
     head.bias.add_(math.log(score_thresh / (1 - score_thresh)) - kth)

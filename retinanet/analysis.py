@@ -122,7 +122,7 @@ def anchor_samples(model, dataset, max_images: int = 100, max_negatives: int = 1
     pos_l, pos_t, neg_l = [], [], []
     for i in range(min(max_images, len(dataset))):
         image, target = resize(*dataset[i])
-        batch, _ = model.preprocess([image], resize=False)
+        batch = model.preprocess([image], resize=False).tensor
         cls_logits, _, anchors, _ = model.forward_features(batch)  # (1, N, K)
         labels, _, classes = model.assign_targets(anchors, [target])
         logits = cls_logits[0].float()

@@ -1,6 +1,7 @@
 """ONNX export: the network in the graph, the pre- and post-processing in Python around it.
 
-The graph maps a normalized, padded batch to the head outputs and the anchors:
+The graph is the detector's `network` (retinanet/modeling/detector.py); for RetinaNet it maps a
+normalized, padded batch to the head outputs and the anchors:
 
     inputs:  images       (B, 3, H, W) float32: RGB in [0, 1], minus pixel_mean, over pixel_std,
                           resized (shorter side min_size, longer at most max_size) and zero-padded to
@@ -12,9 +13,9 @@ The graph maps a normalized, padded batch to the head outputs and the anchors:
 
 Decoding and NMS are not in the graph: ONNX NonMaxSuppression has no per-level top-k and breaks
 ties its own way, so its detections would differ from PyTorch's. `OnnxDetector` runs the graph
-with onnxruntime and then this package's own postprocess (retinanet/ops/postprocess.py): score > threshold,
+with onnxruntime and then the model's own `postprocess` (retinanet/ops/postprocess.py): score > threshold,
 top-k per level, decode (clamped dw, dh), clip, class-aware NMS, the best `detections_per_image`.
-The model config and categories travel in the ONNX file's metadata (`retinanet.config`,
+The config and categories travel in the ONNX file's metadata (`retinanet.config`,
 `retinanet.categories`, JSON), so an exported file is all `OnnxDetector` needs.
 """
 
@@ -30,35 +31,26 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .config import ModelConfig, config_from_dict, config_to_dict
-from .predict import DetectorBase
+from .config import Config, ModelConfig, config_from_dict, config_to_dict
+from .predict import Predictor
 
 INPUT_NAME = "images"
 
 
-def output_names(num_levels: int, min_level: int) -> list:
-    return ["cls_logits", "box_deltas"] + [f"anchors_p{min_level + i}" for i in range(num_levels)]
-
-
-class HeadGraph(nn.Module):
-    """What the ONNX file computes: normalized padded batch -> cls_logits, box_deltas, anchors per level."""
+class NetworkGraph(nn.Module):
+    """What the ONNX file computes: the detector's `network` (normalized padded batch -> its outputs)."""
 
     def __init__(self, model):
         super().__init__()
-        self.backbone, self.fpn, self.head = model.backbone, model.fpn, model.head
-        self.anchor_generator = model.anchor_generator
+        self.model = model
 
     def forward(self, images: Tensor) -> tuple:
-        features = self.fpn(self.backbone(images))
-        cls_logits, box_deltas = self.head(features)  # (B, N, K), (B, N, 4)
-        anchors = [self.anchor_generator.grid(i, f.shape[-2], f.shape[-1], images.shape[-2:], images.device)
-                   for i, f in enumerate(features)]  # L x (H_l * W_l * A, 4)
-        return (cls_logits, box_deltas, *anchors)
+        return tuple(self.model.network(images))
 
 
-def export_onnx(model, config: ModelConfig, categories: list, path: str, *, exporter: str = "dynamo",
+def export_onnx(model, config: Config, categories: list, path: str, *, exporter: str = "dynamo",
                 opset: Optional[int] = None) -> None:
-    """Write `model` (a RetinaNet) as ONNX to `path` (atomically), with its config and categories as metadata.
+    """Write `model`'s network as ONNX to `path` (atomically), with its config and categories as metadata.
 
     exporter: "dynamo" (torch.export based, PyTorch's default) or "torchscript" (the older tracer;
     much faster to run, deprecated by PyTorch). Both give the same graph semantics.
@@ -67,10 +59,9 @@ def export_onnx(model, config: ModelConfig, categories: list, path: str, *, expo
 
     if exporter not in ("dynamo", "torchscript"):
         raise ValueError(f"exporter must be 'dynamo' or 'torchscript', got '{exporter}'")
-    graph = HeadGraph(model).eval()
-    num_levels = config.max_level - config.min_level + 1
-    names = output_names(num_levels, config.min_level)
-    d = config.size_divisibility
+    graph = NetworkGraph(model).eval()
+    names = list(model.output_names)
+    d = config.model.size_divisibility
     device = next(model.parameters()).device
     sample = torch.zeros(2, 3, 8 * d, 10 * d, device=device)  # any size; B = 2 and H != W keep dims from specializing
     path = Path(path)
@@ -87,14 +78,13 @@ def export_onnx(model, config: ModelConfig, categories: list, path: str, *, expo
                 program.save(raw)
             else:
                 axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
-                        "cls_logits": {0: "batch", 1: "anchors"}, "box_deltas": {0: "batch", 1: "anchors"},
-                        **{n: {0: f"{n}_rows"} for n in names[2:]}}
+                        **{n: {0: f"{n}_dim0"} for n in names}}
                 torch.onnx.export(graph, (sample,), raw, dynamo=False, input_names=[INPUT_NAME], output_names=names,
                                   opset_version=opset or 17, dynamic_axes=axes)
         proto = onnx.load(raw)
-        meta = {"retinanet.config": json.dumps(config_to_dict(config)),
+        meta = {"retinanet.config": json.dumps(config_to_dict(config)),  # the whole Config (model, loss, ...)
                 "retinanet.categories": json.dumps(list(categories)),
-                "retinanet.format": "normalized padded images -> cls_logits, box_deltas, anchors per level"}
+                "retinanet.format": "normalized padded images -> " + ", ".join(names)}
         for key, value in meta.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
@@ -104,13 +94,16 @@ def export_onnx(model, config: ModelConfig, categories: list, path: str, *, expo
         os.replace(final, path)
 
 
-class OnnxDetector(DetectorBase):
-    """An exported RetinaNet run with onnxruntime: images in, `Detections` out, as `Predictor` does.
+class OnnxDetector(Predictor):
+    """An exported detector run with onnxruntime: images in, `Detections` out, as `Predictor` does.
+
+    The model is built from the file's config on the meta device (no weights, no memory) for its
+    pre- and post-processing; its network is the ONNX graph.
 
     Args:
         path: an ONNX file written by `export_onnx` / `retinanet export`.
         providers: onnxruntime execution providers (default: CPU).
-        Other keyword arguments: see `DetectorBase` (score_threshold, classes, batch_size, ...).
+        Other keyword arguments: see `Predictor` (score_threshold, classes, batch_size, ...).
 
     Example:
         >>> detector = OnnxDetector("model.onnx", score_threshold=0.3)
@@ -120,16 +113,24 @@ class OnnxDetector(DetectorBase):
     def __init__(self, path: str, *, providers: Optional[list] = None, **kwargs):
         import onnxruntime
 
+        from .modeling import build_model
+
         if not Path(path).is_file():
             raise FileNotFoundError(f"ONNX model not found: {path}")
         self.session = onnxruntime.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
         meta = self.session.get_modelmeta().custom_metadata_map
         if "retinanet.config" not in meta or "retinanet.categories" not in meta:
             raise ValueError(f"{path}: no retinanet metadata; was it written by `retinanet export`?")
-        config = config_from_dict(json.loads(meta["retinanet.config"]), ModelConfig)
-        super().__init__(config, json.loads(meta["retinanet.categories"]), **kwargs)
+        stored = json.loads(meta["retinanet.config"])
+        if "model" in stored:
+            config = config_from_dict(stored, Config)
+        else:  # files of version 0.1 stored the model config only
+            config = Config()
+            config.model = config_from_dict(stored, ModelConfig)
+        config.model.backbone_weights = None
+        with torch.device("meta"):
+            model = build_model(config).eval()
+        super().__init__(model, json.loads(meta["retinanet.categories"]), device="cpu", **kwargs)
 
-    def head_outputs(self, batch: Tensor) -> tuple:
-        cls_logits, box_deltas, *anchors = self.session.run(None, {INPUT_NAME: batch.numpy()})
-        anchors = [torch.from_numpy(a) for a in anchors]
-        return torch.from_numpy(cls_logits), torch.from_numpy(box_deltas), torch.cat(anchors), [a.shape[0] for a in anchors]
+    def network(self, batch: Tensor) -> tuple:
+        return tuple(torch.from_numpy(t) for t in self.session.run(None, {INPUT_NAME: batch.cpu().numpy()}))

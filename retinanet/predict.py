@@ -5,29 +5,24 @@
     >>> det = predictor("street.jpg")           # or a PIL image, or an (H, W, 3) uint8 RGB array
     >>> det.boxes, det.scores, det.names        # xyxy in the image's own pixels, best first
 
-The pipeline is the model's: RGB uint8 -> [0, 1] -> normalize -> resize (shorter side `min_size`,
-longer at most `max_size`) -> pad to a multiple of `size_divisibility` -> backbone, FPN, heads ->
-score threshold, top-k per level, decode, NMS, cap (retinanet/ops/postprocess.py) -> boxes scaled back
-to the original image. `DetectorBase` holds everything but the network, so the ONNX runtime
-detector (retinanet/export.py) runs the same pre- and post-processing around its graph.
+The pipeline is the model's own (retinanet/modeling/detector.py): `preprocess` (RGB uint8 -> [0, 1]
+-> normalize -> resize -> pad), `network`, `postprocess` (for RetinaNet: score threshold, top-k per
+level, decode, NMS, cap; boxes scaled back to the original image). The ONNX runtime detector
+(retinanet/export.py) is a `Predictor` whose network is the ONNX graph.
 """
 
 from __future__ import annotations
 
 import difflib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .config import ModelConfig
-from .ops.transform import resized_size
-from .ops.postprocess import postprocess
+from .modeling.detector import keep_classes_mask
 
 
 @dataclass
@@ -87,30 +82,6 @@ def to_rgb_uint8(item, where: str = "image") -> np.ndarray:
     raise TypeError(f"{where}: expected a file path, a PIL image or an (H, W, 3) uint8 array, got {type(item).__name__}")
 
 
-def prepare_batch(images: list, *, pixel_mean, pixel_std, min_size: int, max_size: int, rounding: str,
-                  size_divisibility: int) -> tuple:
-    """RGB uint8 (H, W, 3) arrays -> (B, 3, H', W') float32 normalized, resized, zero-padded batch, and
-    the resized (h, w) of each image. Computes exactly what `RetinaNet.preprocess(resize=True)` does
-    with the images as (3, H, W) floats in [0, 1]."""
-    mean = torch.tensor(pixel_mean, dtype=torch.float32).reshape(3, 1, 1)
-    std = torch.tensor(pixel_std, dtype=torch.float32).reshape(3, 1, 1)
-    normed, sizes = [], []
-    for array in images:
-        img = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).to(torch.float32) / 255.0  # (3, H, W)
-        img = (img - mean) / std
-        size = resized_size(img.shape[1], img.shape[2], min_size, max_size, rounding)
-        if size != tuple(img.shape[1:]):
-            img = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False)[0]
-        normed.append(img)
-        sizes.append(size)
-    h = int(math.ceil(max(s[0] for s in sizes) / size_divisibility) * size_divisibility)
-    w = int(math.ceil(max(s[1] for s in sizes) / size_divisibility) * size_divisibility)
-    batch = torch.zeros(len(normed), 3, h, w)  # (B, 3, H', W')
-    for img, t in zip(normed, batch):
-        t[:, : img.shape[1], : img.shape[2]].copy_(img)
-    return batch, sizes
-
-
 def resolve_classes(classes, categories: list) -> list:
     """Names (case-insensitive; every category of that name) or category ids -> sorted model labels.
 
@@ -137,48 +108,68 @@ def resolve_classes(classes, categories: list) -> list:
     return sorted(labels)
 
 
-class DetectorBase:
-    """Pre- and post-processing around a network that maps a normalized, padded batch to head outputs.
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
-    Subclasses implement `head_outputs(batch) -> (cls_logits (B, N, K), box_deltas (B, N, 4),
-    anchors (N, 4) xyxy in the padded batch's pixels, anchors per pyramid level)`.
+
+class Predictor:
+    """A detector in eval mode with its categories: images in, `Detections` out.
+
+    Runs the model's own inference path (`Detector.preprocess`, `network`, `postprocess`: see
+    retinanet/modeling/detector.py), so its detections are `model(images)`'s.
 
     Args:
-        config: the model config (resize, normalization and inference settings).
-        categories: label i -> {"id", "name"} (entries with "placeholder": True are left out by default).
-        score_threshold, nms_threshold, max_detections, class_agnostic: override the config's inference settings.
+        model: a detector (`build_model`; put in eval mode and moved to `device`).
+        categories: label i -> {"id", "name"}, as stored in checkpoints (entries with
+            "placeholder": True are left out by default).
+        device: "cpu", "cuda", "cuda:1", ... (default: cuda when available).
+        bf16: run the network under bfloat16 autocast (CPUs with AVX512-BF16/AMX, recent GPUs);
+            decoding and NMS stay in float32.
+        score_threshold, nms_threshold, max_detections, class_agnostic: override the model's inference settings.
         classes: names or category ids to detect (default: every non-placeholder class). Other classes
             are removed before the score threshold, top-k and NMS, as if the model had no such outputs.
         batch_size: images per forward pass.
+
+    Example:
+        >>> predictor = Predictor.from_checkpoint("model.pt", device="cpu", classes=["person"])
+        >>> det = predictor("img.jpg")
+        >>> [(name, float(s)) for name, s in zip(det.names, det.scores)]
     """
 
-    def __init__(self, config: ModelConfig, categories: list, *, score_threshold: Optional[float] = None,
-                 nms_threshold: Optional[float] = None, max_detections: Optional[int] = None,
-                 class_agnostic: Optional[bool] = None, classes: Optional[Sequence] = None, batch_size: int = 4):
-        if len(categories) != config.num_classes:
-            raise ValueError(f"{len(categories)} categories for a model with {config.num_classes} classes")
+    def __init__(self, model, categories: list, *, device: Optional[str] = None, bf16: bool = False,
+                 score_threshold: Optional[float] = None, nms_threshold: Optional[float] = None,
+                 max_detections: Optional[int] = None, class_agnostic: Optional[bool] = None,
+                 classes: Optional[Sequence] = None, batch_size: int = 4):
+        if len(categories) != model.num_classes:
+            raise ValueError(f"{len(categories)} categories for a model with {model.num_classes} classes")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.config = config
+        self.device = torch.device(device or default_device())
+        self.model = model if _on_meta(model) else model.to(self.device).eval()
+        self.bf16 = bf16
         self.categories = list(categories)
-        self.score_threshold = config.score_thresh if score_threshold is None else float(score_threshold)
-        self.nms_threshold = config.nms_thresh if nms_threshold is None else float(nms_threshold)
-        self.max_detections = config.detections_per_image if max_detections is None else int(max_detections)
-        self.class_agnostic = config.class_agnostic_nms if class_agnostic is None else bool(class_agnostic)
+        self.settings = dict(score_thresh=score_threshold, nms_thresh=nms_threshold, max_detections=max_detections,
+                             class_agnostic=class_agnostic)
         self.batch_size = batch_size
         if classes is None:
-            labels = [i for i, c in enumerate(self.categories) if not c.get("placeholder")]
+            self.labels = [i for i, c in enumerate(self.categories) if not c.get("placeholder")]
         else:
-            labels = resolve_classes(classes, self.categories)
-        self.labels = labels
-        keep = torch.zeros(config.num_classes, dtype=torch.bool)
-        keep[labels] = True
-        self._excluded = None if bool(keep.all()) else ~keep  # (K,) True for classes left out
+            self.labels = resolve_classes(classes, self.categories)
+        self.keep_classes = keep_classes_mask(model.num_classes, self.labels)  # (K,) bool
         self._names = [c["name"] for c in self.categories]
         self._ids = np.array([int(c["id"]) for c in self.categories], dtype=np.int64)
 
-    def head_outputs(self, batch: Tensor) -> tuple:
-        raise NotImplementedError
+    @classmethod
+    def from_checkpoint(cls, path: str, *, device: Optional[str] = None, **kwargs) -> "Predictor":
+        """A predictor for the model in a checkpoint file (see retinanet/checkpoint.py)."""
+        from .checkpoint import load_model
+
+        model, _, categories = load_model(path, device=str(device or default_device()))
+        return cls(model, categories, device=device, **kwargs)
+
+    @property
+    def score_threshold(self) -> float:
+        return self.model.score_thresh if self.settings["score_thresh"] is None else self.settings["score_thresh"]
 
     def __call__(self, images):
         """One input (path, PIL image, (H, W, 3) uint8 RGB array) -> Detections; a list -> list of Detections."""
@@ -193,86 +184,32 @@ class DetectorBase:
             return out
         return self([images])[0]
 
+    def network(self, batch: Tensor) -> tuple:
+        """The model's network on a preprocessed batch, on this predictor's device and precision."""
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.model.network(batch.to(self.device))
+
     @torch.inference_mode()
     def predict_arrays(self, arrays: list) -> list:
         """(H, W, 3) uint8 RGB arrays -> Detections per array (one forward pass for all of them)."""
         if not arrays:
             return []
-        c = self.config
-        batch, sizes = prepare_batch(arrays, pixel_mean=c.pixel_mean, pixel_std=c.pixel_std, min_size=c.min_size,
-                                     max_size=c.max_size, rounding=c.resize_rounding,
-                                     size_divisibility=c.size_divisibility)
-        cls_logits, box_deltas, anchors, level_sizes = self.head_outputs(batch)
-        if self._excluded is not None:
-            cls_logits = cls_logits.masked_fill(self._excluded.to(cls_logits.device), -math.inf)
-        dets = postprocess(cls_logits, box_deltas, anchors, level_sizes, sizes, score_thresh=self.score_threshold,
-                           topk_candidates=c.topk_candidates, nms_thresh=self.nms_threshold,
-                           max_detections=self.max_detections, box_weights=c.box_weights, box_clamp=c.box_clamp,
-                           class_agnostic=self.class_agnostic)
+        images = [torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1) for a in arrays]  # (3, H, W) uint8
+        batch = self.model.preprocess(images, device=None if _on_meta(self.model) else self.device)
+        dets = self.model.postprocess(self.network(batch.tensor), batch, keep_classes=self.keep_classes,
+                                      **self.settings)
         out = []
-        for det, (h, w), array in zip(dets, sizes, arrays):
-            oh, ow = array.shape[:2]
-            scale = torch.tensor([ow / w, oh / h, ow / w, oh / h], device=det["boxes"].device)
+        for det, array in zip(dets, arrays):
             labels = det["labels"].cpu().numpy().astype(np.int64)
-            out.append(Detections(boxes=(det["boxes"] * scale).float().cpu().numpy(),
-                                  scores=det["scores"].float().cpu().numpy(), labels=labels,
-                                  category_ids=self._ids[labels], names=[self._names[i] for i in labels],
-                                  image_size=(oh, ow)))
+            out.append(Detections(boxes=det["boxes"].float().cpu().numpy(), scores=det["scores"].float().cpu().numpy(),
+                                  labels=labels, category_ids=self._ids[labels], names=[self._names[i] for i in labels],
+                                  image_size=tuple(array.shape[:2])))
         return out
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-class Predictor(DetectorBase):
-    """A RetinaNet in eval mode with its categories: images in, `Detections` out.
-
-    Args:
-        model: a `RetinaNet` (put in eval mode and moved to `device`).
-        categories: label i -> {"id", "name"}, as stored in checkpoints.
-        device: "cpu", "cuda", "cuda:1", ... (default: cuda when available).
-        bf16: run the network under bfloat16 autocast (CPUs with AVX512-BF16/AMX, recent GPUs);
-            decoding and NMS stay in float32.
-        Other keyword arguments: see `DetectorBase`.
-
-    Example:
-        >>> predictor = Predictor.from_checkpoint("model.pt", device="cpu", classes=["person"])
-        >>> [(name, float(s)) for name, s in zip(det.names, det.scores)]  # det = predictor("img.jpg")
-    """
-
-    def __init__(self, model, categories: list, *, device: Optional[str] = None, bf16: bool = False, **kwargs):
-        self.device = torch.device(device or default_device())
-        self.model = model.to(self.device).eval()
-        self.bf16 = bf16
-        super().__init__(_model_config(model), categories, **kwargs)
-
-    @classmethod
-    def from_checkpoint(cls, path: str, *, device: Optional[str] = None, **kwargs) -> "Predictor":
-        """A predictor for the model in a checkpoint file (see retinanet/checkpoint.py)."""
-        from .checkpoint import load_model
-
-        model, _, categories = load_model(path, device=str(device or default_device()))
-        return cls(model, categories, device=device, **kwargs)
-
-    def head_outputs(self, batch: Tensor) -> tuple:
-        batch = batch.to(self.device)
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return self.model.forward_features(batch)
-
-
-def _model_config(model) -> ModelConfig:
-    """The inference-relevant settings a built RetinaNet holds, as a ModelConfig."""
-    cfg = ModelConfig()
-    cfg.num_classes = model.num_classes
-    cfg.min_size, cfg.max_size, cfg.resize_rounding = model.min_size, model.max_size, model.resize_rounding
-    cfg.size_divisibility = model.size_divisibility
-    cfg.pixel_mean = model.pixel_mean.flatten().tolist()
-    cfg.pixel_std = model.pixel_std.flatten().tolist()
-    cfg.score_thresh, cfg.topk_candidates, cfg.nms_thresh = model.score_thresh, model.topk_candidates, model.nms_thresh
-    cfg.detections_per_image, cfg.class_agnostic_nms = model.detections_per_image, model.class_agnostic_nms
-    cfg.box_weights, cfg.box_clamp = list(model.box_weights), model.box_clamp
-    return cfg
+def _on_meta(model) -> bool:
+    """A model built on the meta device (weights elsewhere, e.g. in an ONNX file: `OnnxDetector`)."""
+    return any(p.is_meta for p in model.parameters())
 
 
 def draw_detections(image: np.ndarray, det: Detections, min_score: float = 0.0):

@@ -62,7 +62,8 @@ def test_grid_is_cached():
 def test_anchor_count_800x1067():
     # Padded to 800x1088; P3..P7 grids 100x136, 50x68, 25x34, 13x17, 7x9 -> 18134 locations x 9 = 163206
     model = build_model(tiny_config(min_size=800, max_size=1333)).eval()
-    batch, sizes = model.preprocess([torch.zeros(3, 800, 1067)], resize=True)
+    pre = model.preprocess([torch.zeros(3, 800, 1067)], resize=True)
+    batch, sizes = pre.tensor, pre.image_sizes
     assert tuple(batch.shape[-2:]) == (800, 1088) and sizes == [(800, 1067)]
     with torch.no_grad():
         _, _, anchors, level_sizes = model.forward_features(batch)

@@ -225,7 +225,7 @@ def test_fixed_w_loc_and_normalized_variant_add_no_buffer():
 
 def test_ohem_trains_on_the_kept_anchors_only():
     model = _model(cls="ohem", ohem_batch=12, ohem_nms=0.5, ohem_candidates=300)
-    batch, _ = model.preprocess([torch.rand(3, 96, 96), torch.rand(3, 96, 96)], resize=False)
+    batch = model.preprocess([torch.rand(3, 96, 96), torch.rand(3, 96, 96)], resize=False).tensor
     with torch.no_grad():
         cls_logits, box_deltas, anchors, _ = model.forward_features(batch)
     cls_logits.requires_grad_()
@@ -265,7 +265,7 @@ def test_softmax_head_starts_at_total_foreground_probability_pi():
     cfg.loss.cls = "softmax_focal"
     model = build_model(cfg).eval()
     assert model.head.num_logits == 6
-    batch, _ = model.preprocess([torch.rand(3, 96, 96)], resize=False)
+    batch = model.preprocess([torch.rand(3, 96, 96)], resize=False).tensor
     with torch.no_grad():
         cls_logits, *_ = model.forward_features(batch)
     assert cls_logits.shape[-1] == 6

@@ -6,6 +6,7 @@ import torch
 from retinanet.ops.boxes import decode
 from retinanet.ops.matcher import FOREGROUND, IGNORE
 from retinanet.modeling import build_model
+from retinanet.modeling.detector import ImageBatch
 from retinanet.ops.transform import resized_size
 from retinanet.ops.nms import reference_nms
 
@@ -21,7 +22,7 @@ def _rect_image(h, w, boxes):
 
 def test_initial_foreground_probability_is_prior():
     model = build_model(tiny_config(num_classes=5)).eval()
-    batch, _ = model.preprocess([torch.rand(3, 128, 128)], resize=False)
+    batch = model.preprocess([torch.rand(3, 128, 128)], resize=False).tensor
     with torch.no_grad():
         cls_logits, *_ = model.forward_features(batch)
     p = torch.sigmoid(cls_logits)
@@ -44,7 +45,7 @@ def test_batched_loss_equals_per_image_with_batch_normalizer():
     images = [torch.rand(3, 128, 160), torch.rand(3, 128, 160)]
     targets = [{"boxes": torch.tensor([[10.0, 12, 60, 70], [80, 20, 150, 100]]), "labels": torch.tensor([0, 2])},
                {"boxes": torch.tensor([[30.0, 40, 90, 120]]), "labels": torch.tensor([1])}]
-    batch, _ = model.preprocess(images, resize=False)
+    batch = model.preprocess(images, resize=False).tensor
     cls_logits, box_deltas, anchors, _ = model.forward_features(batch)
     together = model.compute_losses(cls_logits, box_deltas, anchors, targets)
     num_fg = [int((model.assign_targets(anchors, [t])[0] == FOREGROUND).sum()) for t in targets]
@@ -57,7 +58,7 @@ def test_batched_loss_equals_per_image_with_batch_normalizer():
 
 def test_crowd_box_makes_no_positives_and_ignores_what_it_covers():
     model = build_model(tiny_config()).eval()
-    batch, _ = model.preprocess([torch.rand(3, 128, 128)], resize=False)
+    batch = model.preprocess([torch.rand(3, 128, 128)], resize=False).tensor
     _, _, anchors, _ = model.forward_features(batch)
     crowd = {"boxes": torch.tensor([[0.0, 0, 128, 128]]), "labels": torch.tensor([1]), "iscrowd": torch.tensor([1])}
     labels, _, _ = model.assign_targets(anchors, [crowd])
@@ -98,7 +99,7 @@ def _reference_postprocess(model, cls_logits, box_deltas, anchors, level_sizes, 
 def test_postprocess_equals_per_image_reference():
     model = build_model(tiny_config(num_classes=4)).eval()
     model.topk_candidates, model.detections_per_image = 50, 40
-    batch, _ = model.preprocess([torch.rand(3, 128, 160)] * 2, resize=False)
+    batch = model.preprocess([torch.rand(3, 128, 160)] * 2, resize=False).tensor
     with torch.no_grad():
         _, _, anchors, level_sizes = model.forward_features(batch)
     g = torch.Generator().manual_seed(3)
@@ -106,7 +107,7 @@ def test_postprocess_equals_per_image_reference():
     cls_logits = torch.randn(2, n, 4, generator=g) * 2 - 3  # a few hundred candidates above 0.05
     box_deltas = torch.randn(2, n, 4, generator=g) * 0.2
     sizes = [(128, 160), (100, 150)]
-    dets = model.postprocess(cls_logits, box_deltas, anchors, level_sizes, sizes)
+    dets = model.postprocess((cls_logits, box_deltas, *anchors.split(level_sizes)), ImageBatch(batch, sizes, sizes))
     for i in range(2):
         rb, rs, rl = _reference_postprocess(model, cls_logits[i], box_deltas[i], anchors, level_sizes, sizes[i])
         assert len(rs) == model.detections_per_image

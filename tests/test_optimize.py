@@ -45,7 +45,7 @@ def test_fold_removes_every_frozen_bn_and_keeps_outputs():
     assert fold_batchnorm(folded) == 20
     assert not any(isinstance(m, FrozenBatchNorm2d) for m in folded.modules())
     assert folded.backbone.layer2[0].conv1.bias is not None
-    batch, _ = model.preprocess([torch.rand(3, 128, 160)], resize=False)
+    batch = model.preprocess([torch.rand(3, 128, 160)], resize=False).tensor
     for a, b in zip(_outputs(folded, batch), _outputs(model, batch)):
         _assert_close_rel(a, b, 1e-4)
 
@@ -54,7 +54,7 @@ def test_fold_eval_batchnorm_and_refuse_batch_statistics():
     model = _model(norm="bn")
     folded = copy.deepcopy(model)
     assert fold_batchnorm(folded) == 20
-    batch, _ = model.preprocess([torch.rand(3, 128, 128)], resize=False)
+    batch = model.preprocess([torch.rand(3, 128, 128)], resize=False).tensor
     for a, b in zip(_outputs(folded, batch), _outputs(model, batch)):
         _assert_close_rel(a, b, 1e-4)
     with pytest.raises(ValueError, match="batch statistics"):
@@ -93,7 +93,7 @@ def test_optimized_model_gives_the_same_detections():
 def test_channels_last_equals_nchw():
     model = _model()
     cl = optimize_for_inference(copy.deepcopy(model), fold_bn=False, channels_last=True)
-    batch, _ = model.preprocess([torch.rand(3, 128, 192)], resize=False)
+    batch = model.preprocess([torch.rand(3, 128, 192)], resize=False).tensor
     cls_cl, box_cl, _ = _outputs(cl, batch)
     cls_ref, box_ref, _ = _outputs(model, batch)
     _assert_close_rel(cls_cl, cls_ref, 1e-5)
@@ -102,13 +102,13 @@ def test_channels_last_equals_nchw():
 
 def test_bfloat16_runs_the_network_in_bf16_and_decodes_boxes_in_float32():
     model = optimize_for_inference(_model())
-    batch, sizes = model.preprocess([torch.rand(3, 128, 160)], resize=False)
+    pre = model.preprocess([torch.rand(3, 128, 160)], resize=False)
     with torch.no_grad(), autocast(model, torch.bfloat16):
-        cls_logits, box_deltas, anchors, level_sizes = model.forward_features(batch)
+        cls_logits, box_deltas, anchors, level_sizes = model.forward_features(pre.tensor)
         assert cls_logits.dtype == torch.bfloat16 and box_deltas.dtype == torch.bfloat16
-        got = model.postprocess(cls_logits, box_deltas, anchors, level_sizes, sizes)
+        got = model.postprocess((cls_logits, box_deltas, *anchors.split(level_sizes)), pre)
     # The same bf16 numbers post-processed from float32 copies: identical if decoding is float32.
-    expected = model.postprocess(cls_logits.float(), box_deltas.float(), anchors, level_sizes, sizes)
+    expected = model.postprocess((cls_logits.float(), box_deltas.float(), *anchors.split(level_sizes)), pre)
     assert len(expected[0]["scores"]) > 0
     assert got[0]["boxes"].dtype == torch.float32 and got[0]["scores"].dtype == torch.float32
     assert torch.equal(got[0]["boxes"], expected[0]["boxes"])

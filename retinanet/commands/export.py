@@ -32,7 +32,7 @@ def run(args) -> int:
         raise ValueError("--output must not be the checkpoint file")
     model, cfg, categories = load_model(args.checkpoint, device="cpu")
     start = time.perf_counter()
-    export_onnx(model, cfg.model, categories, args.output, exporter=args.exporter, opset=args.opset)
+    export_onnx(model, cfg, categories, args.output, exporter=args.exporter, opset=args.opset)
     size_mb = Path(args.output).stat().st_size / 2 ** 20
     print(f"wrote {args.output} ({size_mb:.1f} MiB) in {time.perf_counter() - start:.1f} s with the {args.exporter} exporter",
           file=sys.stderr)
@@ -48,27 +48,22 @@ def verify(model, categories: list, path: str, config) -> str:
     import torch
 
     from ..export import OnnxDetector
-    from ..predict import Predictor, prepare_batch
+    from ..predict import Predictor
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(config.min_size, config.min_size * 4 // 3, 3), dtype=np.uint8)
     every_class = [c["id"] for c in categories]
     torch_pred = Predictor(model, categories, device="cpu", classes=every_class)
     onnx_pred = OnnxDetector(path, classes=every_class)
-    batch, _ = prepare_batch([image], pixel_mean=config.pixel_mean, pixel_std=config.pixel_std, min_size=config.min_size,
-                             max_size=config.max_size, rounding=config.resize_rounding,
-                             size_divisibility=config.size_divisibility)
+    batch = model.preprocess([torch.from_numpy(image).permute(2, 0, 1)])
     with torch.inference_mode():
-        ours = torch_pred.head_outputs(batch)
-    theirs = onnx_pred.head_outputs(batch)
-    cls_diff = (ours[0] - theirs[0]).abs().max().item()
-    box_diff = (ours[1] - theirs[1]).abs().max().item()
-    anchors_equal = torch.equal(ours[2], theirs[2])
+        ours = torch_pred.network(batch.tensor)
+    theirs = onnx_pred.network(batch.tensor)
+    diffs = ", ".join(f"max |{name} diff| {(a.float() - b.float()).abs().max().item():.2e}"
+                      for name, a, b in zip(model.output_names, ours, theirs))
     a, b = torch_pred.predict_arrays([image])[0], onnx_pred.predict_arrays([image])[0]
     same = len(a) == len(b) and np.array_equal(a.labels, b.labels)
     det = (f"{len(a)} detections, labels {'identical' if same else 'DIFFERENT'}"
            + (f", max |box diff| {np.abs(a.boxes - b.boxes).max():.2e} px, max |score diff| "
               f"{np.abs(a.scores - b.scores).max():.2e}" if same and len(a) else ""))
-    return (f"onnxruntime vs PyTorch on a random {image.shape[0]}x{image.shape[1]} image: max |cls_logits diff| "
-            f"{cls_diff:.2e}, max |box_deltas diff| {box_diff:.2e}, anchors {'identical' if anchors_equal else 'DIFFERENT'}; "
-            + det)
+    return f"onnxruntime vs PyTorch on a random {image.shape[0]}x{image.shape[1]} image: {diffs}; " + det

@@ -12,15 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.anchors import AnchorGenerator
-from .backbone import FPN, ResNet, make_norm
-from ..ops.boxes import decode, encode, paired_iou
 from ..config import Config, LossConfig
 from ..losses import (fl_star_loss, giou_loss, iou_balanced_weights, ohem_select, sigmoid_focal_loss,
-                     sigmoid_focal_loss_fast, smooth_l1_loss, softmax_focal_loss, softmax_prior_bias)
+                      sigmoid_focal_loss_fast, smooth_l1_loss, softmax_focal_loss, softmax_prior_bias)
+from ..ops.anchors import AnchorGenerator
+from ..ops.boxes import decode, encode, paired_iou
 from ..ops.matcher import FOREGROUND, Matcher, ignore_crowd
 from ..ops.postprocess import postprocess
-from ..ops.transform import resized_size
+from .backbone import FPN, ResNet, make_norm
+from .detector import Detector
 
 
 class Subnet(nn.Module):
@@ -82,11 +82,11 @@ class RetinaNetHead(nn.Module):
         return torch.cat(cls, dim=1), torch.cat(box, dim=1)
 
 
-class RetinaNet(nn.Module):
-    """RetinaNet (Lin et al., Focal Loss for Dense Object Detection).
+class RetinaNet(Detector):
+    """RetinaNet (Lin et al., Focal Loss for Dense Object Detection); the contract is `Detector`'s.
 
-    Eval mode: `model(images)` takes a list of (3, H, W) RGB float tensors in [0, 1], any sizes.
-    Each is resized (shorter side `min_size`, longer side at most `max_size`), normalized and
+    Eval mode: `model(images)` takes a list of (3, H, W) RGB tensors (float in [0, 1] or uint8), any
+    sizes. Each is resized (shorter side `min_size`, longer side at most `max_size`), normalized and
     padded into a batch; returns per image a dict with `boxes` (D, 4) xyxy in the original
     image's pixels (clipped to it), `scores` (D,) and `labels` (D,) in 0..K-1.
 
@@ -94,6 +94,9 @@ class RetinaNet(nn.Module):
     resizes and jitters) and per image {"boxes": (G, 4) xyxy pixels, "labels": (G,) in 0..K-1,
     "iscrowd": (G,) optional}; returns {"cls": loss, "box": loss}, each normalized by the number of
     foreground anchors in the batch (sec. 4.1).
+
+    `network(batch)` returns (cls_logits (B, N, K) (K + 1 with a softmax classifier), box_deltas
+    (B, N, 4), then one (H_l * W_l * A, 4) xyxy anchor tensor per level, in the padded batch's pixels).
 
     Example:
         >>> from retinanet import build_model
@@ -113,7 +116,8 @@ class RetinaNet(nn.Module):
                  detections_per_image: int = 100, class_agnostic_nms: bool = False,
                  min_size: int = 800, max_size: int = 1333, resize_rounding: str = "round", size_divisibility: int = 32,
                  pixel_mean=(0.485, 0.456, 0.406), pixel_std=(0.229, 0.224, 0.225)):
-        super().__init__()
+        super().__init__(min_size=min_size, max_size=max_size, resize_rounding=resize_rounding,
+                         size_divisibility=size_divisibility, pixel_mean=pixel_mean, pixel_std=pixel_std)
         self.backbone, self.fpn, self.head = backbone, fpn, head
         self.anchor_generator = anchor_generator
         self.matcher = matcher
@@ -132,69 +136,37 @@ class RetinaNet(nn.Module):
         self.box_clamp = box_clamp
         self.score_thresh, self.topk_candidates, self.nms_thresh = score_thresh, topk_candidates, nms_thresh
         self.detections_per_image, self.class_agnostic_nms = detections_per_image, class_agnostic_nms
-        self.min_size, self.max_size, self.resize_rounding = min_size, max_size, resize_rounding
-        self.size_divisibility = size_divisibility
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).reshape(3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).reshape(3, 1, 1), persistent=False)
+        self.output_names = ("cls_logits", "box_deltas") + tuple(
+            f"anchors_p{fpn.min_level + i}" for i in range(len(anchor_generator.strides)))
 
     @property
     def num_classes(self) -> int:
         return self.head.num_classes
 
-    # ------------------------------------------------------------------ pre-processing
-    def preprocess(self, images: list, resize: bool) -> tuple:
-        """images: list of (3, H, W) in [0, 1] -> batch (B, 3, H', W') padded, sizes [(h, w)] before padding."""
-        if isinstance(images, Tensor) and images.dim() == 3:
-            raise ValueError("images must be a list of (3, H, W) tensors or a (B, 3, H, W) tensor")
-        normed, sizes = [], []
-        for i, img in enumerate(images):
-            if img.dim() != 3 or img.shape[0] != 3:
-                raise ValueError(f"image {i}: expected a (3, H, W) RGB tensor, got shape {tuple(img.shape)}")
-            img = (img.to(self.pixel_mean.device, torch.float32) - self.pixel_mean) / self.pixel_std
-            if resize:
-                size = resized_size(img.shape[1], img.shape[2], self.min_size, self.max_size, self.resize_rounding)
-                if size != tuple(img.shape[1:]):
-                    img = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False)[0]
-            normed.append(img)
-            sizes.append((img.shape[1], img.shape[2]))
-        d = self.size_divisibility
-        h = int(math.ceil(max(s[0] for s in sizes) / d) * d)
-        w = int(math.ceil(max(s[1] for s in sizes) / d) * d)
-        batch = normed[0].new_zeros(len(normed), 3, h, w)
-        for img, t in zip(normed, batch):
-            t[:, : img.shape[1], : img.shape[2]].copy_(img)
-        return batch, sizes
-
-    # ------------------------------------------------------------------ forward
-    def forward_features(self, batch: Tensor) -> tuple:
-        """batch (B, 3, H, W) normalized -> cls_logits (B, N, K), box_deltas (B, N, 4), anchors (N, 4), level sizes."""
+    # ------------------------------------------------------------------ the Detector contract
+    def network(self, batch: Tensor) -> tuple:
+        """batch (B, 3, H, W) -> (cls_logits (B, N, K or K + 1), box_deltas (B, N, 4), L x anchors (N_l, 4))."""
         features = self.fpn(self.backbone(batch))
         cls_logits, box_deltas = self.head(features)
-        level_anchors = self.anchor_generator([f.shape[-2:] for f in features], batch.shape[-2:], batch.device)
-        return cls_logits, box_deltas, torch.cat(level_anchors), [a.shape[0] for a in level_anchors]
+        anchors = self.anchor_generator([f.shape[-2:] for f in features], batch.shape[-2:], batch.device)
+        return (cls_logits, box_deltas, *anchors)
 
-    def forward(self, images, targets: Optional[list] = None):
-        if self.training:
-            if targets is None:
-                raise ValueError("in train mode the model needs targets (use model.eval() for inference)")
-            batch, _ = self.preprocess(images, resize=False)
-            cls_logits, box_deltas, anchors, _ = self.forward_features(batch)
-            return self.compute_losses(cls_logits, box_deltas, anchors, targets)
-        original = [(img.shape[-2], img.shape[-1]) for img in images]
-        batch, sizes = self.preprocess(images, resize=True)
-        cls_logits, box_deltas, anchors, level_sizes = self.forward_features(batch)
-        detections = self.postprocess(cls_logits, box_deltas, anchors, level_sizes, sizes)
-        for det, (h, w), (oh, ow) in zip(detections, sizes, original):
-            scale = torch.tensor([ow / w, oh / h, ow / w, oh / h], device=det["boxes"].device)
-            det["boxes"] = det["boxes"] * scale
-        return detections
+    def postprocess_outputs(self, outputs: tuple, image_sizes: list, *, score_thresh: float, nms_thresh: float,
+                            max_detections: int, class_agnostic: bool, keep_classes: Optional[Tensor]) -> list:
+        cls_logits, box_deltas, *anchors = outputs
+        return postprocess(cls_logits, box_deltas, torch.cat(anchors), [a.shape[0] for a in anchors], image_sizes,
+                           score_thresh=score_thresh, topk_candidates=self.topk_candidates, nms_thresh=nms_thresh,
+                           max_detections=max_detections, box_weights=self.box_weights, box_clamp=self.box_clamp,
+                           class_agnostic=class_agnostic, classifier=self.head.classifier, keep_classes=keep_classes)
 
-    def postprocess(self, cls_logits, box_deltas, anchors, level_sizes, image_sizes) -> list:
-        return postprocess(cls_logits, box_deltas, anchors, level_sizes, image_sizes,
-                           score_thresh=self.score_thresh, topk_candidates=self.topk_candidates,
-                           nms_thresh=self.nms_thresh, max_detections=self.detections_per_image,
-                           box_weights=self.box_weights, box_clamp=self.box_clamp,
-                           class_agnostic=self.class_agnostic_nms, classifier=self.head.classifier)
+    def losses(self, batch: Tensor, targets: list) -> dict:
+        cls_logits, box_deltas, anchors, _ = self.forward_features(batch)
+        return self.compute_losses(cls_logits, box_deltas, anchors, targets)
+
+    def forward_features(self, batch: Tensor) -> tuple:
+        """batch (B, 3, H, W) normalized -> cls_logits (B, N, K), box_deltas (B, N, 4), anchors (N, 4), level sizes."""
+        cls_logits, box_deltas, *anchors = self.network(batch)
+        return cls_logits, box_deltas, torch.cat(anchors), [a.shape[0] for a in anchors]
 
     # ------------------------------------------------------------------ training targets and losses
     @torch.no_grad()

@@ -78,9 +78,18 @@ class AnchorGenerator:
 
     def __call__(self, feature_sizes, image_size, device) -> list:
         """feature_sizes: [(H_l, W_l)] per level; image_size: the padded (H, W). -> L x (H_l*W_l*A, 4)."""
+        if _tracing():  # a cached tensor would leak the tracer's fake tensors into later calls
+            return [self.grid(i, h, w, image_size, device) for i, (h, w) in enumerate(feature_sizes)]
         key = (tuple(map(tuple, feature_sizes)), tuple(image_size) if self.style == "torchvision" else None, str(device))
         if key not in self._cache:
             if len(self._cache) > 64:
                 self._cache.clear()
             self._cache[key] = [self.grid(i, h, w, image_size, device) for i, (h, w) in enumerate(feature_sizes)]
         return self._cache[key]
+
+
+def _tracing() -> bool:
+    """Whether an exporter or compiler is tracing the current call (ONNX export, torch.export, torch.compile)."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(torch.jit.is_tracing() or (compiler is not None and (
+        compiler.is_compiling() or (hasattr(compiler, "is_exporting") and compiler.is_exporting()))))

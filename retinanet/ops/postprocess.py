@@ -10,6 +10,7 @@ the per-(image, level) top-k is a segmented rank computed with two stable sorts.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -36,7 +37,8 @@ def segment_rank(segments: Tensor, scores: Tensor) -> tuple:
 def postprocess(cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, level_sizes: list, image_sizes: list, *,
                 score_thresh: float = 0.05, topk_candidates: int = 1000, nms_thresh: float = 0.5,
                 max_detections: int = 100, box_weights=(1.0, 1.0, 1.0, 1.0), box_clamp: float = math.log(1000.0 / 16),
-                class_agnostic: bool = False, nms_backend: str = "auto", classifier: str = "sigmoid") -> list:
+                class_agnostic: bool = False, nms_backend: str = "auto", classifier: str = "sigmoid",
+                keep_classes: Optional[Tensor] = None) -> list:
     """Detections for a batch.
 
     cls_logits (B, N, K) for a sigmoid classifier, (B, N, K + 1) for a softmax one (background last,
@@ -44,17 +46,24 @@ def postprocess(cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, level_s
     level_sizes: anchors per level (sums to N); image_sizes: [(h, w)] of each resized image
     (boxes are clipped to it). Returns per image {boxes (D, 4) xyxy, scores (D,), labels (D,)},
     sorted by decreasing score, in the resized image's pixels.
+    keep_classes: (K,) bool or None; the classes left out are removed before the threshold and top-k
+    (a sigmoid classifier's logits set to -inf; a softmax classifier's probabilities, computed over
+    all K + 1 outputs, set to 0).
     """
     b = cls_logits.shape[0]
     device = cls_logits.device
     if classifier == "softmax":
         probs = torch.softmax(cls_logits.float(), dim=-1)[..., :-1]  # (B, N, K): background dropped
+        if keep_classes is not None:
+            probs = probs * keep_classes.to(device)
         img_idx, anchor_idx = torch.nonzero(probs.amax(dim=-1) > score_thresh, as_tuple=True)  # (M,)
         scores = probs[img_idx, anchor_idx]  # (M, K)
     elif classifier == "sigmoid":
         # Anchors whose best class could pass the threshold; the margin keeps the final
         # sigmoid(x) > thresh test (done in float32 below) exact.
         logit_thresh = math.log(score_thresh / (1 - score_thresh)) - 1e-3 if 0 < score_thresh < 1 else -math.inf
+        if keep_classes is not None:
+            cls_logits = cls_logits.masked_fill(~keep_classes.to(device), -math.inf)
         best = cls_logits.amax(dim=-1)  # (B, N)
         img_idx, anchor_idx = torch.nonzero(best.float() > logit_thresh, as_tuple=True)  # (M,)
         scores = torch.sigmoid(cls_logits[img_idx, anchor_idx].float())  # (M, K)

@@ -1,0 +1,162 @@
+"""The contract every detector keeps, and the one inference path every caller takes.
+
+A detector is an `nn.Module` with three steps that callers may run together or apart:
+
+    batch = model.preprocess(images)          # ImageBatch: resized, normalized, padded (B, 3, H, W)
+    outputs = model.network(batch.tensor)     # tuple of tensors: everything with weights (what ONNX exports)
+    detections = model.postprocess(outputs, batch, score_thresh=..., keep_classes=...)
+
+- `model(images)` in eval mode is exactly those three steps with the model's own settings, and
+  returns per image {"boxes" (D, 4) xyxy in the original image's pixels, "scores" (D,), "labels"
+  (D,) in 0..K-1} (and "masks" for detectors that predict them), best first.
+- `model(images, targets)` in train mode returns a dict of named scalar losses; the engine sums them.
+  Training images are already at the size to train on (the data pipeline resizes and jitters), so
+  `preprocess(images, resize=False)` only normalizes and pads them.
+
+`Predictor`, `OnnxDetector`, `retinanet eval/predict/export/analyze` and the engine use these
+methods and nothing else, so none of them re-implements a detector's pre- or post-processing.
+`postprocess` needs no weights: `OnnxDetector` builds the model on the meta device and replaces
+`network` with the ONNX graph.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.transform import resized_size
+
+
+@dataclass
+class ImageBatch:
+    """A padded batch and the sizes needed to map detections back.
+
+    tensor (B, 3, H, W) float32, normalized, zero-padded to multiples of `size_divisibility`;
+    image_sizes: [(h, w)] of each image after resizing (its region of the batch, top-left);
+    original_sizes: [(h, w)] of each image as given.
+    """
+
+    tensor: Tensor
+    image_sizes: list
+    original_sizes: list
+
+
+class Detector(nn.Module):
+    """Base class of every detector: the shared pre-processing and the contract (see the module docstring).
+
+    Subclasses set `num_classes`, the inference settings (`score_thresh`, `nms_thresh`,
+    `detections_per_image`, `class_agnostic_nms`) and implement `network`, `postprocess_outputs`
+    and `losses`.
+    """
+
+    output_names: tuple = ()  # names of `network`'s outputs (ONNX)
+
+    def __init__(self, *, min_size: int, max_size: int, resize_rounding: str = "round", size_divisibility: int = 32,
+                 pixel_mean=(0.485, 0.456, 0.406), pixel_std=(0.229, 0.224, 0.225)):
+        super().__init__()
+        self.min_size, self.max_size, self.resize_rounding = min_size, max_size, resize_rounding
+        self.size_divisibility = size_divisibility
+        self.pixel_mean = tuple(float(v) for v in pixel_mean)
+        self.pixel_std = tuple(float(v) for v in pixel_std)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ------------------------------------------------------------------ the contract
+    def preprocess(self, images, resize: bool = True, device=None) -> ImageBatch:
+        """images: list of (3, H, W) RGB tensors, float in [0, 1] or uint8 (0..255), any sizes ->
+        ImageBatch. With `resize`, shorter side `min_size` and longer at most `max_size`. `device`:
+        where the batch is made (default: the images'); uint8 images travel there before conversion."""
+        if isinstance(images, Tensor) and images.dim() == 3:
+            raise ValueError("images must be a list of (3, H, W) tensors or a (B, 3, H, W) tensor")
+        if len(images) == 0:
+            raise ValueError("no images")
+        normed, sizes, original = [], [], []
+        for i, img in enumerate(images):
+            if img.dim() != 3 or img.shape[0] != 3:
+                raise ValueError(f"image {i}: expected a (3, H, W) RGB tensor, got shape {tuple(img.shape)}")
+            img = img.to(device) if device is not None else img
+            original.append((img.shape[1], img.shape[2]))
+            if img.dtype == torch.uint8:
+                img = img.to(torch.float32) / 255.0
+            mean = torch.tensor(self.pixel_mean, dtype=torch.float32, device=img.device).reshape(3, 1, 1)
+            std = torch.tensor(self.pixel_std, dtype=torch.float32, device=img.device).reshape(3, 1, 1)
+            img = (img.to(torch.float32) - mean) / std
+            if resize:
+                size = resized_size(img.shape[1], img.shape[2], self.min_size, self.max_size, self.resize_rounding)
+                if size != tuple(img.shape[1:]):
+                    img = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False)[0]
+            normed.append(img)
+            sizes.append((img.shape[1], img.shape[2]))
+        d = self.size_divisibility
+        h = int(math.ceil(max(s[0] for s in sizes) / d) * d)
+        w = int(math.ceil(max(s[1] for s in sizes) / d) * d)
+        batch = normed[0].new_zeros(len(normed), 3, h, w)  # (B, 3, H, W)
+        for img, t in zip(normed, batch):
+            t[:, : img.shape[1], : img.shape[2]].copy_(img)
+        return ImageBatch(batch, sizes, original)
+
+    def network(self, batch: Tensor) -> tuple:
+        """batch (B, 3, H, W) normalized and padded -> the network's outputs (a tuple of tensors)."""
+        raise NotImplementedError
+
+    def postprocess(self, outputs: tuple, batch: ImageBatch, *, score_thresh: Optional[float] = None,
+                    nms_thresh: Optional[float] = None, max_detections: Optional[int] = None,
+                    class_agnostic: Optional[bool] = None, keep_classes: Optional[Tensor] = None) -> list:
+        """The network's outputs -> per image {"boxes", "scores", "labels"} in the original image's pixels.
+
+        Settings left None are the model's. keep_classes: (K,) bool, the classes to detect; the
+        others are removed before the score threshold, top-k and NMS, as if the model had no such
+        outputs (a softmax classifier still normalizes over all of its outputs).
+        """
+        settings = dict(score_thresh=self.score_thresh if score_thresh is None else float(score_thresh),
+                        nms_thresh=self.nms_thresh if nms_thresh is None else float(nms_thresh),
+                        max_detections=self.detections_per_image if max_detections is None else int(max_detections),
+                        class_agnostic=self.class_agnostic_nms if class_agnostic is None else bool(class_agnostic))
+        if keep_classes is not None:
+            keep_classes = torch.as_tensor(keep_classes, dtype=torch.bool)
+            if keep_classes.shape != (self.num_classes,):
+                raise ValueError(f"keep_classes must have shape ({self.num_classes},), got {tuple(keep_classes.shape)}")
+            if bool(keep_classes.all()):
+                keep_classes = None
+        detections = self.postprocess_outputs(outputs, batch.image_sizes, keep_classes=keep_classes, **settings)
+        return rescale_to_original(detections, batch)
+
+    def postprocess_outputs(self, outputs: tuple, image_sizes: list, *, score_thresh: float, nms_thresh: float,
+                            max_detections: int, class_agnostic: bool, keep_classes: Optional[Tensor]) -> list:
+        """Detections in the resized images' pixels (see `postprocess`)."""
+        raise NotImplementedError
+
+    def losses(self, batch: Tensor, targets: list) -> dict:
+        """batch (B, 3, H, W) normalized, padded; targets per image -> {name: scalar loss}."""
+        raise NotImplementedError
+
+    def forward(self, images, targets: Optional[list] = None):
+        if self.training:
+            if targets is None:
+                raise ValueError("in train mode the model needs targets (use model.eval() for inference)")
+            return self.losses(self.preprocess(images, resize=False, device=self.device).tensor, targets)
+        batch = self.preprocess(images, device=self.device)
+        return self.postprocess(self.network(batch.tensor), batch)
+
+
+def rescale_to_original(detections: list, batch: ImageBatch) -> list:
+    """Scale each image's boxes from its resized size to its original size (in place; returns the list)."""
+    for det, (h, w), (oh, ow) in zip(detections, batch.image_sizes, batch.original_sizes):
+        if (h, w) != (oh, ow):
+            scale = torch.tensor([ow / w, oh / h, ow / w, oh / h], device=det["boxes"].device)
+            det["boxes"] = det["boxes"] * scale
+    return detections
+
+
+def keep_classes_mask(num_classes: int, labels: Sequence[int]) -> Tensor:
+    """(K,) bool, True for the given labels."""
+    keep = torch.zeros(num_classes, dtype=torch.bool)
+    keep[list(labels)] = True
+    return keep
