@@ -21,8 +21,12 @@ class ModelConfig:
     """The detector: backbone, FPN, anchors, heads, matching, pre/post-processing.
 
     Defaults are the Focal Loss paper's RetinaNet (sec. 4) with Detectron's inference settings.
+    `arch: faster_rcnn` is the FPN two-stage detector (thesis ch. 4); it uses the shared keys
+    (backbone, FPN, anchors, inference, pre-processing) and the rpn_* and roi_* keys; see
+    retinanet/configs/faster_rcnn_paper.yaml for its values.
     """
 
+    arch: str = "retinanet"  # retinanet | faster_rcnn
     num_classes: int = 80
     # Backbone (sec. 4: ResNet + FPN). resnet18 | resnet34 | resnet50 | resnet101 | resnext101_32x8d
     backbone: str = "resnet50"
@@ -61,6 +65,27 @@ class ModelConfig:
     nms_thresh: float = 0.5
     detections_per_image: int = 100
     class_agnostic_nms: bool = False
+    # Faster R-CNN's RPN (thesis sec. 4.4; torchvision's fasterrcnn_resnet50_fpn where the thesis is silent)
+    rpn_fg_iou: float = 0.7  # positive anchors: IoU > 0.7, or the best anchor of a ground-truth box
+    rpn_bg_iou: float = 0.3  # negative anchors: IoU < 0.3
+    rpn_batch_per_image: int = 256  # anchors sampled per image for the RPN losses
+    rpn_positive_fraction: float = 0.5
+    rpn_pre_nms_top_n: list = field(default_factory=lambda: [2000, 1000])  # per level: training, testing
+    rpn_post_nms_top_n: list = field(default_factory=lambda: [2000, 1000])  # per image: training, testing
+    rpn_nms_thresh: float = 0.7
+    # Faster R-CNN's Fast R-CNN head (thesis sec. 4.5)
+    roi_min_level: int = 2  # RoIs pooled from P2..P5 by eq. (4.1)
+    roi_max_level: int = 5
+    roi_pooler: str = "align"  # align (RoIAlign) | pool (RoI pooling, as the thesis)
+    roi_output_size: int = 7
+    roi_sampling_ratio: int = 2
+    roi_aligned: bool = False  # RoIAlign's half-pixel offset (torchvision's v1 weights: false)
+    roi_head_dim: int = 1024  # the two hidden fc layers
+    roi_fg_iou: float = 0.5  # foreground RoIs: IoU >= 0.5, background below
+    roi_bg_iou: float = 0.5
+    roi_batch_per_image: int = 512
+    roi_positive_fraction: float = 0.25
+    roi_box_weights: list = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
     # Pre-processing (sec. 4.1: shorter side 800 px; Detectron caps the longer side at 1333)
     min_size: int = 800
     max_size: int = 1333
@@ -225,6 +250,34 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    ARCHS = ("retinanet", "faster_rcnn")
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject an unknown arch and loss options that do not apply to it (on load and in build_model)."""
+        arch = self.model.arch
+        if arch not in self.ARCHS:
+            raise ConfigError(f"config key 'model.arch': unknown detector '{arch}'{_closest(str(arch), self.ARCHS)}; "
+                              f"choose one of {', '.join(self.ARCHS)}")
+        if arch == "faster_rcnn":
+            default = LossConfig()
+            why = {"cls": "Fast R-CNN trains its classifier with softmax cross entropy over K + 1 classes and the "
+                          "RPN with binary cross entropy on sampled anchors (thesis sec. 4.4-4.5)",
+                   "iou_balanced_cls": "it reweights a dense detector's positive anchors",
+                   "iou_balanced_loc": "it is defined for a dense detector's positive anchors (IoU-b sec. 3.2)"}
+            for key, reason in why.items():
+                if getattr(self.loss, key) != getattr(default, key):
+                    raise ConfigError(f"config key 'loss.{key}' does not apply to model.arch=faster_rcnn: {reason}")
+            for key in ("rpn_pre_nms_top_n", "rpn_post_nms_top_n"):
+                value = getattr(self.model, key)
+                if len(value) != 2 or min(value) < 1:
+                    raise ConfigError(f"config key 'model.{key}' must be [training, testing], both >= 1, got {value}")
+            if self.model.roi_pooler not in ("align", "pool"):
+                raise ConfigError(f"config key 'model.roi_pooler' must be 'align' or 'pool', got "
+                                  f"'{self.model.roi_pooler}'")
 
 
 class ConfigError(ValueError):

@@ -32,10 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from .config import Config, ModelConfig, config_from_dict, config_to_dict
+from .modeling.detector import ImageBatch
 from .predict import Predictor
-
-INPUT_NAME = "images"
-
 
 class NetworkGraph(nn.Module):
     """What the ONNX file computes: the detector's `network` (normalized padded batch -> its outputs)."""
@@ -44,8 +42,8 @@ class NetworkGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images: Tensor) -> tuple:
-        return tuple(self.model.network(images))
+    def forward(self, *inputs: Tensor) -> tuple:
+        return tuple(self.model.network(*inputs))
 
 
 def export_onnx(model, config: Config, categories: list, path: str, *, exporter: str = "dynamo",
@@ -61,9 +59,15 @@ def export_onnx(model, config: Config, categories: list, path: str, *, exporter:
         raise ValueError(f"exporter must be 'dynamo' or 'torchscript', got '{exporter}'")
     graph = NetworkGraph(model).eval()
     names = list(model.output_names)
+    inputs = list(model.network_inputs)
     d = config.model.size_divisibility
     device = next(model.parameters()).device
-    sample = torch.zeros(2, 3, 8 * d, 10 * d, device=device)  # any size; B = 2 and H != W keep dims from specializing
+    # any size; B = 2 and H != W keep dims from specializing
+    samples = {"images": torch.zeros(2, 3, 8 * d, 10 * d, device=device),
+               "image_sizes": torch.tensor([[8 * d, 10 * d], [7 * d, 9 * d]], device=device)}
+    sample = tuple(samples[name] for name in inputs)
+    with torch.no_grad():
+        ranks = [t.dim() for t in graph(*sample)]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
@@ -72,15 +76,17 @@ def export_onnx(model, config: Config, categories: list, path: str, *, exporter:
             warnings.simplefilter("ignore", DeprecationWarning)
             if exporter == "dynamo":
                 dim = torch.export.Dim.DYNAMIC
-                program = torch.onnx.export(graph, (sample,), dynamo=True, input_names=[INPUT_NAME],
-                                            output_names=names, opset_version=opset,
-                                            dynamic_shapes={INPUT_NAME: {0: dim, 2: dim, 3: dim}})
+                dynamic = {"images": {0: dim, 2: dim, 3: dim}, "image_sizes": {0: dim}}
+                program = torch.onnx.export(graph, sample, dynamo=True, input_names=inputs, output_names=names,
+                                            opset_version=opset,
+                                            dynamic_shapes={"inputs": tuple(dynamic[name] for name in inputs)})
                 program.save(raw)
             else:
-                axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
-                        **{n: {0: f"{n}_dim0"} for n in names}}
-                torch.onnx.export(graph, (sample,), raw, dynamo=False, input_names=[INPUT_NAME], output_names=names,
-                                  opset_version=opset or 17, dynamic_axes=axes)
+                axes = {"images": {0: "batch", 2: "height", 3: "width"}, "image_sizes": {0: "batch"},
+                        **{n: {i: f"{n}_{i}" for i in range(rank)} for n, rank in zip(names, ranks)}}
+                torch.onnx.export(graph, sample, raw, dynamo=False, input_names=inputs, output_names=names,
+                                  opset_version=opset or 17, dynamic_axes={k: v for k, v in axes.items()
+                                                                           if k in inputs or k in names})
         proto = onnx.load(raw)
         meta = {"retinanet.config": json.dumps(config_to_dict(config)),  # the whole Config (model, loss, ...)
                 "retinanet.categories": json.dumps(list(categories)),
@@ -132,5 +138,7 @@ class OnnxDetector(Predictor):
             model = build_model(config).eval()
         super().__init__(model, json.loads(meta["retinanet.categories"]), device="cpu", **kwargs)
 
-    def network(self, batch: Tensor) -> tuple:
-        return tuple(torch.from_numpy(t) for t in self.session.run(None, {INPUT_NAME: batch.cpu().numpy()}))
+    def network(self, batch: ImageBatch) -> tuple:
+        feed = {"images": batch.tensor.cpu().numpy(), "image_sizes": batch.sizes_tensor().cpu().numpy()}
+        names = [i.name for i in self.session.get_inputs()]
+        return tuple(torch.from_numpy(t) for t in self.session.run(None, {name: feed[name] for name in names}))

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .modeling.detector import keep_classes_mask
+from .modeling.detector import ImageBatch, keep_classes_mask
 
 
 @dataclass
@@ -184,10 +184,11 @@ class Predictor:
             return out
         return self([images])[0]
 
-    def network(self, batch: Tensor) -> tuple:
+    def network(self, batch: ImageBatch) -> tuple:
         """The model's network on a preprocessed batch, on this predictor's device and precision."""
+        batch = ImageBatch(batch.tensor.to(self.device), batch.image_sizes, batch.original_sizes)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return self.model.network(batch.to(self.device))
+            return self.model.run_network(batch)
 
     @torch.inference_mode()
     def predict_arrays(self, arrays: list) -> list:
@@ -196,7 +197,7 @@ class Predictor:
             return []
         images = [torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1) for a in arrays]  # (3, H, W) uint8
         batch = self.model.preprocess(images, device=None if _on_meta(self.model) else self.device)
-        dets = self.model.postprocess(self.network(batch.tensor), batch, keep_classes=self.keep_classes,
+        dets = self.model.postprocess(self.network(batch), batch, keep_classes=self.keep_classes,
                                       **self.settings)
         out = []
         for det, array in zip(dets, arrays):

@@ -12,6 +12,7 @@ from retinanet import Predictor
 from retinanet.checkpoint import make_checkpoint, save_atomic
 from retinanet.cli import main
 from retinanet.modeling import build_model
+from retinanet.modeling.detector import ImageBatch
 
 from conftest import tiny_config
 
@@ -185,7 +186,7 @@ def test_bf16_runs_the_network_in_bfloat16_and_keeps_the_best_detection(model):
 
     fp32 = Predictor(model, CATEGORIES, device="cpu")
     bf16 = Predictor(model, CATEGORIES, device="cpu", bf16=True)
-    batch = torch.zeros(1, 3, 64, 64)
+    batch = ImageBatch(torch.zeros(1, 3, 64, 64), [(64, 64)], [(64, 64)])
     assert bf16.network(batch)[0].dtype == torch.bfloat16 and fp32.network(batch)[0].dtype == torch.float32
     for seed in range(3):
         a, b = fp32(_image(seed)), bf16(_image(seed))

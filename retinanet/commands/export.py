@@ -57,8 +57,8 @@ def verify(model, categories: list, path: str, config) -> str:
     onnx_pred = OnnxDetector(path, classes=every_class)
     batch = model.preprocess([torch.from_numpy(image).permute(2, 0, 1)])
     with torch.inference_mode():
-        ours = torch_pred.network(batch.tensor)
-    theirs = onnx_pred.network(batch.tensor)
+        ours = torch_pred.network(batch)
+    theirs = onnx_pred.network(batch)
     diffs = ", ".join(f"max |{name} diff| {(a.float() - b.float()).abs().max().item():.2e}"
                       for name, a, b in zip(model.output_names, ours, theirs))
     a, b = torch_pred.predict_arrays([image])[0], onnx_pred.predict_arrays([image])[0]

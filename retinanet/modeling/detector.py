@@ -3,7 +3,8 @@
 A detector is an `nn.Module` with three steps that callers may run together or apart:
 
     batch = model.preprocess(images)          # ImageBatch: resized, normalized, padded (B, 3, H, W)
-    outputs = model.network(batch.tensor)     # tuple of tensors: everything with weights (what ONNX exports)
+    outputs = model.run_network(batch)        # model.network(batch.tensor[, batch.sizes_tensor()]): a
+                                              # tuple of tensors, everything with weights (what ONNX exports)
     detections = model.postprocess(outputs, batch, score_thresh=..., keep_classes=...)
 
 - `model(images)` in eval mode is exactly those three steps with the model's own settings, and
@@ -45,6 +46,10 @@ class ImageBatch:
     image_sizes: list
     original_sizes: list
 
+    def sizes_tensor(self) -> Tensor:
+        """image_sizes as a (B, 2) int64 tensor on the batch's device (a network input)."""
+        return torch.tensor(self.image_sizes, dtype=torch.int64, device=self.tensor.device).reshape(-1, 2)
+
 
 class Detector(nn.Module):
     """Base class of every detector: the shared pre-processing and the contract (see the module docstring).
@@ -54,6 +59,7 @@ class Detector(nn.Module):
     and `losses`.
     """
 
+    network_inputs: tuple = ("images",)  # what `network` takes (ONNX inputs): images, and image_sizes if named
     output_names: tuple = ()  # names of `network`'s outputs (ONNX)
 
     def __init__(self, *, min_size: int, max_size: int, resize_rounding: str = "round", size_divisibility: int = 32,
@@ -102,9 +108,16 @@ class Detector(nn.Module):
             t[:, : img.shape[1], : img.shape[2]].copy_(img)
         return ImageBatch(batch, sizes, original)
 
-    def network(self, batch: Tensor) -> tuple:
-        """batch (B, 3, H, W) normalized and padded -> the network's outputs (a tuple of tensors)."""
+    def network(self, images: Tensor, image_sizes: Optional[Tensor] = None) -> tuple:
+        """images (B, 3, H, W) normalized and padded; image_sizes (B, 2) int64, each image's (h, w) in it
+        (used by detectors that list "image_sizes" in `network_inputs`) -> the outputs (a tuple of tensors)."""
         raise NotImplementedError
+
+    def run_network(self, batch: ImageBatch) -> tuple:
+        """`network` on a preprocessed batch, with the inputs it takes."""
+        if "image_sizes" in self.network_inputs:
+            return self.network(batch.tensor, batch.sizes_tensor())
+        return self.network(batch.tensor)
 
     def postprocess(self, outputs: tuple, batch: ImageBatch, *, score_thresh: Optional[float] = None,
                     nms_thresh: Optional[float] = None, max_detections: Optional[int] = None,
@@ -133,17 +146,17 @@ class Detector(nn.Module):
         """Detections in the resized images' pixels (see `postprocess`)."""
         raise NotImplementedError
 
-    def losses(self, batch: Tensor, targets: list) -> dict:
-        """batch (B, 3, H, W) normalized, padded; targets per image -> {name: scalar loss}."""
+    def losses(self, batch: ImageBatch, targets: list) -> dict:
+        """A batch at the size to train on (normalized, padded) and its targets per image -> {name: scalar loss}."""
         raise NotImplementedError
 
     def forward(self, images, targets: Optional[list] = None):
         if self.training:
             if targets is None:
                 raise ValueError("in train mode the model needs targets (use model.eval() for inference)")
-            return self.losses(self.preprocess(images, resize=False, device=self.device).tensor, targets)
+            return self.losses(self.preprocess(images, resize=False, device=self.device), targets)
         batch = self.preprocess(images, device=self.device)
-        return self.postprocess(self.network(batch.tensor), batch)
+        return self.postprocess(self.run_network(batch), batch)
 
 
 def rescale_to_original(detections: list, batch: ImageBatch) -> list:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import Config, LossConfig
+from ..config import LossConfig
 from ..losses import (fl_star_loss, giou_loss, iou_balanced_weights, ohem_select, sigmoid_focal_loss,
                       sigmoid_focal_loss_fast, smooth_l1_loss, softmax_focal_loss, softmax_prior_bias)
 from ..ops.anchors import AnchorGenerator
@@ -20,7 +20,7 @@ from ..ops.boxes import decode, encode, paired_iou
 from ..ops.matcher import FOREGROUND, Matcher, ignore_crowd
 from ..ops.postprocess import postprocess
 from .backbone import FPN, ResNet, make_norm
-from .detector import Detector
+from .detector import Detector, ImageBatch
 
 
 class Subnet(nn.Module):
@@ -144,8 +144,9 @@ class RetinaNet(Detector):
         return self.head.num_classes
 
     # ------------------------------------------------------------------ the Detector contract
-    def network(self, batch: Tensor) -> tuple:
-        """batch (B, 3, H, W) -> (cls_logits (B, N, K or K + 1), box_deltas (B, N, 4), L x anchors (N_l, 4))."""
+    def network(self, batch: Tensor, image_sizes: Optional[Tensor] = None) -> tuple:
+        """batch (B, 3, H, W) -> (cls_logits (B, N, K or K + 1), box_deltas (B, N, 4), L x anchors (N_l, 4)).
+        image_sizes is not used: boxes are clipped to each image in post-processing."""
         features = self.fpn(self.backbone(batch))
         cls_logits, box_deltas = self.head(features)
         anchors = self.anchor_generator([f.shape[-2:] for f in features], batch.shape[-2:], batch.device)
@@ -159,8 +160,8 @@ class RetinaNet(Detector):
                            max_detections=max_detections, box_weights=self.box_weights, box_clamp=self.box_clamp,
                            class_agnostic=class_agnostic, classifier=self.head.classifier, keep_classes=keep_classes)
 
-    def losses(self, batch: Tensor, targets: list) -> dict:
-        cls_logits, box_deltas, anchors, _ = self.forward_features(batch)
+    def losses(self, batch: ImageBatch, targets: list) -> dict:
+        cls_logits, box_deltas, anchors, _ = self.forward_features(batch.tensor)
         return self.compute_losses(cls_logits, box_deltas, anchors, targets)
 
     def forward_features(self, batch: Tensor) -> tuple:
@@ -351,31 +352,3 @@ class RetinaNet(Detector):
         box_loss, _ = self._box_loss(box_deltas, anchors, gt_boxes, kept_img[kept_fg], kept_anchor[kept_fg])
         return {"cls": cls_loss / self._normalizer(torch.tensor(kept_img.numel(), device=cls_logits.device)),
                 "box": cfg.box_weight * box_loss.sum() / self._normalizer(kept_fg.sum())}
-
-
-def build_model(config: Config) -> RetinaNet:
-    """The one place that reads the config to build a RetinaNet."""
-    m = config.model
-    backbone = ResNet(m.backbone, width=m.backbone_width, norm=m.backbone_norm, frozen_stages=m.frozen_stages,
-                      norm_eps=m.backbone_norm_eps)
-    if m.backbone_weights:
-        from ..convert import load_backbone_weights
-
-        load_backbone_weights(backbone, m.backbone_weights)
-    fpn = FPN(backbone.out_channels, m.fpn_channels, m.min_level, m.max_level, m.p6_from)
-    num_levels = m.max_level - m.min_level + 1
-    if len(m.anchor_sizes) != num_levels:
-        raise ValueError(f"model.anchor_sizes has {len(m.anchor_sizes)} sizes for {num_levels} levels "
-                         f"(P{m.min_level}-P{m.max_level})")
-    anchors = AnchorGenerator(m.anchor_sizes, m.anchor_scales, m.anchor_ratios,
-                              [2 ** lvl for lvl in range(m.min_level, m.max_level + 1)], m.anchor_offset, m.anchor_style)
-    config.loss.validate()
-    head = RetinaNetHead(m.fpn_channels, anchors.num_anchors, m.num_classes, m.head_channels, m.head_convs,
-                         m.head_norm, m.prior_prob,
-                         classifier="softmax" if config.loss.cls == "softmax_focal" else "sigmoid")
-    return RetinaNet(backbone, fpn, head, anchors, matcher=Matcher(m.fg_iou, m.bg_iou, m.allow_low_quality),
-                     loss=config.loss, crowd_ioa=m.crowd_ioa, box_weights=m.box_weights, box_clamp=m.box_clamp,
-                     score_thresh=m.score_thresh, topk_candidates=m.topk_candidates, nms_thresh=m.nms_thresh,
-                     detections_per_image=m.detections_per_image, class_agnostic_nms=m.class_agnostic_nms,
-                     min_size=m.min_size, max_size=m.max_size, resize_rounding=m.resize_rounding,
-                     size_divisibility=m.size_divisibility, pixel_mean=m.pixel_mean, pixel_std=m.pixel_std)
