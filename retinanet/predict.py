@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .modeling.detector import ImageBatch, keep_classes_mask
+from .tta import DEFAULT_SCALES, tta_detections
 
 
 @dataclass
@@ -129,6 +130,8 @@ class Predictor:
         classes: names or category ids to detect (default: every non-placeholder class). Other classes
             are removed before the score threshold, top-k and NMS, as if the model had no such outputs.
         batch_size: images per forward pass.
+        tta: test-time augmentation (retinanet/tta.py): False (default), True (shorter side 0.75x,
+            1x and 1.25x the model's, each plain and flipped), or a list of scales (with flips).
 
     Example:
         >>> predictor = Predictor.from_checkpoint("model.pt", device="cpu", classes=["person"])
@@ -139,7 +142,7 @@ class Predictor:
     def __init__(self, model, categories: list, *, device: Optional[str] = None, bf16: bool = False,
                  score_threshold: Optional[float] = None, nms_threshold: Optional[float] = None,
                  max_detections: Optional[int] = None, class_agnostic: Optional[bool] = None,
-                 classes: Optional[Sequence] = None, batch_size: int = 4):
+                 classes: Optional[Sequence] = None, batch_size: int = 4, tta=False):
         if len(categories) != model.num_classes:
             raise ValueError(f"{len(categories)} categories for a model with {model.num_classes} classes")
         if batch_size < 1:
@@ -151,6 +154,7 @@ class Predictor:
         self.settings = dict(score_thresh=score_threshold, nms_thresh=nms_threshold, max_detections=max_detections,
                              class_agnostic=class_agnostic)
         self.batch_size = batch_size
+        self.tta_scales = tuple(DEFAULT_SCALES) if tta is True else tuple(float(x) for x in tta) if tta else ()
         if classes is None:
             self.labels = [i for i, c in enumerate(self.categories) if not c.get("placeholder")]
         else:
@@ -196,9 +200,14 @@ class Predictor:
         if not arrays:
             return []
         images = [torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1) for a in arrays]  # (3, H, W) uint8
-        batch = self.model.preprocess(images, device=None if _on_meta(self.model) else self.device)
-        dets = self.model.postprocess(self.network(batch), batch, keep_classes=self.keep_classes,
-                                      **self.settings)
+        device = None if _on_meta(self.model) else self.device
+        if self.tta_scales:
+            dets = tta_detections(self.model, images, network=self.network, scales=self.tta_scales, device=device,
+                                  keep_classes=self.keep_classes, **self.settings)
+        else:
+            batch = self.model.preprocess(images, device=device)
+            dets = self.model.postprocess(self.network(batch), batch, keep_classes=self.keep_classes,
+                                          **self.settings)
         out = []
         for det, array in zip(dets, arrays):
             labels = det["labels"].cpu().numpy().astype(np.int64)

@@ -75,10 +75,14 @@ class Detector(nn.Module):
         return next(self.parameters()).device
 
     # ------------------------------------------------------------------ the contract
-    def preprocess(self, images, resize: bool = True, device=None) -> ImageBatch:
+    def preprocess(self, images, resize: bool = True, device=None, min_size: Optional[int] = None,
+                   max_size: Optional[int] = None) -> ImageBatch:
         """images: list of (3, H, W) RGB tensors, float in [0, 1] or uint8 (0..255), any sizes ->
-        ImageBatch. With `resize`, shorter side `min_size` and longer at most `max_size`. `device`:
-        where the batch is made (default: the images'); uint8 images travel there before conversion."""
+        ImageBatch. With `resize`, shorter side `min_size` and longer at most `max_size` (the model's,
+        unless given: test-time augmentation resizes to other scales). `device`: where the batch is
+        made (default: the images'); uint8 images travel there before conversion."""
+        min_size = self.min_size if min_size is None else min_size
+        max_size = self.max_size if max_size is None else max_size
         if isinstance(images, Tensor) and images.dim() == 3:
             raise ValueError("images must be a list of (3, H, W) tensors or a (B, 3, H, W) tensor")
         if len(images) == 0:
@@ -95,7 +99,7 @@ class Detector(nn.Module):
             std = torch.tensor(self.pixel_std, dtype=torch.float32, device=img.device).reshape(3, 1, 1)
             img = (img.to(torch.float32) - mean) / std
             if resize:
-                size = resized_size(img.shape[1], img.shape[2], self.min_size, self.max_size, self.resize_rounding)
+                size = resized_size(img.shape[1], img.shape[2], min_size, max_size, self.resize_rounding)
                 if size != tuple(img.shape[1:]):
                     img = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False)[0]
             normed.append(img)
