@@ -15,7 +15,11 @@ a seed list:
       - ...
 
 `base: demo` is the demo's config (retinanet/configs/demo.yaml) on the generated shapes dataset;
-`base: paper` is the paper's RetinaNet-50 (the config defaults); any other value is a YAML path.
+`base: paper` is the paper's RetinaNet-50 (the config defaults); the name of another shipped config
+(retinanet/configs/NAME.yaml, e.g. faster_rcnn_shapes) is that config; any other value is a YAML
+path. A setting may carry its own `base` (one value, or one per profile: {small: ..., paper: ...}),
+which replaces the profile's for that setting (the profile's overrides still apply): that is how
+`one_vs_two_stage` compares two detectors.
 Data paths come from the base or from `--data KEY=VALUE` overrides (data.train_json=...).
 
 Each (setting, seed) is one run in DIR/runs/<setting>-seed<k>/, with its checkpoints and a
@@ -40,7 +44,8 @@ from typing import Callable, Optional
 from .config import ConfigError, apply_override, config_from_dict, read_yaml
 
 SWEEPS_DIR = Path(__file__).resolve().parent / "sweeps"
-DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+DEMO_CONFIG = CONFIGS_DIR / "demo.yaml"
 DEFAULT_METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 FINAL = ("ok", "diverged")
 
@@ -77,6 +82,8 @@ def base_config_dict(base: str, sweep_path: Path) -> dict:
         return read_yaml(str(DEMO_CONFIG))
     if base == "paper":
         return {}
+    if (CONFIGS_DIR / f"{base}.yaml").is_file():
+        return read_yaml(str(CONFIGS_DIR / f"{base}.yaml"))
     path = Path(base)
     if not path.is_absolute():
         path = sweep_path.parent / path
@@ -100,11 +107,16 @@ def expand_sweep(sweep_path: str, profile: str = "small", extra_overrides: Optio
     if profile not in profiles:
         raise ConfigError(f"{path}: no profile '{profile}' (has: {', '.join(profiles) or 'none'})")
     prof = profiles[profile]
-    base = base_config_dict(str(prof.get("base", "paper")), path)
-    for item in _override_strings(prof.get("overrides")):
-        apply_override(base, item)
-    for item in extra_overrides or []:
-        apply_override(base, item)
+
+    def profile_config(base_name: str) -> dict:
+        data = base_config_dict(base_name, path)
+        for item in _override_strings(prof.get("overrides")):
+            apply_override(data, item)
+        for item in extra_overrides or []:
+            apply_override(data, item)
+        return data
+
+    base = profile_config(str(prof.get("base", "paper")))
     settings = sweep.get("settings") or []
     if not settings:
         raise ConfigError(f"{path}: no settings")
@@ -123,7 +135,12 @@ def expand_sweep(sweep_path: str, profile: str = "small", extra_overrides: Optio
         if slug(setting["name"]) in seen:
             raise ConfigError(f"{path}: two settings are named '{setting['name']}'")
         seen.add(slug(setting["name"]))
-        data = copy.deepcopy(base)
+        own_base = setting.get("base")
+        if isinstance(own_base, dict):
+            own_base = own_base.get(profile)
+            if own_base is None:
+                raise ConfigError(f"{path}: setting '{setting['name']}' has no base for profile '{profile}'")
+        data = profile_config(str(own_base)) if own_base is not None else copy.deepcopy(base)
         try:
             for item in _override_strings(setting.get("overrides")):
                 apply_override(data, item)
@@ -273,6 +290,11 @@ def aggregate(records: list, settings: list, metrics: list) -> list:
     return rows
 
 
+def _points(metric: str) -> float:
+    """AP and AR metrics are fractions shown in points (x100); others (ms_per_image) as they are."""
+    return 100.0 if metric.startswith(("AP", "AR")) else 1.0
+
+
 def format_table(rows: list, metrics: list) -> str:
     """A markdown table in the papers' layout, AP in points (x100): mean +- spread over seeds, then
     the first metric's paired difference from the first setting."""
@@ -283,14 +305,16 @@ def format_table(rows: list, metrics: list) -> str:
         cells = []
         for m in metrics:
             if m in row["mean"]:
-                spread = f" ± {100 * row['std'][m]:.1f}" if row["ok"] > 1 else ""
-                cells.append(f"{100 * row['mean'][m]:.1f}{spread}")
+                scale = _points(m)
+                spread = f" ± {scale * row['std'][m]:.1f}" if row["ok"] > 1 else ""
+                cells.append(f"{scale * row['mean'][m]:.1f}{spread}")
             else:
                 cells.append("—")
         if paired:
             d = row.get("paired")
+            scale = _points(metrics[0])
             cells.append("(base)" if i == 0 else "—" if d is None else
-                         f"{100 * d['mean']:+.1f}" + (f" ± {100 * d['std']:.1f}" if d["seeds"] > 1 else ""))
+                         f"{scale * d['mean']:+.1f}" + (f" ± {scale * d['std']:.1f}" if d["seeds"] > 1 else ""))
         status = f"{row['ok']}/{row['runs']} ok"
         if row["diverged"]:
             status += f", {row['diverged']} diverged"

@@ -239,7 +239,9 @@ def evaluate_model(model: nn.Module, dataset, env: DistEnv, batch_size: int = 8)
     """COCO bbox metrics (retinanet.evaluate.evaluate_coco) of `model` on a validation CocoDataset.
 
     Each process runs float32 inference on its shard of the images; rank 0 gathers the detections
-    and scores them against the dataset's JSON. Returns the metrics on rank 0, None elsewhere.
+    and scores them against the dataset's JSON. Returns the metrics on rank 0, None elsewhere, with
+    `ms_per_image`: rank 0's time in the model's forward pass (pre-processing to detections, not
+    image loading) per image, batches of `batch_size`.
     """
     from .data.loader import build_test_loader
     from .evaluate import detections_to_coco_results, evaluate_coco
@@ -247,10 +249,15 @@ def evaluate_model(model: nn.Module, dataset, env: DistEnv, batch_size: int = 8)
     model = getattr(model, "module", model)
     was_training = model.training
     model.eval()
-    results = []
+    results, seconds, count = [], 0.0, 0
     for images, targets in build_test_loader(dataset, batch_size=batch_size, rank=env.rank,
                                              world_size=env.world_size):
-        detections = model([image.to(env.device) for image in images])
+        images = [image.to(env.device) for image in images]
+        _synchronize(env.device)
+        start = time.perf_counter()
+        detections = model(images)
+        _synchronize(env.device)
+        seconds, count = seconds + time.perf_counter() - start, count + len(images)
         results += detections_to_coco_results(detections, [t["image_id"] for t in targets],
                                               dataset.label_to_category_id)
     model.train(was_training)
@@ -258,7 +265,16 @@ def evaluate_model(model: nn.Module, dataset, env: DistEnv, batch_size: int = 8)
         shards = [None] * env.world_size
         dist.gather_object(results, shards if env.is_main else None, dst=0)
         results = [r for shard in shards for r in shard] if env.is_main else None
-    return evaluate_coco(dataset.json_path, results) if env.is_main else None
+    if not env.is_main:
+        return None
+    metrics = evaluate_coco(dataset.json_path, results)
+    metrics["ms_per_image"] = 1000.0 * seconds / max(count, 1)
+    return metrics
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def plot_loss_curve(metrics_path: Path, out_path: Path) -> None:

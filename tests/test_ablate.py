@@ -160,3 +160,24 @@ settings:
     lines.clear()
     run_sweep(str(p), str(out), log=lines.append)
     assert len(lines) == 2 and all("skipped" in line for line in lines)
+
+
+def test_a_setting_may_carry_its_own_base_per_profile():
+    runs = expand_sweep("one_vs_two_stage", seeds=[0])
+    first, second = (r["config"] for r in runs)
+    assert (first.model.arch, first.model.min_level, first.model.anchor_sizes) == ("retinanet", 3, [16, 32, 64, 128])
+    assert (second.model.arch, second.model.min_level, second.model.p6_from) == ("faster_rcnn", 2, "pool")
+    for cfg in (first, second):  # the profile's overrides apply to both bases; the schedule is the same
+        assert cfg.train.eval_every == 0 and cfg.loss.iou_balanced_cls is False
+        assert (cfg.model.backbone, cfg.model.backbone_width, cfg.model.min_size) == ("resnet18", 16, 192)
+        assert (cfg.train.iterations, cfg.train.lr, cfg.train.lr_steps) == (500, 0.002, [400, 470])
+    paper = [r["config"] for r in expand_sweep("one_vs_two_stage", profile="paper", seeds=[0])]
+    assert [c.model.arch for c in paper] == ["retinanet", "faster_rcnn"]
+    assert paper[1].train.base_lr == 0.02 and paper[1].train.lr_steps == [60000]  # thesis sec. 4.5.2
+
+
+def test_tables_show_ap_in_points_and_times_as_they_are():
+    rows = aggregate([{"setting": "a", "seed": 0, "status": "ok", "metrics": {"AP": 0.5, "ms_per_image": 12.5}}],
+                     ["a"], ["AP", "ms_per_image"])
+    table = format_table(rows, ["AP", "ms_per_image"])
+    assert "| a | 50.0 | 12.5 |" in table
