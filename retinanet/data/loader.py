@@ -135,7 +135,7 @@ def _dataset(json_path: Optional[str], image_dir: Optional[str], which: str, cfg
     if not json_path or not image_dir:
         raise ValueError(f"data.{which}_json and data.{which}_images must both be set")
     return CocoDataset(json_path, image_dir, transforms=transforms, strict=cfg.data.strict,
-                       check_images=cfg.data.check_images)
+                       check_images=cfg.data.check_images, masks=cfg.data.masks)
 
 
 def build_train_dataset(cfg: Config) -> CocoDataset:
