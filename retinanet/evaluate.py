@@ -721,6 +721,18 @@ def format_summary(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def format_proposals(metrics: dict) -> str:
+    """proposal_recall's numbers, one a line, in COCOeval's summary style (n/a where undefined)."""
+    areas = ("all", "all", "all", "small", "medium", "large", "all", "small", "medium", "large")
+    counts = ("10", "100", "1000", "1000", "1000", "1000") + ("1..1000",) * 4
+    lines = []
+    for key, area, count in zip(PROPOSAL_KEYS, areas, counts):
+        title = "Area under AR curve" if key.startswith("AUC") else "Average Recall"
+        lines.append(f" {title:<19s} ({key:>8s}) @[ IoU=0.50:0.95 | area={area:>6s} | proposals={count:>7s} ] = "
+                     f"{_fmt(metrics[key])}")
+    return "\n".join(lines)
+
+
 def format_per_category(per_category: dict, columns: int = 3) -> str:
     """A table of per-category AP (in %, '-' for a category without ground truth), `columns` pairs wide."""
     cells = [(name, "-" if ap is None else f"{100 * ap:.1f}") for name, ap in per_category.items()]
