@@ -380,7 +380,8 @@ def load_results(results: Union[PathLike, list], gt: dict, gt_name: str = "the g
 
     Each result is {"image_id": int, "category_id": int, "bbox": [x, y, w, h], "score": float}.
     iou_type "segm": each result has "segmentation" (compressed RLE of its image's size) instead of
-    or besides "bbox"; returns (the array, with the masks' boxes, and the list of RLEs).
+    or besides "bbox"; returns (the array, and the list of RLEs); the array's box columns are then 0,
+    not read: the backends compute each box from its mask.
     categories=False (proposals): category_id is not read; the rows get the first GT category's id.
     Rows are [image_id, x, y, w, h, score, category_id], the layout pycocotools' loadRes takes.
     Errors (ValueError) name the file and the index of the first bad result, or list the image
@@ -406,9 +407,9 @@ def load_results(results: Union[PathLike, list], gt: dict, gt_name: str = "the g
         else:
             first = min((c["id"] for c in gt["categories"]), default=1)
             cat_ids = np.full(len(records), first, dtype=np.int64)
-        if iou_type == "segm":
+        if iou_type == "segm":  # the backends take each result's box and area from its mask
             rles = _segmentations(_column(records, "segmentation", where), image_ids, gt, where)
-            boxes = _rle_boxes(rles)
+            boxes = np.zeros((len(rles), 4))
         else:
             boxes = _float_array(_column(records, "bbox", where), "bbox", where, width=4)  # (N, 4) xywh
         scores = _float_array(_column(records, "score", where), "score", where)
@@ -430,28 +431,22 @@ def load_results(results: Union[PathLike, list], gt: dict, gt_name: str = "the g
 
 
 def _segmentations(values: list, image_ids: np.ndarray, gt: dict, describe) -> list:
-    """Results' segmentations -> RLE dicts {"size", "counts": bytes}; each must be a compressed RLE of its
-    image's [height, width] (an unknown image id is left for the caller's check to name)."""
-    sizes = {im["id"]: (im.get("height"), im.get("width")) for im in gt["images"]}
-    out = []
+    """Results' segmentations, checked: each a compressed RLE {"size": [h, w], "counts": str} of its image's
+    [height, width] (an unknown image id is left for the caller's check to name). Returned as given."""
+    sizes = {im["id"]: [im.get("height"), im.get("width")] for im in gt["images"]}
     for i, (seg, image_id) in enumerate(zip(values, image_ids.tolist())):
-        counts = seg.get("counts") if isinstance(seg, dict) else None
-        if not isinstance(counts, (str, bytes)) or not isinstance(seg.get("size"), (list, tuple)):
+        try:
+            ok = isinstance(seg["counts"], (str, bytes)) and seg["size"] == sizes.get(image_id, seg["size"])
+        except (KeyError, TypeError):
+            ok = False
+        if not ok:
+            size = seg.get("size") if isinstance(seg, dict) else None
+            if isinstance(seg, dict) and isinstance(seg.get("counts"), (str, bytes)) and isinstance(size, list):
+                raise ValueError(f"{describe(i)}: RLE size {size} differs from image {image_id}'s "
+                                 f"[height, width] {sizes[image_id]}")
             raise ValueError(f"{describe(i)}: 'segmentation' must be a compressed RLE "
                              f"{{\"size\": [h, w], \"counts\": str}}, got {seg!r:.80}")
-        size = sizes.get(image_id)
-        if size is not None and tuple(seg["size"]) != size:
-            raise ValueError(f"{describe(i)}: RLE size {list(seg['size'])} differs from image {image_id}'s "
-                             f"[height, width] {list(size)}")
-        out.append({"size": [int(v) for v in seg["size"]], "counts": counts.encode() if isinstance(counts, str) else counts})
-    return out
-
-
-def _rle_boxes(rles: list) -> np.ndarray:
-    """(N, 4) float64 xywh boxes of compressed RLEs (pycocotools' toBbox, as its loadRes computes them)."""
-    from pycocotools import mask as mask_api
-
-    return np.asarray(mask_api.toBbox(rles), dtype=np.float64).reshape(-1, 4) if rles else np.zeros((0, 4))
+    return values
 
 
 # ---------------------------------------------------------------------------------------------
