@@ -165,7 +165,8 @@ def make_segm_case_set(seed: int = 0, num_images: int = 16, height: int = 120, w
                 m, cat = _ellipse(rng, height, width), int(rng.choice(CATEGORY_IDS))
             rle = mask_api.encode(np.asfortranarray(m.astype(np.uint8)))
             score = float(rng.random())
-            results.append({"image_id": im["id"], "category_id": cat, "score": round(score, 1) if rng.random() < 0.2 else score,
+            results.append({"image_id": im["id"], "category_id": cat,
+                            "score": round(score, 1) if rng.random() < 0.2 else score,
                             "segmentation": {"size": [height, width], "counts": rle["counts"].decode()},
                             "bbox": mask_api.toBbox(rle).tolist()})
     gt = {"images": images, "annotations": anns, "categories": [{"id": c, "name": f"class{c}"} for c in CATEGORY_IDS]}

@@ -213,7 +213,8 @@ def test_detections_with_masks_write_rle_and_draw_overlays():
     entries = det.to_coco(image_id=4)
     assert [e["segmentation"] for e in entries] == encode_masks(masks)
     json.dumps(entries)  # JSON-ready: str counts
-    gt = {"images": [{"id": 4, "height": 60, "width": 80}], "categories": [{"id": 7, "name": "a"}, {"id": 9, "name": "b"}],
+    gt = {"images": [{"id": 4, "height": 60, "width": 80}],
+          "categories": [{"id": 7, "name": "a"}, {"id": 9, "name": "b"}],
           "annotations": [{"id": 1, "image_id": 4, "category_id": 7, "segmentation": entries[0]["segmentation"],
                            "area": 900.0, "bbox": [20, 10, 30, 30], "iscrowd": 0}]}
     assert evaluate_coco(gt, entries, iou_type="segm")["AP"] == pytest.approx(1.0)  # the mask is its own GT

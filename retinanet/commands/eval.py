@@ -47,7 +47,8 @@ def register(sub) -> None:
                    help="what to score: bbox (default), segm (the results' RLE masks) or both, comma-separated: "
                         "bbox,segm")
     p.add_argument("--proposals", action="store_true",
-                   help="score class-agnostic proposals: AR@10/100/1000, AR by size at 1000, AUC (category ids ignored)")
+                   help="score class-agnostic proposals: AR@10/100/1000, AR by size at 1000, AUC "
+                        "(category ids ignored)")
     p.add_argument("--backend", default=DEFAULT_BACKEND, choices=list(BACKENDS),
                    help=f"COCOeval implementation (default {DEFAULT_BACKEND}; all give pycocotools' numbers)")
     p.add_argument("--plots", metavar="DIR", help="write PNG figures here: pr_curves.png, ap_by_size.png")

@@ -3,8 +3,9 @@
 Each transform takes `image` (3, H, W) float in [0, 1], `target` {"boxes": (G, 4) xyxy absolute
 pixels, ..., optional "masks": (G, H, W) uint8 bit masks} and a `torch.Generator` (None: torch's
 global RNG), and returns the new pair; the boxes follow the pixels exactly, the masks to within a pixel
-(resized by the value at each new pixel's centre, `ops.masks.resize_masks`). Pixel coordinates are continuous: pixel column i spans [i, i + 1), so a box
-edge at x maps to x * new_width / width under resizing and to width - x under a flip.
+(resized by the value at each new pixel's centre, `ops.masks.resize_masks`). Pixel coordinates are
+continuous: pixel column i spans [i, i + 1), so a box edge at x maps to x * new_width / width under
+resizing and to width - x under a flip.
 
 Resizing uses `retinanet.model.resized_size`, the rule the model applies at test time, and the same
 interpolation (torch bilinear, align_corners=False, no antialiasing), so that a training image at

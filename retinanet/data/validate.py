@@ -230,7 +230,8 @@ def check_segmentation(segmentation, height: int, width: int, bbox_xyxy: list) -
             return ["empty segmentation (no polygons)"], [], None
         for k, polygon in enumerate(segmentation):
             if not _is_number_list(polygon):
-                errors.append(f"polygon {k} must be a list of finite numbers [x1, y1, x2, y2, ...], got {polygon!r:.80}")
+                errors.append(f"polygon {k} must be a list of finite numbers [x1, y1, x2, y2, ...], "
+                              f"got {polygon!r:.80}")
             elif len(polygon) % 2:
                 errors.append(f"polygon {k} has an odd number of coordinates ({len(polygon)})")
             elif len(polygon) < 6:
@@ -240,7 +241,8 @@ def check_segmentation(segmentation, height: int, width: int, bbox_xyxy: list) -
                 if (min(xs) < -MASK_MARGIN or max(xs) > width + MASK_MARGIN or min(ys) < -MASK_MARGIN
                         or max(ys) > height + MASK_MARGIN):
                     errors.append(f"polygon {k} reaches outside the {width}x{height} image by more than "
-                                  f"{MASK_MARGIN:g} px: x in [{min(xs):g}, {max(xs):g}], y in [{min(ys):g}, {max(ys):g}]")
+                                  f"{MASK_MARGIN:g} px: x in [{min(xs):g}, {max(xs):g}], "
+                                  f"y in [{min(ys):g}, {max(ys):g}]")
     elif isinstance(segmentation, dict) and "size" in segmentation and "counts" in segmentation:
         size, counts = segmentation["size"], segmentation["counts"]
         if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)):
@@ -257,7 +259,8 @@ def check_segmentation(segmentation, height: int, width: int, bbox_xyxy: list) -
         else:
             errors.append(f"RLE counts must be a list of integers or a string, got {type(counts).__name__}")
     else:
-        return [f"segmentation must be a list of polygons or an RLE {{size, counts}}, got {segmentation!r:.80}"], [], None
+        return [f"segmentation must be a list of polygons or an RLE {{size, counts}}, "
+                f"got {segmentation!r:.80}"], [], None
     if errors:
         return errors, [], None
     rle = segmentation_to_rle(segmentation, height, width)
