@@ -3,6 +3,7 @@ the CLI, and Detections with masks."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -57,9 +58,11 @@ def test_segm_equals_pycocotools(segm_files, backend):
     np.testing.assert_allclose(ev.precision, ref.eval["precision"], rtol=0, atol=1e-6)
     assert ev.cat_ids == list(CATEGORY_IDS)
     assert (ref.stats > 0).all()  # every number is measured on this set
-    # the same results with their boxes: a bbox in a segm result is not read
+    # the same results with their boxes, as dict and list: a bbox in a segm result is not read; inputs unmodified
+    gt_before, results_before = copy.deepcopy(gt), copy.deepcopy(results)
     np.testing.assert_allclose(run_coco_eval(gt, results, backend=backend, iou_type="segm").stats, ref.stats,
                                rtol=0, atol=1e-6)
+    assert gt == gt_before and results == results_before
 
 
 def _one_image_gt(segmentations, iscrowd) -> dict:

@@ -12,12 +12,13 @@ size differs from the JSON's height and width.
 Warnings (the box is repaired or dropped): width or height <= 0 (dropped; an error with strict=True),
 a box partly outside its image (clipped to it), a box wholly outside (dropped).
 
-Segmentations (`masks=True`, what `data.masks: true` and `retinanet check-data` ask for), errors: a missing
-or malformed `segmentation`, a polygon with fewer than 3 points or an odd number of coordinates, polygon
-coordinates more than MASK_MARGIN (1) pixel outside the image, an RLE whose size differs from the image's,
-RLE counts that do not add up to height * width (for compressed RLE: a string that is not the canonical
-encoding of a height x width mask, which is what pycocotools and hotcoco write), and an empty mask.
-Warning: the decoded mask's box differs from `bbox` by more than MASK_BOX_TOLERANCE (2) pixels at any edge.
+Segmentations (`masks=True`, what `data.masks: true` and `retinanet check-data --masks` ask for),
+errors: a missing or malformed `segmentation`, a polygon with fewer than 3 points or an odd number of
+coordinates, polygon coordinates more than MASK_MARGIN (1) pixel outside the image, an RLE whose size
+differs from the image's, RLE counts that do not add up to height * width (for compressed RLE: a string
+that is not the canonical encoding of a height x width mask, which is what pycocotools and hotcoco
+write), and an empty mask. Warning: the decoded mask's box differs from `bbox` by more than
+MASK_BOX_TOLERANCE (2) pixels at any edge.
 
 Image checks, `check_images`: "exists" only looks for the files; "header" (default) also reads
 each header for the displayed size; "decode" decodes every pixel, which finds truncated files but
@@ -279,10 +280,10 @@ def check_segmentation(segmentation, height: int, width: int, bbox_xyxy: list) -
 def _check_compressed_counts(counts: str, height: int, width: int) -> list:
     """A compressed RLE string must be the canonical encoding of a height x width mask.
 
-    Run lengths are not decoded by hand: hotcoco's decoder (memory-safe on a bad string, unlike
-    pycocotools' C one, which writes past its buffer when the runs exceed height * width) decodes
-    it and pycocotools encodes the result again; a string with runs that do not add up to height *
-    width cannot come back unchanged.
+    Run lengths are not decoded by hand: hotcoco's decoder (memory-safe on a bad string; pycocotools'
+    C decoder does not check the runs against height * width, so runs that fall short leave pixels
+    uninitialized and runs that go beyond write past the mask) decodes it and pycocotools encodes the
+    result again; a string whose runs do not add up to height * width cannot come back unchanged.
     """
     import hotcoco
     from pycocotools import mask as mask_api
