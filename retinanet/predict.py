@@ -321,6 +321,7 @@ def draw_detections(image: np.ndarray, det: Detections, min_score: float = 0.0):
 
 
 MASK_ALPHA = 0.45  # opacity of a mask overlay in draw_detections
+
 # Tableau 10: distinct and readable with white text.
 _PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
             (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]

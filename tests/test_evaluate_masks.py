@@ -204,6 +204,11 @@ def test_cli_iou_types_and_proposals(segm_files, tmp_path, capsys):
     assert "AR@1000) @[ IoU=0.50:0.95 | area=   all | proposals=   1000 ]" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["eval", "--gt", gt_path, "--results", both, "--iou-type", "bbox,mask"])
+    with pytest.raises(ValueError, match="proposals do not have"):
+        main(["eval", "--gt", gt_path, "--results", both, "--proposals", "--plots", str(tmp_path / "p")])
+    with pytest.raises(ValueError, match="a RetinaNet checkpoint does not predict"):  # refused before loading it
+        main(["eval", "--checkpoint", str(tmp_path / "none.pt"), "--json", gt_path, "--images", str(tmp_path),
+              "--iou-type", "segm"])
 
 
 def test_detections_with_masks_write_rle_and_draw_overlays():
