@@ -1,6 +1,6 @@
 """Time `retinanet eval` end to end (JSON loading, validation, COCO evaluation) on a generated set.
 
-    python benchmarks/bench_eval.py [--images 5000] [--skip-pycocotools]
+    python benchmarks/bench_eval.py [--images 5000] [--skip-pycocotools] [--iou-type segm]
 
 The set is generated deterministically (seeded) in a temporary folder: COCO-like non-contiguous
 category ids, ~7 ground-truth boxes per image (1% crowd), and 100 detections per image - jittered
@@ -8,6 +8,10 @@ copies of the ground truth (some with the wrong class) plus random boxes. Each b
 real command (`python -m retinanet eval`) in a fresh process; the figures are the wall time of the
 command as the user would see it (interpreter start included) and its CPU time, which a busy
 machine stretches less.
+
+With --iou-type segm every box also gets a mask, as COCO has them: the ground truth an octagon
+polygon inscribed in its box (crowd regions: the box's pixels as uncompressed RLE), each detection
+the octagon of its own box as compressed RLE; `retinanet eval --iou-type segm` then scores the masks.
 """
 
 from __future__ import annotations
@@ -75,7 +79,44 @@ def make_coco_set(num_images: int = 5000, gt_per_image: float = 7.0, dets_per_im
     return gt, results
 
 
-def in_process_stages(gt_path: Path, dt_path: Path) -> dict:
+def _octagons(boxes: np.ndarray) -> np.ndarray:
+    """(N, 4) xywh boxes -> (N, 16) flat octagon polygons [x1, y1, ..., x8, y8] inscribed in them."""
+    x, y, w, h = boxes.T
+    fx = np.array([0.3, 0.7, 1, 1, 0.7, 0.3, 0, 0])  # corners cut at 30% of each side
+    fy = np.array([0, 0, 0.3, 0.7, 1, 1, 0.7, 0.3])
+    px = x[:, None] + fx * w[:, None]  # (N, 8)
+    py = y[:, None] + fy * h[:, None]
+    return np.stack([px, py], axis=2).reshape(len(boxes), 16)
+
+
+def _box_rle_counts(box: list, height: int, width: int) -> list:
+    """Uncompressed RLE counts (column-major runs, zeros first) of the pixels a box [x, y, w, h] covers."""
+    x0, y0 = int(box[0]), int(box[1])
+    x1, y1 = min(int(np.ceil(box[0] + box[2])), width), min(int(np.ceil(box[1] + box[3])), height)
+    counts = [x0 * height + y0]
+    for _ in range(x0, x1):
+        counts += [y1 - y0, height - (y1 - y0)]
+    counts[-1] += (width - x1) * height - y0  # the last gap runs to the end of the image
+    return counts
+
+
+def add_masks(gt: dict, results: list) -> None:
+    """Give every annotation and result of `make_coco_set` a segmentation (see the module docstring)."""
+    from pycocotools import mask as mask_api
+
+    for ann in gt["annotations"]:
+        if ann["iscrowd"]:
+            ann["segmentation"] = {"size": [480, 640], "counts": _box_rle_counts(ann["bbox"], 480, 640)}
+        else:
+            ann["segmentation"] = [_octagons(np.array([ann["bbox"]]))[0].round(2).tolist()]
+    polygons = _octagons(np.array([r["bbox"] for r in results]))  # (D, 16)
+    rles = mask_api.frPyObjects(polygons.tolist(), 480, 640)  # one RLE per polygon, computed in C
+    for r, rle in zip(results, rles):
+        r["segmentation"] = {"size": [480, 640], "counts": rle["counts"].decode()}
+        del r["bbox"]
+
+
+def in_process_stages(gt_path: Path, dt_path: Path, iou_type: str = "bbox") -> dict:
     """Seconds spent, inside one process, on each stage of `retinanet eval` with the default backend."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from retinanet.evaluate import _run_hotcoco, load_ground_truth, load_results
@@ -83,9 +124,12 @@ def in_process_stages(gt_path: Path, dt_path: Path) -> dict:
     start = time.perf_counter()
     gt = load_ground_truth(gt_path)
     t_gt = time.perf_counter()
-    dets = load_results(dt_path, gt)
+    if iou_type == "segm":
+        dets, rles = load_results(dt_path, gt, iou_type="segm")
+    else:
+        dets, rles = load_results(dt_path, gt), None
     t_dt = time.perf_counter()
-    _run_hotcoco(gt, dets)
+    _run_hotcoco(gt, dets, rles)
     t_eval = time.perf_counter()
     return {"read+check GT": t_gt - start, "read+check results": t_dt - t_gt, "COCOeval": t_eval - t_dt}
 
@@ -95,10 +139,13 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=5000, help="images (80 categories, 100 detections each)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated set")
     parser.add_argument("--skip-pycocotools", action="store_true", help="do not run the slow reference backend")
+    parser.add_argument("--iou-type", default="bbox", choices=["bbox", "segm"], help="score boxes or masks")
     args = parser.parse_args()
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (wall times stretch when it exceeds them)")
 
     gt, results = make_coco_set(num_images=args.images, seed=args.seed)
+    if args.iou_type == "segm":
+        add_masks(gt, results)
     print(f"{len(gt['images'])} images, {len(gt['categories'])} categories, "
           f"{len(gt['annotations'])} GT boxes, {len(results)} detections")
     backends = [("hotcoco", "hotcoco"), ("faster-coco-eval", "faster_coco_eval"), ("pycocotools", "pycocotools")]
@@ -116,7 +163,7 @@ def main() -> int:
                 print(f"{name:17s} not installed, skipped")
                 continue
             cmd = [sys.executable, "-m", "retinanet", "eval", "--gt", str(gt_path), "--results", str(dt_path),
-                   "--backend", name, "--output", str(Path(tmp) / f"metrics-{name}.json")]
+                   "--backend", name, "--output", str(Path(tmp) / f"metrics-{name}.json"), "--iou-type", args.iou_type]
             cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
             start = time.perf_counter()
             proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
@@ -128,7 +175,7 @@ def main() -> int:
                 return 1
             ap = orjson.loads((Path(tmp) / f"metrics-{name}.json").read_bytes())["AP"]
             print(f"{name:17s} {times[name]:7.2f} s wall  {cpu:7.2f} s CPU (user+sys)   AP {ap:.6f}")
-        stages = in_process_stages(gt_path, dt_path)
+        stages = in_process_stages(gt_path, dt_path, args.iou_type)
         print("in process, hotcoco: " + ", ".join(f"{name} {t:.2f} s" for name, t in stages.items()))
     if "pycocotools" in times:
         for name, t in list(times.items())[:-1]:

@@ -205,6 +205,8 @@ class DataConfig:
     aspect_grouping: bool = True  # batch landscape (w >= h) and portrait images apart: less padding
     strict: bool = False  # boxes with width or height <= 0 are errors, not dropped with a warning
     check_images: str = "header"  # before training: exists | header (size, EXIF orientation) | decode (every pixel)
+    # Instance masks in the targets ("masks": (G, H, W) uint8, retinanet/ops/masks.py); off: no segmentation is read
+    masks: bool = False
 
 
 @dataclass

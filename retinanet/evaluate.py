@@ -1,4 +1,5 @@
-"""COCO bbox metrics for a results list, computed by a well-kept COCOeval implementation.
+"""COCO bbox and segm metrics, and proposal recall, for a results list, computed by a well-kept
+COCOeval implementation.
 
 The metrics are COCO's (Lin's thesis, ch. 2; the Focal Loss paper reports AP, AP50, AP75,
 APs, APm, APl): precision averaged over 101 recall points, over IoU thresholds .50:.05:.95,
@@ -16,6 +17,19 @@ Every backend exposes the accumulated `precision` array, so per-category AP, AP 
 thresholds (AP60, AP70, AP80, AP90) and the precision-recall curves are read from it the way
 pycocotools' own `summarize()` reads AP50: the mean over categories with ground truth of
 `precision[iou, :, category, area="all", maxDets=100]`.
+
+`iou_type="segm"` scores masks instead of boxes: every result then carries a `segmentation`, a
+compressed RLE {"size": [h, w], "counts": str} of its image's size (what `Detections.to_coco` and
+`ops.masks.encode_masks` write), and the ground truth's segmentations (polygons, RLE) are the
+reference; IoU is mask IoU, a crowd region is matched by intersection over the detection's area.
+A result's `bbox` is not read then: its box and area are its mask's (pycocotools' loadRes would
+take the area of the bbox when there is one; detectron2 removes it for the same reason), so the
+numbers are pycocotools' on the results without their `bbox`.
+
+`proposal_recall` scores class-agnostic proposals as the proposal papers do (Lin's thesis, ch. 3,
+Tables 3.2-3.3): COCOeval with useCats=0 (category ids ignored) and maxDets [10, 100, 1000] gives
+AR@10, AR@100, AR@1000 and AR small/medium/large at 1000; AUC is AR averaged over the proposal
+counts 1..1000, read from the same evaluation's per-image matches.
 
 Inputs are checked before any backend sees them, with errors that name the file and the result
 index or annotation id: pycocotools would crash on an empty results list, silently drop
@@ -46,6 +60,13 @@ BACKENDS = {
     "pycocotools": ("pycocotools", "pycocotools"),
 }
 DEFAULT_BACKEND = "hotcoco"
+IOU_TYPES = ("bbox", "segm")
+
+# proposal_recall's keys: AR at 10, 100, 1000 proposals; AR by object size at 1000; AUC (AR averaged over
+# 1..1000 proposals), overall and by object size (the thesis's Tables 3.2-3.3).
+PROPOSAL_KEYS = ("AR@10", "AR@100", "AR@1000", "ARs@1000", "ARm@1000", "ARl@1000", "AUC", "AUCs", "AUCm", "AUCl")
+PROPOSAL_MAX_DETS = (10, 100, 1000)
+PROPOSAL_BACKENDS = ("hotcoco", "pycocotools")  # faster-coco-eval keeps its per-image matches in C++
 
 # COCOeval.stats, in pycocotools' order.
 STAT_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -334,10 +355,34 @@ def load_ground_truth(gt: Union[PathLike, dict]) -> dict:
     return data
 
 
-def load_results(results: Union[PathLike, list], gt: dict, gt_name: str = "the ground truth") -> np.ndarray:
+def check_gt_segmentations(gt: dict, source: str = "ground truth") -> None:
+    """Every annotation of a checked GT dict has a `segmentation` COCOeval can read: a non-empty list of
+    polygons (flat lists of at least 6 numbers, even in length) or an RLE whose size is its image's."""
+    sizes = {im["id"]: [im.get("height"), im.get("width")] for im in gt["images"]}
+    for i, ann in enumerate(gt["annotations"]):
+        where = f"{source}: annotation {i} (id {ann['id']})"
+        seg = ann.get("segmentation")
+        if isinstance(seg, list):
+            if not seg or not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in seg):
+                raise ValueError(f"{where}: 'segmentation' must be polygons, each a flat list [x1, y1, x2, y2, ...] "
+                                 f"of at least 3 points, got {seg!r:.80}")
+        elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
+            if list(seg["size"]) != sizes[ann["image_id"]]:
+                raise ValueError(f"{where}: RLE size {seg['size']} differs from image {ann['image_id']}'s "
+                                 f"[height, width] {sizes[ann['image_id']]}")
+        else:
+            raise ValueError(f"{where}: no 'segmentation' (polygons or RLE), which iou_type 'segm' needs")
+
+
+def load_results(results: Union[PathLike, list], gt: dict, gt_name: str = "the ground truth", *,
+                 iou_type: str = "bbox", categories: bool = True):
     """COCO detection results (a path to a JSON list, or the list) -> (N, 7) float64 array.
 
     Each result is {"image_id": int, "category_id": int, "bbox": [x, y, w, h], "score": float}.
+    iou_type "segm": each result has "segmentation" (compressed RLE of its image's size) instead of
+    or besides "bbox"; returns (the array, and the list of RLEs); the array's box columns are then 0,
+    not read: the backends compute each box from its mask.
+    categories=False (proposals): category_id is not read; the rows get the first GT category's id.
     Rows are [image_id, x, y, w, h, score, category_id], the layout pycocotools' loadRes takes.
     Errors (ValueError) name the file and the index of the first bad result, or list the image
     and category ids that `gt` does not have. Extraction is one vectorized pass per field;
@@ -352,10 +397,21 @@ def load_results(results: Union[PathLike, list], gt: dict, gt_name: str = "the g
     def where(i):
         return f"{source}: result {i}"
 
+    if iou_type not in IOU_TYPES:
+        raise ValueError(f"unknown iou_type {iou_type!r}; choose one of {', '.join(IOU_TYPES)}")
+    rles = None
     with _gc_paused():
         image_ids = _int_array(_column(records, "image_id", where), "image_id", where)
-        cat_ids = _int_array(_column(records, "category_id", where), "category_id", where)
-        boxes = _float_array(_column(records, "bbox", where), "bbox", where, width=4)  # (N, 4) xywh
+        if categories:
+            cat_ids = _int_array(_column(records, "category_id", where), "category_id", where)
+        else:
+            first = min((c["id"] for c in gt["categories"]), default=1)
+            cat_ids = np.full(len(records), first, dtype=np.int64)
+        if iou_type == "segm":  # the backends take each result's box and area from its mask
+            rles = _segmentations(_column(records, "segmentation", where), image_ids, gt, where)
+            boxes = np.zeros((len(rles), 4))
+        else:
+            boxes = _float_array(_column(records, "bbox", where), "bbox", where, width=4)  # (N, 4) xywh
         scores = _float_array(_column(records, "score", where), "score", where)
     _check_boxes(boxes, "bbox", where)
     # The backends take a float64 array, exact for integers up to 2**53.
@@ -370,7 +426,27 @@ def load_results(results: Union[PathLike, list], gt: dict, gt_name: str = "the g
     if unknown.size:
         raise ValueError(f"{source}: {unknown.size} category ids are absent from {gt_name} "
                          f"(COCOeval would silently drop them): {_some(unknown)}")
-    return np.concatenate([image_ids[:, None], boxes, scores[:, None], cat_ids[:, None]], axis=1).astype(np.float64)
+    dets = np.concatenate([image_ids[:, None], boxes, scores[:, None], cat_ids[:, None]], axis=1).astype(np.float64)
+    return dets if rles is None else (dets, rles)
+
+
+def _segmentations(values: list, image_ids: np.ndarray, gt: dict, describe) -> list:
+    """Results' segmentations, checked: each a compressed RLE {"size": [h, w], "counts": str} of its image's
+    [height, width] (an unknown image id is left for the caller's check to name). Returned as given."""
+    sizes = {im["id"]: [im.get("height"), im.get("width")] for im in gt["images"]}
+    for i, (seg, image_id) in enumerate(zip(values, image_ids.tolist())):
+        try:
+            ok = isinstance(seg["counts"], (str, bytes)) and seg["size"] == sizes.get(image_id, seg["size"])
+        except (KeyError, TypeError):
+            ok = False
+        if not ok:
+            size = seg.get("size") if isinstance(seg, dict) else None
+            if isinstance(seg, dict) and isinstance(seg.get("counts"), (str, bytes)) and isinstance(size, list):
+                raise ValueError(f"{describe(i)}: RLE size {size} differs from image {image_id}'s "
+                                 f"[height, width] {sizes[image_id]}")
+            raise ValueError(f"{describe(i)}: 'segmentation' must be a compressed RLE "
+                             f"{{\"size\": [h, w], \"counts\": str}}, got {seg!r:.80}")
+    return values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,38 +473,54 @@ def _copy_for_python_backend(gt: dict) -> dict:
     return {**gt, "annotations": [{"iscrowd": 0, **a} for a in gt["annotations"]]}
 
 
-def _result_dicts(dets: np.ndarray) -> list:
+def _result_dicts(dets: np.ndarray, rles: Optional[list] = None) -> list:
     """(N, 7) rows -> result dicts of plain Python numbers, for the backends written in Python.
 
     Their loadRes also takes the array, but then indexes it one numpy scalar at a time
     (measured on 500k detections: faster-coco-eval's loadRes 1.4 s CPU from the array, 1.1 s from these).
     """
+    if rles is not None:  # segm: the backends compute each result's box and area from its mask
+        return [{"image_id": int(row[0]), "segmentation": rle, "score": row[5], "category_id": int(row[6])}
+                for row, rle in zip(dets.tolist(), rles)]
     return [{"image_id": int(row[0]), "bbox": row[1:5], "score": row[5], "category_id": int(row[6])}
             for row in dets.tolist()]
 
 
-def _run_hotcoco(gt: dict, dets: np.ndarray):
+def _configure(ev, proposals: bool) -> None:
+    """Proposals: category ids ignored (useCats 0) and maxDets 10, 100, 1000, so that stats[6:12] are
+    AR@10, AR@100, AR@1000 and AR small/medium/large at 1000."""
+    if proposals:
+        ev.params.useCats = 0
+        ev.params.maxDets = list(PROPOSAL_MAX_DETS)
+
+
+def _run_hotcoco(gt: dict, dets: np.ndarray, rles: Optional[list] = None, proposals: bool = False):
     hotcoco = _import_backend("hotcoco")
     coco_gt = hotcoco.COCO()
     coco_gt.dataset = gt  # copied into Rust; indexed on assignment
-    ev = hotcoco.COCOeval(coco_gt, coco_gt.loadRes(dets), "bbox")
+    if rles is None:
+        ev = hotcoco.COCOeval(coco_gt, coco_gt.loadRes(dets), "bbox")
+    else:
+        ev = hotcoco.COCOeval(coco_gt, coco_gt.loadRes(_result_dicts(dets, rles)), "segm")
+    _configure(ev, proposals)
     ev.evaluate()
     ev.accumulate()
     ev.summary_lines()  # fills ev.stats without printing
     return ev
 
 
-def _run_faster_coco_eval(gt: dict, dets: np.ndarray):
+def _run_faster_coco_eval(gt: dict, dets: np.ndarray, rles: Optional[list] = None, proposals: bool = False):
     fce = _import_backend("faster-coco-eval")
     coco_gt = fce.COCO(_copy_for_python_backend(gt))
-    ev = fce.COCOeval_faster(coco_gt, coco_gt.loadRes(_result_dicts(dets)), "bbox")
+    ev = fce.COCOeval_faster(coco_gt, coco_gt.loadRes(_result_dicts(dets, rles)), "bbox" if rles is None else "segm")
+    _configure(ev, proposals)
     ev.evaluate()
     ev.accumulate()
     ev.summarize()  # prints through a logger at a level that is off by default
     return ev
 
 
-def _run_pycocotools(gt: dict, dets: np.ndarray):
+def _run_pycocotools(gt: dict, dets: np.ndarray, rles: Optional[list] = None, proposals: bool = False):
     _import_backend("pycocotools")
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -438,12 +530,13 @@ def _run_pycocotools(gt: dict, dets: np.ndarray):
         coco_gt.dataset = _copy_for_python_backend(gt)
         coco_gt.createIndex()
         if len(dets):
-            coco_dt = coco_gt.loadRes(_result_dicts(dets))
+            coco_dt = coco_gt.loadRes(_result_dicts(dets, rles))
         else:  # loadRes fails on an empty list: build the empty results set it would have made
             coco_dt = COCO()
             coco_dt.dataset = {"images": gt["images"], "categories": gt["categories"], "annotations": []}
             coco_dt.createIndex()
-        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        ev = COCOeval(coco_gt, coco_dt, "bbox" if rles is None else "segm")
+        _configure(ev, proposals)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -453,19 +546,30 @@ def _run_pycocotools(gt: dict, dets: np.ndarray):
 _RUNNERS = {"hotcoco": _run_hotcoco, "faster-coco-eval": _run_faster_coco_eval, "pycocotools": _run_pycocotools}
 
 
+def _run(gt, results, backend: str, iou_type: str, proposals: bool) -> tuple:
+    """Check the inputs and run the backend's COCOeval; returns (the checked GT dict, the evaluator)."""
+    if iou_type not in IOU_TYPES:
+        raise ValueError(f"unknown iou_type {iou_type!r}; choose one of {', '.join(IOU_TYPES)}")
+    _import_backend(backend)  # fail on a missing backend before reading big files
+    gt_name = str(gt) if isinstance(gt, (str, Path)) else "the ground truth"
+    gt = load_ground_truth(gt)
+    if iou_type == "segm":
+        check_gt_segmentations(gt, gt_name)
+        dets, rles = load_results(results, gt, gt_name, iou_type="segm", categories=not proposals)
+    else:
+        dets, rles = load_results(results, gt, gt_name, categories=not proposals), None  # (N, 7)
+    with _gc_paused():  # the Python backends build a dict per detection (measured: faster-coco-eval -20% CPU)
+        return gt, _RUNNERS[backend](gt, dets, rles, proposals)
+
+
 def run_coco_eval(gt: Union[PathLike, dict], results: Union[PathLike, list],
-                  backend: str = DEFAULT_BACKEND) -> CocoEvaluation:
-    """Check the inputs, run COCOeval (bbox) with `backend`, and return what it accumulated.
+                  backend: str = DEFAULT_BACKEND, iou_type: str = "bbox") -> CocoEvaluation:
+    """Check the inputs, run COCOeval (iou_type "bbox" or "segm") with `backend`, return what it accumulated.
 
     gt: a COCO ground truth file or dict; results: a COCO results file or list (may be empty:
     every metric with ground truth is then 0). Neither input is modified.
     """
-    _import_backend(backend)  # fail on a missing backend before reading big files
-    gt_name = str(gt) if isinstance(gt, (str, Path)) else "the ground truth"
-    gt = load_ground_truth(gt)
-    dets = load_results(results, gt, gt_name)  # (N, 7)
-    with _gc_paused():  # the Python backends build a dict per detection (measured: faster-coco-eval -20% CPU)
-        ev = _RUNNERS[backend](gt, dets)
+    gt, ev = _run(gt, results, backend, iou_type, proposals=False)
     params = ev.params
     names = {c["id"]: c["name"] for c in gt["categories"]}
     cat_ids = [int(c) for c in params.catIds]
@@ -483,8 +587,8 @@ def run_coco_eval(gt: Union[PathLike, dict], results: Union[PathLike, list],
 
 
 def evaluate_coco(gt: Union[PathLike, dict], results: Union[PathLike, list],
-                  backend: str = DEFAULT_BACKEND) -> dict:
-    """COCO bbox metrics of `results` against `gt`.
+                  backend: str = DEFAULT_BACKEND, iou_type: str = "bbox") -> dict:
+    """COCO bbox (or, iou_type="segm", mask) metrics of `results` against `gt`.
 
     Returns {AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl, AP60, AP70, AP80, AP90:
     fraction in [0, 1], or None where there is no ground truth (pycocotools' -1);
@@ -492,7 +596,62 @@ def evaluate_coco(gt: Union[PathLike, dict], results: Union[PathLike, list],
 
     Example: `evaluate_coco("instances_val2017.json", "detections.json")["AP50"]`.
     """
-    return run_coco_eval(gt, results, backend=backend).metrics()
+    return run_coco_eval(gt, results, backend=backend, iou_type=iou_type).metrics()
+
+
+def proposal_recall(gt: Union[PathLike, dict], results: Union[PathLike, list], iou_type: str = "bbox",
+                    backend: str = DEFAULT_BACKEND) -> dict:
+    """Average recall of class-agnostic proposals (boxes, or iou_type="segm": masks) against `gt`.
+
+    results: COCO results with a score and a bbox (or segmentation); category_id, if present, is
+    ignored, and every ground truth object counts whatever its category (COCOeval useCats=0).
+    Per image the best 1000 proposals by score are kept; equal scores keep the results' order
+    (pycocotools with useCats=0 would order them by category id first: the numbers are its own on
+    the results with one category id).
+    Returns {PROPOSAL_KEYS: fraction, or None where the ground truth has no object of that size}:
+    AR@10, AR@100, AR@1000 (AR: recall averaged over IoU .50:.05:.95, as COCOeval computes it
+    with maxDets [10, 100, 1000]); ARs/ARm/ARl@1000 by object area (< 32^2, 32^2-96^2, > 96^2);
+    AUC, AUCs, AUCm, AUCl: AR averaged over the proposal counts 1, 2, ..., 1000 (Lin's thesis,
+    Tables 3.2-3.3).
+
+    Example: `proposal_recall("instances_val2017.json", "proposals.json", "segm")["AR@100"]`.
+    """
+    if backend not in PROPOSAL_BACKENDS:
+        raise ValueError(f"proposal recall needs COCOeval's per-image matches, which backend {backend!r} does not "
+                         f"keep; choose one of {', '.join(PROPOSAL_BACKENDS)}")
+    _, ev = _run(gt, results, backend, iou_type, proposals=True)
+    out = {key: _defined(value) for key, value in zip(PROPOSAL_KEYS[:6], np.asarray(ev.stats)[6:12].tolist())}
+    curves = recall_by_count(ev)  # {area label: (1000,) AR at 1..1000 proposals, or None}
+    for key, area in zip(PROPOSAL_KEYS[6:], ("all", "small", "medium", "large")):
+        out[key] = None if curves[area] is None else float(curves[area].mean())
+    return out
+
+
+def recall_by_count(ev) -> dict:
+    """{area label: (M,) AR at 1..M proposals per image, M = maxDets[-1], or None where no GT counts}.
+
+    From an evaluated (useCats=0) COCOeval's per-image results: recall at m proposals is what
+    COCOeval's accumulate() gives with maxDets m, the matched, non-ignored detections among each
+    image's m best over the non-ignored ground truth, but read for every m in one pass (accumulate()
+    would sort every detection of the dataset once per m).
+    """
+    max_det = int(ev.params.maxDets[-1])
+    labels = list(ev.params.areaRngLbl)
+    ranges = [tuple(r) for r in ev.params.areaRng]
+    num_thrs = len(ev.params.iouThrs)
+    hits = {label: np.zeros((num_thrs, max_det)) for label in labels}  # (T, M) true positives at each rank
+    num_gt = dict.fromkeys(labels, 0)
+    for e in ev.evalImgs:
+        if e is None or int(e["maxDet"]) != max_det:
+            continue
+        label = labels[ranges.index(tuple(e["aRng"]))]
+        num_gt[label] += int((~np.asarray(e["gtIgnore"], dtype=bool)).sum())
+        matches = np.asarray(e["dtMatches"]).reshape(num_thrs, -1)[:, :max_det]  # (T, D) GT id or 0, best first
+        if matches.shape[1]:
+            ignored = np.asarray(e["dtIgnore"], dtype=bool).reshape(num_thrs, -1)[:, :max_det]
+            hits[label][:, :matches.shape[1]] += (matches != 0) & ~ignored
+    return {label: np.cumsum(hits[label], axis=1).mean(axis=0) / num_gt[label] if num_gt[label] else None
+            for label in labels}
 
 
 def detections_to_coco_results(detections: Sequence[Mapping], image_ids: Sequence[int],
@@ -553,6 +712,18 @@ def format_summary(metrics: dict) -> str:
                      f"{_fmt(metrics[key])}")
     for key, iou in EXTRA_IOU_KEYS.items():
         lines.append(f" {'Average Precision':<18s} (AP) @[ IoU={iou:<9.2f} | area={'all':>6s} | maxDets={100:>3d} ] = "
+                     f"{_fmt(metrics[key])}")
+    return "\n".join(lines)
+
+
+def format_proposals(metrics: dict) -> str:
+    """proposal_recall's numbers, one a line, in COCOeval's summary style (n/a where undefined)."""
+    areas = ("all", "all", "all", "small", "medium", "large", "all", "small", "medium", "large")
+    counts = ("10", "100", "1000", "1000", "1000", "1000") + ("1..1000",) * 4
+    lines = []
+    for key, area, count in zip(PROPOSAL_KEYS, areas, counts):
+        title = "Area under AR curve" if key.startswith("AUC") else "Average Recall"
+        lines.append(f" {title:<19s} ({key:>8s}) @[ IoU=0.50:0.95 | area={area:>6s} | proposals={count:>7s} ] = "
                      f"{_fmt(metrics[key])}")
     return "\n".join(lines)
 

@@ -33,6 +33,7 @@ class Detections:
     boxes (D, 4) float32 xyxy in the pixels of the image as given (EXIF orientation applied for files),
     scores (D,) float32, labels (D,) int64 model labels 0..K-1, category_ids (D,) int64 (the dataset's
     ids, categories[label]["id"]), names: D class names. image_size: (height, width).
+    masks: None (a box detector), or (D, height, width) bool, each detection's mask in the same pixels.
     """
 
     boxes: np.ndarray
@@ -42,16 +43,24 @@ class Detections:
     names: list
     image_size: tuple
     source: str = ""
+    masks: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return len(self.scores)
 
     def to_coco(self, image_id: int, file_name: Optional[str] = None) -> list:
-        """COCO results entries: {image_id, category_id, bbox [x, y, w, h], score} (+ file_name)."""
+        """COCO results entries: {image_id, category_id, bbox [x, y, w, h], score} (+ file_name); with masks
+        also "segmentation", the mask as compressed RLE ({"size": [h, w], "counts": str}), for --iou-type segm."""
+        from .ops.masks import encode_masks
+
+        rles = encode_masks(self.masks) if self.masks is not None else [None] * len(self)
         out = []
-        for (x0, y0, x1, y1), score, cat in zip(self.boxes.tolist(), self.scores.tolist(), self.category_ids.tolist()):
+        for (x0, y0, x1, y1), score, cat, rle in zip(self.boxes.tolist(), self.scores.tolist(),
+                                                      self.category_ids.tolist(), rles):
             entry = {"image_id": image_id, "category_id": int(cat),
                      "bbox": [round(x0, 3), round(y0, 3), round(x1 - x0, 3), round(y1 - y0, 3)], "score": score}
+            if rle is not None:
+                entry["segmentation"] = rle
             if file_name is not None:
                 entry["file_name"] = file_name
             out.append(entry)
@@ -223,10 +232,19 @@ def _on_meta(model) -> bool:
 
 
 def draw_detections(image: np.ndarray, det: Detections, min_score: float = 0.0):
-    """A Pillow RGB copy of `image` ((H, W, 3) uint8) with the boxes, class names and scores >= min_score drawn."""
+    """A Pillow RGB copy of `image` ((H, W, 3) uint8) with the boxes, class names and scores >= min_score drawn,
+    and each drawn detection's mask, if it has masks, as a translucent overlay of its box's color."""
     from PIL import Image, ImageDraw, ImageFont
 
-    canvas = Image.fromarray(np.ascontiguousarray(image))
+    pixels = np.ascontiguousarray(image)
+    if det.masks is not None:
+        pixels = pixels.astype(np.float32)
+        for mask, score, label in reversed(list(zip(det.masks, det.scores.tolist(), det.labels.tolist()))):
+            if score >= min_score:
+                mask = np.asarray(mask, dtype=bool)
+                pixels[mask] = (1 - MASK_ALPHA) * pixels[mask] + MASK_ALPHA * np.array(_PALETTE[label % len(_PALETTE)])
+        pixels = np.round(pixels).astype(np.uint8)
+    canvas = Image.fromarray(pixels)
     draw = ImageDraw.Draw(canvas)
     side = min(canvas.size)
     width = max(1, round(side / 300))
@@ -248,6 +266,8 @@ def draw_detections(image: np.ndarray, det: Detections, min_score: float = 0.0):
         draw.text((x0, y0), text, fill=(255, 255, 255), font=font)
     return canvas
 
+
+MASK_ALPHA = 0.45  # opacity of a mask overlay in draw_detections
 
 # Tableau 10: distinct and readable with white text.
 _PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),

@@ -85,3 +85,106 @@ def reference_ap(ev, category_index=None, iou=None) -> float:
         p = p[:, :, category_index]
     p = p[p > -1]
     return float(p.mean()) if p.size else -1.0
+
+
+def _ellipse(rng, height: int, width: int) -> np.ndarray:
+    """(height, width) uint8 mask of a random axis-aligned ellipse, sides log-uniform 4..200 px."""
+    a, b = np.exp(rng.uniform(np.log(2), np.log(100), size=2))
+    cx, cy = rng.uniform(0, width), rng.uniform(0, height)
+    ys, xs = np.mgrid[0:height, 0:width] + 0.5
+    return ((((xs - cx) / a) ** 2 + ((ys - cy) / b) ** 2) <= 1).astype(np.uint8)
+
+
+def make_segm_case_set(seed: int = 0, num_images: int = 16, height: int = 120, width: int = 160,
+                       many: int = 0) -> tuple:
+    """A COCO ground truth with segmentations and a results list with compressed-RLE masks.
+
+    Non-contiguous image ids (5, 9, 13, ...) and category ids (CATEGORY_IDS); images 0-1 have no
+    ground truth, images 2-3 no results. Ground truth segmentations in all three COCO forms: polygons
+    (random quadrilaterals, some in two parts), compressed RLE (ellipses, overlapping each other) and
+    uncompressed RLE for the ~15% crowd regions. Results: noisy copies of the GT masks (dilated,
+    shifted, some with the wrong class), random ellipses, and detections inside crowd regions;
+    `many` > 0 gives image 4 that many results (for proposals beyond 1000).
+    """
+    from pycocotools import mask as mask_api
+
+    rng = np.random.default_rng(seed)
+    images = [{"id": 5 + 4 * i, "width": width, "height": height, "file_name": f"{i}.png"} for i in range(num_images)]
+    gt_cats = [c for c in CATEGORY_IDS if c != NO_GT_CATEGORY]
+    anns, gt_masks = [], {}
+    for i, im in enumerate(images):
+        gt_masks[im["id"]] = []
+        if i < 2:
+            continue
+        for _ in range(int(rng.integers(1, 8))):
+            kind = rng.integers(3)
+            crowd = rng.random() < 0.15
+            if crowd or kind == 0:
+                m = _ellipse(rng, height, width)
+                if m.sum() == 0:
+                    continue
+                rle = mask_api.encode(np.asfortranarray(m))
+                if crowd:  # uncompressed RLE: the run lengths, column-major, starting with zeros
+                    flat = m.flatten(order="F")
+                    change = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))
+                    counts = np.diff(np.concatenate([[0], change])).tolist()
+                    seg = {"size": [height, width], "counts": counts[:-1] if sum(counts) > height * width else counts}
+                else:
+                    seg = {"size": [height, width], "counts": rle["counts"].decode()}
+            else:
+                parts = []
+                for _ in range(int(kind)):  # 1 or 2 polygons
+                    cx, cy = rng.uniform(0, width), rng.uniform(0, height)
+                    r = np.exp(rng.uniform(np.log(3), np.log(60)))
+                    angles = np.sort(rng.uniform(0, 2 * np.pi, size=4))
+                    pts = np.stack([cx + r * np.cos(angles), cy + r * np.sin(angles)], 1).clip([0, 0], [width, height])
+                    parts.append(pts.flatten().round(2).tolist())
+                seg = parts
+                rle = mask_api.merge(mask_api.frPyObjects(parts, height, width))
+                m = mask_api.decode(rle)
+                if m.sum() == 0:
+                    continue
+            x, y, w, h = mask_api.toBbox(mask_api.encode(np.asfortranarray(m))).tolist()
+            anns.append({"id": len(anns) + 1, "image_id": im["id"], "category_id": int(rng.choice(gt_cats)),
+                         "bbox": [x, y, w, h], "area": float(m.sum()), "iscrowd": int(crowd), "segmentation": seg})
+            gt_masks[im["id"]].append((m, anns[-1]["category_id"]))
+    results = []
+    for i, im in enumerate(images):
+        if i in (2, 3):
+            continue
+        own = gt_masks[im["id"]]
+        count = many if (i == 4 and many) else int(rng.integers(0, 20))
+        for _ in range(count):
+            if own and rng.random() < 0.6:
+                m, cat = own[int(rng.integers(len(own)))]
+                m = np.roll(m, tuple(rng.integers(-3, 4, size=2)), axis=(0, 1))
+                if rng.random() < 0.5:  # dilate by one pixel
+                    m = m | np.roll(m, 1, axis=0) | np.roll(m, 1, axis=1)
+                cat = cat if rng.random() < 0.8 else int(rng.choice(CATEGORY_IDS))
+            else:
+                m, cat = _ellipse(rng, height, width), int(rng.choice(CATEGORY_IDS))
+            rle = mask_api.encode(np.asfortranarray(m.astype(np.uint8)))
+            score = float(rng.random())
+            results.append({"image_id": im["id"], "category_id": cat,
+                            "score": round(score, 1) if rng.random() < 0.2 else score,
+                            "segmentation": {"size": [height, width], "counts": rle["counts"].decode()},
+                            "bbox": mask_api.toBbox(rle).tolist()})
+    gt = {"images": images, "annotations": anns, "categories": [{"id": c, "name": f"class{c}"} for c in CATEGORY_IDS]}
+    return gt, results
+
+
+def pycocotools_eval(gt_path: str, results_path: str, iou_type: str, use_cats: int = 1, max_dets=None):
+    """pycocotools' COCOeval run the documented way with the given parameters; returns the evaluator."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(gt_path)
+        ev = COCOeval(coco_gt, coco_gt.loadRes(results_path), iou_type)
+        ev.params.useCats = use_cats
+        if max_dets is not None:
+            ev.params.maxDets = list(max_dets)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev

@@ -1,15 +1,21 @@
-"""`retinanet eval`: COCO bbox metrics of a results file against a ground truth file, or of a model on a dataset.
+"""`retinanet eval`: COCO bbox or mask metrics, or proposal recall, of a results file against a ground
+truth file, or of a model on a dataset.
 
-    retinanet eval --gt instances_val2017.json --results detections.json \
-        [--output metrics.json] [--backend hotcoco|faster-coco-eval|pycocotools] [--plots DIR]
+    retinanet eval --gt instances_val2017.json --results detections.json [--iou-type bbox|segm|bbox,segm] \
+        [--proposals] [--output metrics.json] [--backend hotcoco|faster-coco-eval|pycocotools] [--plots DIR]
     retinanet eval --checkpoint model.pt --json instances_val2017.json --images val2017/ \
         [--save-results detections.json] [--output metrics.json] [--batch-size 8] [--device cpu] [--bf16]
 
 Prints pycocotools' 12 summary lines, AP at IoU .60/.70/.80/.90 and a per-category AP table;
 --output writes them as JSON (keys: AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl,
 AP60, AP70, AP80, AP90 as fractions, null where the ground truth has nothing to measure, and
-per_category: {name: AP}). A mode that first runs a model to make the results list calls
-`report_results()` with that list.
+per_category: {name: AP}). --iou-type segm scores the results' `segmentation` masks (compressed
+RLE) instead of their boxes; with two types (bbox,segm) the JSON holds one such dict per type,
+{"bbox": {...}, "segm": {...}}, and --plots one folder per type. --proposals scores the results as
+class-agnostic proposals (category ids ignored; up to 1000 per image) and reports
+AR@10, AR@100, AR@1000, ARs/ARm/ARl@1000 and AUC, AUCs, AUCm, AUCl (AR averaged over 1..1000
+proposals; `retinanet.evaluate.proposal_recall`). A mode that first runs a model to make the results
+list calls `report_results()` with that list.
 """
 
 from __future__ import annotations
@@ -37,6 +43,12 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="with --checkpoint: auto | cpu | cuda | cuda:N")
     p.add_argument("--bf16", action="store_true", help="with --checkpoint: bfloat16 autocast for the network")
     p.add_argument("--output", metavar="metrics.json", help="write the metrics as JSON here")
+    p.add_argument("--iou-type", default="bbox", type=_iou_types, metavar="TYPES",
+                   help="what to score: bbox (default), segm (the results' RLE masks) or both, comma-separated: "
+                        "bbox,segm")
+    p.add_argument("--proposals", action="store_true",
+                   help="score class-agnostic proposals: AR@10/100/1000, AR by size at 1000, AUC "
+                        "(category ids ignored)")
     p.add_argument("--backend", default=DEFAULT_BACKEND, choices=list(BACKENDS),
                    help=f"COCOeval implementation (default {DEFAULT_BACKEND}; all give pycocotools' numbers)")
     p.add_argument("--plots", metavar="DIR", help="write PNG figures here: pr_curves.png, ap_by_size.png")
@@ -45,16 +57,35 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _iou_types(text: str) -> tuple:
+    """'bbox,segm' -> ("bbox", "segm"); each a known type, none twice."""
+    import argparse
+
+    from ..evaluate import IOU_TYPES
+
+    types = tuple(t.strip() for t in text.split(","))
+    unknown = [t for t in types if t not in IOU_TYPES]
+    if unknown or not types or len(set(types)) != len(types):
+        raise argparse.ArgumentTypeError(f"expected {', '.join(IOU_TYPES)} or a comma-separated list of them "
+                                         f"without repeats, got {text!r}")
+    return types
+
+
 def run(args) -> int:
     from ..evaluate import BackendNotInstalled
 
     if args.plots_per_category and not args.plots:
         raise ValueError("--plots-per-category needs --plots DIR")
+    if args.proposals and args.plots:
+        raise ValueError("--plots draws precision curves, which proposals do not have; leave out --plots")
     if args.checkpoint:
         if args.gt or args.results:
             raise ValueError("give either --gt and --results, or --checkpoint with --json and --images")
         if not (args.json and args.images):
             raise ValueError("--checkpoint needs --json J and --images D")
+        if "segm" in args.iou_type:
+            raise ValueError("--iou-type segm needs masks, which a RetinaNet checkpoint does not predict; "
+                             "evaluate a results file with segmentations (--gt, --results) instead")
         gt, results, protect = args.json, run_model(args), [args.checkpoint]
     else:
         if not (args.gt and args.results):
@@ -62,7 +93,8 @@ def run(args) -> int:
         gt, results, protect = args.gt, args.results, []
     try:
         report_results(gt, results, backend=args.backend, output=args.output, plots=args.plots,
-                       plots_per_category=args.plots_per_category, protect=protect)
+                       plots_per_category=args.plots_per_category, protect=protect, iou_types=args.iou_type,
+                       proposals=args.proposals)
     except BackendNotInstalled as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -108,43 +140,58 @@ def run_model(args) -> list:
 
 def report_results(gt: Union[str, Path, dict], results: Union[str, Path, list], *, backend: str,
                    output: Optional[str] = None, plots: Optional[str] = None, plots_per_category: bool = False,
-                   protect: Sequence = ()) -> dict:
+                   protect: Sequence = (), iou_types: Sequence[str] = ("bbox",), proposals: bool = False) -> dict:
     """Evaluate `results` against `gt`, print the metrics, write --output JSON and --plots PNGs.
 
     gt / results: paths or the loaded dict / list (e.g. made by detections_to_coco_results).
     protect: more input files (a checkpoint, say); an output path that is one of them, or gt or
-    results, is refused before any work. Returns the metrics dict (see evaluate_coco).
+    results, is refused before any work. iou_types: "bbox" and/or "segm". proposals: proposal recall
+    (`proposal_recall`) instead of the detection metrics.
+    Returns the metrics dict (see evaluate_coco, proposal_recall) of the one IoU type, or
+    {iou type: metrics dict} for several.
     """
-    from ..evaluate import format_per_category, format_summary, run_coco_eval
+    from ..evaluate import (format_per_category, format_proposals, format_summary, proposal_recall,
+                            run_coco_eval)
     from ..plots import PLOT_FILES
+
+    iou_types = tuple(iou_types)
+    plot_dirs = {t: Path(plots) / t if len(iou_types) > 1 else Path(plots) for t in iou_types} if plots else {}
 
     if output and Path(output).is_dir():
         raise ValueError(f"--output {output} is a folder; give a file name such as {Path(output) / 'metrics.json'}")
     if plots and Path(plots).exists() and not Path(plots).is_dir():
         raise ValueError(f"--plots {plots} is a file; give a folder")
     targets = [Path(output)] if output else []
-    if plots:
-        targets += [Path(plots) / name for name in PLOT_FILES]
+    targets += [folder / name for folder in plot_dirs.values() for name in PLOT_FILES]
     inputs = [p for p in (gt, results) if isinstance(p, (str, Path))] + list(protect)
     for target in targets:
         for source in inputs:
             if _same_file(target, Path(source)):
                 raise ValueError(f"refusing to overwrite the input file {source} with {target}")
 
-    evaluation = run_coco_eval(gt, results, backend=backend)
-    metrics = evaluation.metrics()
-    print(format_summary(metrics))
-    print()
-    print("Per-category AP (%), IoU .50:.95:")
-    print(format_per_category(metrics["per_category"]))
+    by_type = {}
+    for iou_type in iou_types:
+        if len(iou_types) > 1:
+            print(f"== {iou_type} ==")
+        if proposals:
+            by_type[iou_type] = proposal_recall(gt, results, iou_type, backend=backend)
+            print(format_proposals(by_type[iou_type]))
+            continue
+        evaluation = run_coco_eval(gt, results, backend=backend, iou_type=iou_type)
+        metrics = by_type[iou_type] = evaluation.metrics()
+        print(format_summary(metrics))
+        print()
+        print("Per-category AP (%), IoU .50:.95:")
+        print(format_per_category(metrics["per_category"]))
+        if iou_type in plot_dirs:
+            from ..plots import write_plots
+
+            paths = write_plots(evaluation, metrics, plot_dirs[iou_type], per_category=plots_per_category)
+            print(f"plots written to {plot_dirs[iou_type]}: {', '.join(p.name for p in paths)}")
+    metrics = by_type if len(iou_types) > 1 else by_type[iou_types[0]]
     if output:
         _write_json_atomic(metrics, Path(output))
         print(f"metrics written to {output}")
-    if plots:
-        from ..plots import write_plots
-
-        paths = write_plots(evaluation, metrics, plots, per_category=plots_per_category)
-        print(f"plots written to {plots}: {', '.join(p.name for p in paths)}")
     return metrics
 
 

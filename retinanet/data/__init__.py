@@ -1,7 +1,8 @@
 """COCO-format data: image loading, validation, the dataset, transforms, loaders, synthetic shapes.
 
 Flow: `validate_coco` (every problem at once) -> `CocoDataset` (images via `load_image`, boxes xyxy)
--> transforms (resize with scale jitter, flip) -> `TrainBatchSampler` + `collate` -> the model.
+-> transforms (resize with scale jitter, flip; masks with the boxes when `data.masks` is on)
+-> `TrainBatchSampler` + `collate` -> the model.
 The `build_*` functions in loader.py are the ones that read `cfg.data`.
 """
 

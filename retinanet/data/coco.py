@@ -4,6 +4,9 @@ Category ids may be any integers: sorted by id, they become contiguous labels 0.
 (`categories[label]` is {"id", "name"}, `label_to_category_id[label]` the id, and
 `category_id_to_label` the way back). Crowd annotations (`iscrowd` 1) stay in the target,
 flagged in `target["iscrowd"]`: the model ignores anchors they cover instead of learning them.
+With masks=True (config `data.masks: true`) every annotation's segmentation is checked, kept as
+compressed RLE (a few hundred bytes an instance) and decoded per item into `target["masks"]`, the
+interface described in retinanet/ops/masks.py.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..ops.masks import decode_rles
 from .images import ImageError, PathLike, load_image, to_tensor
 from .validate import ValidationReport, validate_coco
 
@@ -35,7 +39,9 @@ class CocoDataset(Dataset):
         image: (3, H, W) float32 RGB in [0, 1], after the transforms
         target: {"boxes": (G, 4) float32 xyxy in the transformed image's pixels,
                  "labels": (G,) int64 in 0..K-1, "iscrowd": (G,) bool,
-                 "image_id": int (the JSON's id), "orig_size": (h, w) of the displayed image file}
+                 "image_id": int (the JSON's id), "orig_size": (h, w) of the displayed image file,
+                 with masks=True also "masks": (G, H, W) uint8 bit masks in the transformed image's
+                 pixels (retinanet/ops/masks.py)}
     Without transforms the image and boxes are the file's, at its size (what evaluation wants: the
     model resizes in eval mode and returns boxes in these pixels).
 
@@ -45,10 +51,12 @@ class CocoDataset(Dataset):
     """
 
     def __init__(self, json_path: PathLike, image_dir: PathLike, *, transforms: Optional[Callable] = None,
-                 strict: bool = False, check_images: str = "header", report: Optional[ValidationReport] = None):
-        """report: an already computed `validate_coco` result for these files (skips validating again)."""
+                 strict: bool = False, check_images: str = "header", report: Optional[ValidationReport] = None,
+                 masks: bool = False):
+        """report: an already computed `validate_coco` result for these files (skips validating again).
+        masks: load the instance masks too (off: box-only training reads and stores no segmentation)."""
         if report is None:
-            report = validate_coco(json_path, image_dir, strict=strict, check_images=check_images)
+            report = validate_coco(json_path, image_dir, strict=strict, check_images=check_images, masks=masks)
         report.raise_if_errors()
         if report.warnings:
             logger.warning("%s", report.format(max_lines=10))
@@ -70,6 +78,13 @@ class CocoDataset(Dataset):
         self.boxes = np.array([a["bbox"] for a in flat], dtype=np.float32).reshape(-1, 4)  # (A, 4) xyxy pixels
         self.labels = np.array([self.category_id_to_label[a["category_id"]] for a in flat], dtype=np.int64)  # (A,)
         self.crowd = np.array([a["iscrowd"] for a in flat], dtype=bool)  # (A,)
+        self.masks = masks
+        if masks:  # compressed RLE strings, concatenated: annotation a is rle_bytes[rle_offsets[a]:rle_offsets[a+1]]
+            if any("segmentation" not in a for a in flat):
+                raise ValueError(f"{json_path}: masks=True needs a report made with validate_coco(..., masks=True)")
+            strings = [a["segmentation"]["counts"] for a in flat]
+            self.rle_offsets = np.concatenate([[0], np.cumsum([len(c) for c in strings], dtype=np.int64)])
+            self.rle_bytes = np.frombuffer(b"".join(strings), dtype=np.uint8)
 
     @property
     def num_classes(self) -> int:
@@ -91,7 +106,16 @@ class CocoDataset(Dataset):
             "iscrowd": torch.from_numpy(self.crowd[lo:hi].copy()),  # (G,) bool
             "image_id": self.image_ids[index],
             "orig_size": (int(self.sizes[index, 0]), int(self.sizes[index, 1])),
+            **({"masks": self.masks_of(index)} if self.masks else {}),
         }
+
+    def masks_of(self, index: int) -> torch.Tensor:
+        """(G, H, W) uint8 bit masks of image `index` at the file's size, in the order of its boxes."""
+        h, w = int(self.sizes[index, 0]), int(self.sizes[index, 1])
+        lo, hi = int(self.offsets[index]), int(self.offsets[index + 1])
+        rles = [{"size": [h, w], "counts": self.rle_bytes[self.rle_offsets[a]:self.rle_offsets[a + 1]].tobytes()}
+                for a in range(lo, hi)]
+        return torch.from_numpy(decode_rles(rles, h, w))
 
     def __getitem__(self, key) -> tuple:
         index, seed = key if isinstance(key, tuple) else (key, None)

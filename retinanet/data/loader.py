@@ -131,20 +131,23 @@ def build_train_transforms(cfg: Config) -> Compose:
                     RandomHorizontalFlip(d.flip_prob)])
 
 
-def _dataset(json_path: Optional[str], image_dir: Optional[str], which: str, cfg: Config, transforms) -> CocoDataset:
+def _dataset(json_path: Optional[str], image_dir: Optional[str], which: str, cfg: Config, transforms,
+             masks: bool = False) -> CocoDataset:
     if not json_path or not image_dir:
         raise ValueError(f"data.{which}_json and data.{which}_images must both be set")
     return CocoDataset(json_path, image_dir, transforms=transforms, strict=cfg.data.strict,
-                       check_images=cfg.data.check_images)
+                       check_images=cfg.data.check_images, masks=masks)
 
 
 def build_train_dataset(cfg: Config) -> CocoDataset:
-    """The validated training set with the training transforms."""
-    return _dataset(cfg.data.train_json, cfg.data.train_images, "train", cfg, build_train_transforms(cfg))
+    """The validated training set with the training transforms (and mask targets if data.masks)."""
+    return _dataset(cfg.data.train_json, cfg.data.train_images, "train", cfg, build_train_transforms(cfg),
+                    masks=cfg.data.masks)
 
 
 def build_val_dataset(cfg: Config) -> Optional[CocoDataset]:
-    """The validated validation set without transforms (the model resizes in eval mode), or None if not set."""
+    """The validated validation set without transforms (the model resizes in eval mode), or None if not set.
+    Without masks: evaluation reads the ground truth from the JSON, not from the targets."""
     if not cfg.data.val_json and not cfg.data.val_images:
         return None
     return _dataset(cfg.data.val_json, cfg.data.val_images, "val", cfg, None)

@@ -9,6 +9,8 @@ Boxes are exact: each shape is rasterized to a mask and its box is the mask's ex
 spans [i, i + 1)). Later shapes are drawn over earlier ones, but a placement is rejected if it would
 hide more than 30% of an earlier shape or any of its extreme pixels; so every shape in an image is
 annotated, at least 70% visible, and its box is the same whether read as the visible or the full shape.
+Each annotation's `segmentation` is the exact visible mask (the pixels later shapes cover removed, so
+a mask may have holes or come in pieces) as compressed RLE; its `area` is that mask's pixel count.
 A shape's color differs clearly from the background under it and from the shapes it touches.
 
 Generation is deterministic: image i of a split depends only on (seed, split, i), and the files are
@@ -31,8 +33,10 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..ops.masks import encode_masks
+
 CLASSES = ("rectangle", "ellipse", "triangle", "cross")
-VERSION = 1  # bump when the images a seed produces change, so that old caches are not reused
+VERSION = 2  # bump when the files a seed produces change, so that old caches are not reused (2: masks)
 MAX_OBJECTS = 6
 EMPTY_FRACTION = 0.05
 MIN_OBJECT = 12  # px, the smallest shorter side drawn
@@ -122,6 +126,13 @@ def _extent(mask: np.ndarray) -> tuple:
 
 def render_image(rng: np.random.Generator, size: int) -> tuple:
     """One image -> ((size, size, 3) uint8 RGB, [(class index, (x1, y1, x2, y2) xyxy, visible pixels)])."""
+    image, shapes = _render(rng, size)
+    return image, [(s["cls"], s["box"], int(s["visible"].sum())) for s in shapes]
+
+
+def _render(rng: np.random.Generator, size: int) -> tuple:
+    """One image -> ((size, size, 3) uint8 RGB, shapes: dicts with "cls", "box" xyxy and "visible":
+    the (size, size) bool mask of the shape's pixels that no later shape covers)."""
     background = _background(rng, size)
     count = 0 if rng.random() < EMPTY_FRACTION else int(rng.integers(1, MAX_OBJECTS + 1))
     shapes = []  # dicts: cls, mask (full), visible (mask not covered by later shapes), box, color
@@ -145,8 +156,7 @@ def render_image(rng: np.random.Generator, size: int) -> tuple:
     image = background
     for s in shapes:
         image[s["mask"]] = s["color"]
-    objects = [(s["cls"], s["box"], int(s["visible"].sum())) for s in shapes]
-    return np.round(image).astype(np.uint8), objects
+    return np.round(image).astype(np.uint8), shapes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,13 +169,16 @@ def _write_split(folder: Path, split: str, num_images: int, image_size: int, see
     images, annotations = [], []
     for i in range(num_images):
         rng = np.random.default_rng([seed, SPLITS[split], i])
-        pixels, objects = render_image(rng, image_size)
+        pixels, shapes = _render(rng, image_size)
         file_name = f"{i:06d}.png"
         Image.fromarray(pixels).save(folder / split / file_name, format="PNG", compress_level=1)
         images.append({"id": i + 1, "file_name": file_name, "height": image_size, "width": image_size})
-        for cls, (x1, y1, x2, y2), area in objects:
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": cls + 1,
-                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": area, "iscrowd": 0})
+        rles = encode_masks(np.stack([s["visible"] for s in shapes])) if shapes else []
+        for s, rle in zip(shapes, rles):
+            x1, y1, x2, y2 = s["box"]
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": s["cls"] + 1,
+                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": int(s["visible"].sum()),
+                                "segmentation": rle, "iscrowd": 0})
     coco = {"info": {"description": f"retinanet synthetic shapes, {split} split", "parameters": params},
             "images": images, "annotations": annotations,
             "categories": [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(CLASSES)]}

@@ -1,9 +1,11 @@
 """Training transforms on (image, target) pairs: shorter-side resize with scale jitter, horizontal flip.
 
 Each transform takes `image` (3, H, W) float in [0, 1], `target` {"boxes": (G, 4) xyxy absolute
-pixels, ...} and a `torch.Generator` (None: torch's global RNG), and returns the new pair; the boxes
-follow the pixels exactly. Pixel coordinates are continuous: pixel column i spans [i, i + 1), so a box
-edge at x maps to x * new_width / width under resizing and to width - x under a flip.
+pixels, ..., optional "masks": (G, H, W) uint8 bit masks} and a `torch.Generator` (None: torch's
+global RNG), and returns the new pair; the boxes follow the pixels exactly, the masks to within a pixel
+(resized by the value at each new pixel's centre, `ops.masks.resize_masks`). Pixel coordinates are
+continuous: pixel column i spans [i, i + 1), so a box edge at x maps to x * new_width / width under
+resizing and to width - x under a flip.
 
 Resizing uses `retinanet.model.resized_size`, the rule the model applies at test time, and the same
 interpolation (torch bilinear, align_corners=False, no antialiasing), so that a training image at
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops.masks import flip_masks, resize_masks
 from ..ops.transform import resized_size
 
 SIZE_SAMPLING = ("choice", "range")
@@ -69,6 +72,8 @@ class ResizeShortestSide:
         image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
         scale = torch.tensor([new_w / width, new_h / height, new_w / width, new_h / height])  # (4,) x, y, x, y
         target = {**target, "boxes": target["boxes"] * scale}
+        if "masks" in target:
+            target["masks"] = resize_masks(target["masks"], new_h, new_w)
         return image, target
 
 
@@ -86,4 +91,7 @@ class RandomHorizontalFlip:
         width = image.shape[-1]
         boxes = target["boxes"]  # (G, 4) xyxy
         flipped = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
-        return image.flip(-1), {**target, "boxes": flipped}
+        target = {**target, "boxes": flipped}
+        if "masks" in target:
+            target["masks"] = flip_masks(target["masks"])
+        return image.flip(-1), target

@@ -12,6 +12,14 @@ size differs from the JSON's height and width.
 Warnings (the box is repaired or dropped): width or height <= 0 (dropped; an error with strict=True),
 a box partly outside its image (clipped to it), a box wholly outside (dropped).
 
+Segmentations (`masks=True`, what `data.masks: true` and `retinanet check-data --masks` ask for),
+errors: a missing or malformed `segmentation`, a polygon with fewer than 3 points or an odd number of
+coordinates, polygon coordinates more than MASK_MARGIN (1) pixel outside the image, an RLE whose size
+differs from the image's, RLE counts that do not add up to height * width (for compressed RLE: a string
+that is not the canonical encoding of a height x width mask, which is what pycocotools and hotcoco
+write), and an empty mask. Warning: the decoded mask's box differs from `bbox` by more than
+MASK_BOX_TOLERANCE (2) pixels at any edge.
+
 Image checks, `check_images`: "exists" only looks for the files; "header" (default) also reads
 each header for the displayed size; "decode" decodes every pixel, which finds truncated files but
 reads the whole dataset.
@@ -24,9 +32,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .images import ImageError, PathLike, displayed_size, load_image
 
 CHECK_LEVELS = ("exists", "header", "decode")
+MASK_MARGIN = 1.0  # px: polygon coordinates may lie this far outside the image (annotation tools round)
+MASK_BOX_TOLERANCE = 2.0  # px: largest accepted difference between an edge of the mask's box and of bbox
 
 
 class DataValidationError(ValueError):
@@ -44,7 +56,8 @@ class ValidationReport:
 
     images: valid image records in JSON order, each {"id", "file_name", "height", "width"}.
     annotations: image id -> kept annotations, each {"id", "category_id", "bbox": [x1, y1, x2, y2]
-        (xyxy, absolute pixels of the displayed image, clipped to it), "iscrowd": bool}.
+        (xyxy, absolute pixels of the displayed image, clipped to it), "iscrowd": bool}; with
+        masks=True also "segmentation": the checked mask as a compressed RLE (`ops.masks.segmentation_to_rle`).
     categories: {"id", "name"} sorted by id.
     """
 
@@ -198,8 +211,95 @@ def _check_image_records(records: list, path: Path, report: ValidationReport) ->
     return set(seen), valid
 
 
+def _is_number_list(value) -> bool:
+    return isinstance(value, list) and all(_is_number(v) and math.isfinite(v) for v in value)
+
+
+def check_segmentation(segmentation, height: int, width: int, bbox_xyxy: list) -> tuple:
+    """Check one COCO segmentation against its image size and box.
+
+    Returns (errors, warnings, rle): lists of messages (without the file and annotation id, which the
+    caller adds), and the mask as a compressed RLE, or None when there are errors.
+    """
+    from pycocotools import mask as mask_api
+
+    from ..ops.masks import segmentation_to_rle
+
+    errors = []
+    if isinstance(segmentation, list):
+        if not segmentation:
+            return ["empty segmentation (no polygons)"], [], None
+        for k, polygon in enumerate(segmentation):
+            if not _is_number_list(polygon):
+                errors.append(f"polygon {k} must be a list of finite numbers [x1, y1, x2, y2, ...], "
+                              f"got {polygon!r:.80}")
+            elif len(polygon) % 2:
+                errors.append(f"polygon {k} has an odd number of coordinates ({len(polygon)})")
+            elif len(polygon) < 6:
+                errors.append(f"polygon {k} has {len(polygon) // 2} point(s); a polygon needs at least 3")
+            else:
+                xs, ys = polygon[0::2], polygon[1::2]
+                if (min(xs) < -MASK_MARGIN or max(xs) > width + MASK_MARGIN or min(ys) < -MASK_MARGIN
+                        or max(ys) > height + MASK_MARGIN):
+                    errors.append(f"polygon {k} reaches outside the {width}x{height} image by more than "
+                                  f"{MASK_MARGIN:g} px: x in [{min(xs):g}, {max(xs):g}], "
+                                  f"y in [{min(ys):g}, {max(ys):g}]")
+    elif isinstance(segmentation, dict) and "size" in segmentation and "counts" in segmentation:
+        size, counts = segmentation["size"], segmentation["counts"]
+        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)):
+            return [f"RLE size must be [height, width], got {size!r:.80}"], [], None
+        if size != [height, width]:
+            return [f"RLE size {size} (height, width) differs from the image's [{height}, {width}]"], [], None
+        if isinstance(counts, list):
+            if not all(_is_int(c) and c >= 0 for c in counts):
+                errors.append("RLE counts must be non-negative integers")
+            elif sum(counts) != height * width:
+                errors.append(f"RLE counts add up to {sum(counts)}, not height * width = {height * width}")
+        elif isinstance(counts, str):
+            errors += _check_compressed_counts(counts, height, width)
+        else:
+            errors.append(f"RLE counts must be a list of integers or a string, got {type(counts).__name__}")
+    else:
+        return [f"segmentation must be a list of polygons or an RLE {{size, counts}}, "
+                f"got {segmentation!r:.80}"], [], None
+    if errors:
+        return errors, [], None
+    rle = segmentation_to_rle(segmentation, height, width)
+    if mask_api.area(rle) == 0:
+        return ["empty mask (no pixel inside the segmentation)"], [], None
+    x, y, w, h = mask_api.toBbox(rle).tolist()
+    mask_box = [x, y, x + w, y + h]
+    gap = max(abs(a - b) for a, b in zip(mask_box, bbox_xyxy))
+    warnings = []
+    if gap > MASK_BOX_TOLERANCE:
+        warnings.append(f"the mask's box [{x:g}, {y:g}, {w:g}, {h:g}] (x, y, w, h) differs from bbox by {gap:.1f} px "
+                        f"(more than {MASK_BOX_TOLERANCE:g})")
+    return [], warnings, rle
+
+
+def _check_compressed_counts(counts: str, height: int, width: int) -> list:
+    """A compressed RLE string must be the canonical encoding of a height x width mask.
+
+    Run lengths are not decoded by hand: hotcoco's decoder (memory-safe on a bad string; pycocotools'
+    C decoder does not check the runs against height * width, so runs that fall short leave pixels
+    uninitialized and runs that go beyond write past the mask) decodes it and pycocotools encodes the
+    result again; a string whose runs do not add up to height * width cannot come back unchanged.
+    """
+    import hotcoco
+    from pycocotools import mask as mask_api
+
+    try:
+        bits = hotcoco.mask.decode({"size": [height, width], "counts": counts.encode("ascii")})
+        again = mask_api.encode(np.asfortranarray(bits, dtype=np.uint8))["counts"].decode("ascii")
+    except Exception as e:  # noqa: BLE001 - any failure of the decoder means a malformed string
+        return [f"compressed RLE counts cannot be decoded ({e})"]
+    if again != counts:
+        return [f"compressed RLE counts do not describe exactly height * width = {height * width} pixels"]
+    return []
+
+
 def _check_annotations(records: list, path: Path, image_ids, images: dict, category_ids, strict: bool,
-                       report: ValidationReport) -> None:
+                       report: ValidationReport, masks: bool = False) -> None:
     """Valid annotations -> report.annotations (converted to xyxy and clipped), problems -> errors/warnings.
 
     image_ids / category_ids: every id the JSON declares (None when that section is missing, so that
@@ -256,7 +356,18 @@ def _check_annotations(records: list, path: Path, image_ids, images: dict, categ
             continue
         if clipped != box:
             report.warnings.append(f"{path}: {where}: box {bbox!r} extends outside the {size} image; clipped")
-        report.annotations[iid].append({"id": aid, "category_id": cid, "bbox": clipped, "iscrowd": bool(crowd)})
+        kept = {"id": aid, "category_id": cid, "bbox": clipped, "iscrowd": bool(crowd)}
+        if masks:
+            if "segmentation" not in ann:
+                report.errors.append(f"{path}: {where}: no 'segmentation' (masks were asked for)")
+                continue
+            errors, warnings, kept["segmentation"] = check_segmentation(ann["segmentation"], image["height"],
+                                                                        image["width"], clipped)
+            report.errors += [f"{path}: {where}: {m}" for m in errors]
+            report.warnings += [f"{path}: {where}: {m}" for m in warnings]
+            if errors:
+                continue
+        report.annotations[iid].append(kept)
 
 
 def _check_files(image_dir: Path, check_images: str, report: ValidationReport, progress: bool) -> None:
@@ -285,13 +396,14 @@ def _check_files(image_dir: Path, check_images: str, report: ValidationReport, p
 
 
 def validate_coco(json_path: PathLike, image_dir: PathLike, *, strict: bool = False, check_images: str = "header",
-                  progress: bool = False) -> ValidationReport:
+                  progress: bool = False, masks: bool = False) -> ValidationReport:
     """Check a COCO instances JSON and its images; every problem found goes into the returned report.
 
     json_path: the annotation file. image_dir: the folder the images' file_name entries are relative to.
     strict: boxes with width or height <= 0 are errors instead of being dropped with a warning.
     check_images: "exists" | "header" | "decode" (see the module docstring).
     progress: show a progress bar while reading images.
+    masks: also check every annotation's `segmentation` and keep it (see the module docstring).
     """
     if check_images not in CHECK_LEVELS:
         raise ValueError(f"check_images must be one of {', '.join(CHECK_LEVELS)}, got '{check_images}'")
@@ -315,7 +427,7 @@ def validate_coco(json_path: PathLike, image_dir: PathLike, *, strict: bool = Fa
                          else (None, {}))
     report.annotations = {image["id"]: [] for image in report.images}
     if annotation_records is not None:
-        _check_annotations(annotation_records, path, image_ids, images, category_ids, strict, report)
+        _check_annotations(annotation_records, path, image_ids, images, category_ids, strict, report, masks)
     if image_dir.is_dir():
         _check_files(image_dir, check_images, report, progress)
     return report
