@@ -170,6 +170,24 @@ def test_fast_focal_bfloat16_inputs_within_tolerance():
     assert torch.allclose(x.grad.float(), ref_x.grad, rtol=1e-2, atol=1e-4)  # the gradient is stored in bf16
 
 
+def test_fast_focal_float16_gradient_survives_until_the_scaler_scales_it():
+    # Under fp16 autocast the logits are float16 and GradScaler multiplies the loss by e.g. 65536.
+    # The easy negatives' gradients (here 9e-11 to 5e-3, about 3 p^3) are below float16's smallest subnormal
+    # (6e-8) or lose most of their bits there: they must be kept in float32 until grad_output has
+    # scaled them, then rounded once to float16.
+    x16 = torch.linspace(-8.0, -2.0, 200).half().requires_grad_()
+    y = torch.zeros(200)
+    scale = 65536.0
+    loss = sigmoid_focal_loss_fast(x16, y, compile=False)
+    (loss * scale).backward()
+    assert x16.grad.dtype == torch.float16
+    x32 = x16.detach().float().requires_grad_()  # the same float16 values, in float32
+    (sigmoid_focal_loss(x32, y, reduction="sum") * scale).backward()
+    expected = x32.grad.half().float()  # the float32 gradient, scaled, rounded once to float16
+    assert (expected != 0).all() and (x32.grad / scale).abs().lt(6e-8).sum() > 50  # the test covers the small ones
+    assert torch.allclose(x16.grad.float(), expected, rtol=2e-3, atol=6e-8)  # atol: float16's subnormal step
+
+
 def test_fast_focal_extreme_logits_are_finite():
     x = torch.tensor([100.0, -100.0, 100.0, -100.0, 88.0, -88.0], requires_grad=True)
     y = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0])
