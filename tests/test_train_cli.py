@@ -13,7 +13,7 @@ TINY = {
               "fpn_channels": 16, "head_channels": 16, "head_convs": 1, "min_level": 3, "max_level": 6,
               "anchor_sizes": [16, 32, 64, 128], "min_size": 64, "max_size": 64},
     "data": {"batch_size": 2, "num_workers": 0},
-    "train": {"iterations": 3, "warmup_iters": 1, "checkpoint_every": 2, "log_every": 1, "eval_every": 2},
+    "train": {"device": "cpu", "iterations": 3, "warmup_iters": 1, "checkpoint_every": 2, "log_every": 1, "eval_every": 2},
 }
 
 
