@@ -162,14 +162,44 @@ def test_demo_end_to_end_on_a_tiny_dataset(tmp_path, monkeypatch, capsys):
     tiny = ["backbone_width=8", "fpn_channels=16", "head_channels=64", "head_convs=1", "min_size=64", "max_size=64",
             "batch_size=4", "iterations=4", "warmup_iters=1", "lr_steps=[3]", "eval_every=2", "checkpoint_every=2",
             "threads=1"]  # one thread, as the rest of the suite (conftest)
-    assert main(["demo", *tiny, "--output", str(out), "--data-dir", str(tmp_path / "shapes"), "--no-progress"]) == 0
+    assert main(["demo", *tiny, "--output", str(out), "--data-dir", str(tmp_path / "shapes"), "--no-progress",
+                 "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "held-out COCO AP" in printed and "seconds per training iteration: 1 thread(s)" in printed
+    assert "device: cpu;" in printed and "iterations on cpu," in printed
     assert (out / "detections.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((out / "demo_metrics.json").read_text())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert report["AP"] == [r for r in records if "val" in r][-1]["val"]["AP"]  # the held-out split's final AP
     assert report["iterations"] == 4 and report["num_val"] == 4
+    assert report["device"] == "cpu" and report["threads"] == 1
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["device"] == "cpu"
     assert sorted(p.name for p in (tmp_path / "shapes" / "val").iterdir()) == [f"{i:06d}.png" for i in range(4)]
     assert main(["demo", *tiny, "--output", str(out), "--data-dir", str(tmp_path / "shapes")]) == 1  # never overwrites
     assert "already holds a training run" in capsys.readouterr().err
+
+
+def test_demo_trains_on_the_gpu_when_there_is_one_unless_told_cpu(monkeypatch):
+    import torch
+
+    from retinanet.commands.demo import choose_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert choose_device("auto") == torch.device("cuda")
+    assert choose_device("cpu") == torch.device("cpu")
+    assert choose_device("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        choose_device("cuda")
+
+
+def test_demo_refuses_a_missing_gpu_before_generating_data(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
+    assert main(["demo", "--output", str(tmp_path / "demo"), "--data-dir", str(tmp_path / "shapes"),
+                 "--device", "cuda"]) == 1
+    assert "no CUDA GPU is available" in capsys.readouterr().err
+    assert not (tmp_path / "shapes").exists() and not (tmp_path / "demo").exists()
