@@ -204,7 +204,10 @@ class DataConfig:
     num_workers: int = 2  # DataLoader worker processes per training process; 0 loads in the main process
     aspect_grouping: bool = True  # batch landscape (w >= h) and portrait images apart: less padding
     strict: bool = False  # boxes with width or height <= 0 are errors, not dropped with a warning
-    check_images: str = "header"  # before training: exists | header (size, EXIF orientation) | decode (every pixel)
+    # Before training: exists | header (size, EXIF orientation) | decode (every pixel, over every core; finds
+    # truncated files; each file's result is cached beside the JSON, so only new or changed files cost time).
+    check_images: str = "decode"
+    skip_unreadable: bool = False  # false: an unreadable image stops training at start-up; true: left out, listed
     # Instance masks in the targets ("masks": (G, H, W) uint8, retinanet/ops/masks.py); off: no segmentation is read
     masks: bool = False
 

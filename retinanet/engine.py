@@ -364,9 +364,17 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
         elif resume is not None:
             ckpt_path, ckpt = Path(resume), load_checkpoint(resume)
 
-        # Data: validated before the first step (errors list every problem, with file and ids).
-        dataset = build_train_dataset(cfg)
-        val_dataset = build_val_dataset(cfg)
+        # Data: validated before the first step (errors list every problem, with file and ids; an
+        # unreadable image stops here, or is left out with data.skip_unreadable). Rank 0 decodes the
+        # images first and caches the results; the other processes then find them in the cache.
+        if not env.is_main:
+            _barrier(env)
+        try:
+            dataset = build_train_dataset(cfg, progress=progress and env.is_main)
+            val_dataset = build_val_dataset(cfg, progress=progress and env.is_main)
+        finally:
+            if env.is_main:
+                _barrier(env)
         if cfg.model.num_classes != dataset.num_classes:
             log(f"model.num_classes: {cfg.model.num_classes} -> {dataset.num_classes} (the training set's categories)")
             cfg.model.num_classes = dataset.num_classes

@@ -145,11 +145,20 @@ def _run_kernel(logits: Tensor, targets: Tensor, weights: Optional[Tensor], alph
         return _focal_loss_and_grad(logits, targets, weights, float(alpha), float(gamma), reduce)
 
 
-class _SigmoidFocalLoss(torch.autograd.Function):
-    """Forward computes the loss and the gradient together and saves only the gradient (logits' dtype).
+def _saved_grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the focal loss keeps its gradient in until backward: the logits' own, unless it
+    has less range than float32. float16 would flush the easy negatives' gradients (about 3 p^3,
+    1e-9 and less) to 0 before GradScaler's factor reaches them, so float16 logits keep float32."""
+    return torch.float32 if torch.finfo(dtype).max < torch.finfo(torch.float32).max else dtype
 
-    Backward scales the saved gradient in place and hands it on: no new logits-sized buffer. The
-    saved gradient is thereby used up; a second backward through the same graph
+
+class _SigmoidFocalLoss(torch.autograd.Function):
+    """Forward computes the loss and the gradient together and saves only the gradient (logits' dtype,
+    float32 for float16 logits: see `_saved_grad_dtype`).
+
+    Backward scales the saved gradient in place and hands it on, rounded to the logits' dtype only
+    after grad_output (the AMP loss scale) has multiplied it: no new logits-sized buffer beyond that
+    rounding. The saved gradient is thereby used up; a second backward through the same graph
     (retain_graph=True) is refused by autograd's check of saved tensors' versions, not answered wrongly.
     """
 
@@ -159,13 +168,14 @@ class _SigmoidFocalLoss(torch.autograd.Function):
         if reduction == "mean":
             n = logits.numel()
             loss, grad = loss / n, grad / n
-        ctx.save_for_backward(grad.to(logits.dtype))
+        ctx.logits_dtype = logits.dtype
+        ctx.save_for_backward(grad.to(_saved_grad_dtype(logits.dtype)))
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_output), None, None, None, None, None, None
+        return grad.mul_(grad_output).to(ctx.logits_dtype), None, None, None, None, None, None
 
 
 def sigmoid_focal_loss_fast(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0,
@@ -176,7 +186,8 @@ def sigmoid_focal_loss_fast(logits: Tensor, targets: Tensor, alpha: float = 0.25
     logits (..., K) any float dtype; targets same shape, 0/1 (bool, integer or float); weights
     (optional, not differentiated) broadcastable to logits, e.g. (B, N, 1) with 0 for ignored
     anchors. reduction: "sum" (what training uses), "mean" or "none". The math is float32 whatever
-    the logits' dtype; the loss comes back float32, the gradient in the logits' dtype.
+    the logits' dtype; the loss comes back float32, the gradient in the logits' dtype (kept in float32
+    for float16 logits until the incoming gradient, e.g. GradScaler's factor, has scaled it).
 
     Forward computes the loss and its gradient in one pass and keeps only the gradient, where
     autograd on the reference formula keeps about ten intermediate tensors. compile: None picks

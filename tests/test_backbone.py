@@ -42,6 +42,22 @@ def test_frozen_stages_have_no_gradients_and_bn_stays_in_eval():
     assert not net.bn1.training and not net.layer1[0].bn1.training and net.layer2[0].bn1.training
 
 
+def test_frozen_stages_keep_their_statistics_after_sync_batchnorm_conversion():
+    # train.sync_bn converts every BatchNorm2d to SyncBatchNorm (engine.py); the frozen stages must
+    # still not update their running statistics in a training step, and the trained stages must.
+    net = nn.SyncBatchNorm.convert_sync_batchnorm(ResNet("resnet18", width=8, norm="bn", frozen_stages=2))
+    assert isinstance(net.layer1[0].bn1, nn.SyncBatchNorm) and isinstance(net.layer2[0].bn1, nn.SyncBatchNorm)
+    net.train()
+    assert not net.bn1.training and not net.layer1[1].bn2.training and net.layer2[0].bn1.training
+    frozen = [net.bn1, net.layer1[0].bn1, net.layer1[1].bn2]
+    trained = [net.layer2[0].bn1, net.layer2[0].downsample[1], net.layer4[1].bn2]
+    before = [m.running_mean.clone() for m in frozen + trained]
+    # one training step; without a process group SyncBatchNorm's training forward is BatchNorm's
+    sum(c.sum() for c in net(torch.randn(2, 3, 64, 64))).backward()
+    after = [m.running_mean for m in frozen + trained]
+    assert [torch.equal(b, a) for b, a in zip(before, after)] == [True] * 3 + [False] * 3
+
+
 def test_load_torchvision_style_checkpoint(tmp_path):
     src = ResNet("resnet18", width=8, norm="bn")
     state = src.state_dict()

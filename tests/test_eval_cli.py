@@ -181,7 +181,7 @@ def test_eval_checkpoint_runs_the_model_over_a_dataset(tmp_path):
     out, saved = tmp_path / "metrics.json", tmp_path / "dt.json"
     assert main(["eval", "--checkpoint", str(tmp_path / "m.pt"), "--json", str(paths.val_json), "--images",
                  str(paths.val_images), "--save-results", str(saved), "--output", str(out), "--batch-size", "2",
-                 "--workers", "0"]) == 0
+                 "--workers", "0", "--device", "cpu"]) == 0
     metrics = json.loads(out.read_text())
     results = json.loads(saved.read_text())
     # the same as running the model image by image and evaluating its results

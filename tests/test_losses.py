@@ -1,5 +1,5 @@
 import math
-import os
+import warnings
 
 import pytest
 import torch
@@ -170,6 +170,24 @@ def test_fast_focal_bfloat16_inputs_within_tolerance():
     assert torch.allclose(x.grad.float(), ref_x.grad, rtol=1e-2, atol=1e-4)  # the gradient is stored in bf16
 
 
+def test_fast_focal_float16_gradient_survives_until_the_scaler_scales_it():
+    # Under fp16 autocast the logits are float16 and GradScaler multiplies the loss by e.g. 65536.
+    # The easy negatives' gradients (here 9e-11 to 5e-3, about 3 p^3) are below float16's smallest subnormal
+    # (6e-8) or lose most of their bits there: they must be kept in float32 until grad_output has
+    # scaled them, then rounded once to float16.
+    x16 = torch.linspace(-8.0, -2.0, 200).half().requires_grad_()
+    y = torch.zeros(200)
+    scale = 65536.0
+    loss = sigmoid_focal_loss_fast(x16, y, compile=False)
+    (loss * scale).backward()
+    assert x16.grad.dtype == torch.float16
+    x32 = x16.detach().float().requires_grad_()  # the same float16 values, in float32
+    (sigmoid_focal_loss(x32, y, reduction="sum") * scale).backward()
+    expected = x32.grad.half().float()  # the float32 gradient, scaled, rounded once to float16
+    assert (expected != 0).all() and (x32.grad / scale).abs().lt(6e-8).sum() > 50  # the test covers the small ones
+    assert torch.allclose(x16.grad.float(), expected, rtol=2e-3, atol=6e-8)  # atol: float16's subnormal step
+
+
 def test_fast_focal_extreme_logits_are_finite():
     x = torch.tensor([100.0, -100.0, 100.0, -100.0, 88.0, -88.0], requires_grad=True)
     y = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0])
@@ -182,36 +200,59 @@ def test_fast_focal_extreme_logits_are_finite():
         assert x.grad[2].item() == pytest.approx(-0.75 * -1, rel=1e-4)  # eq. (10), y = -1, p_t -> 0: alpha_t
 
 
-@pytest.mark.skipif(os.environ.get("RETINANET_TEST_COMPILE") != "1",
-                    reason="compiling takes 10-60 s; set RETINANET_TEST_COMPILE=1 (bench_focal.py checks it too)")
-def test_compiled_fast_focal_equals_reference():
+def test_compiled_fast_focal_equals_reference(monkeypatch):
+    """The torch.compile'd kernel that every real training batch goes through, run here on a small input.
+
+    Compiling takes about 10 s for the first (alpha, gamma) on a 2-core CPU (12-18 s in a busy
+    test run with an empty inductor cache), and about 2 s for each further pair (floats are
+    specialized). The size threshold is lowered so that the default choice (compile=None), the one
+    training makes, picks the compiled kernel; a compile failure fails the test instead of falling back.
+    """
+    calls = []
+    real = losses._compiled_kernel
+
+    def spy():
+        calls.append(1)
+        return real()
+    monkeypatch.setattr(losses, "_compiled_kernel", spy)
+    monkeypatch.setattr(losses, "_compile_failed", False)
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(2, 300, 5, generator=g) * 4).requires_grad_()
     y = torch.rand(2, 300, 5, generator=g) > 0.9
     w = (torch.rand(2, 300, 1, generator=g) > 0.1).float()
+    monkeypatch.setattr(losses, "COMPILE_MIN_ELEMENTS", x.numel())
     for alpha, gamma in ((0.25, 2.0), (-1.0, 0.0)):
-        fast = sigmoid_focal_loss_fast(x, y, alpha, gamma, weights=w, compile=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a fallback to the eager kernel fails here
+            fast = sigmoid_focal_loss_fast(x, y, alpha, gamma, weights=w)
         (fast_grad,) = torch.autograd.grad(fast, x)
         ref = (sigmoid_focal_loss(x, y.float(), alpha, gamma) * w).sum()
         (ref_grad,) = torch.autograd.grad(ref, x)
-        assert not losses._compile_failed
         assert fast.item() == pytest.approx(ref.item(), rel=1e-5)
         assert torch.allclose(fast_grad, ref_grad, rtol=1e-5, atol=1e-7)
+    assert len(calls) == 2 and not losses._compile_failed
 
 
 def test_fast_focal_falls_back_to_eager_when_compiling_fails(monkeypatch):
-    def broken():
-        def kernel(*args):
-            raise RuntimeError("no C++ compiler")
-        return kernel
-    monkeypatch.setattr(losses, "_compiled_kernel", broken)
+    # a real torch.compile whose backend fails, as one without a working C++ compiler does
+    def failing_backend(gm, example_inputs):
+        raise RuntimeError("no C++ compiler")
+    compiled = torch.compile(losses._focal_loss_and_grad, dynamic=True, fullgraph=True, backend=failing_backend)
+    monkeypatch.setattr(losses, "_compiled_kernel", lambda: compiled)
     monkeypatch.setattr(losses, "_compile_failed", False)
     x = torch.randn(20, 4, requires_grad=True)
     y = torch.rand(20, 4) > 0.7
-    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+    with pytest.warns(RuntimeWarning, match="(?s)torch.compile of the focal loss failed.*no C\\+\\+ compiler"):
         loss = sigmoid_focal_loss_fast(x, y, compile=True)
-    assert loss.item() == pytest.approx(sigmoid_focal_loss(x, y.float(), reduction="sum").item(), rel=1e-6)
+    (grad,) = torch.autograd.grad(loss, x)
+    ref = sigmoid_focal_loss(x, y.float(), reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref, x)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert torch.allclose(grad, ref_grad, rtol=1e-5, atol=1e-7)
     assert losses._compile_failed  # later calls go straight to the eager kernel
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sigmoid_focal_loss_fast(x, y, compile=True)  # no second try, no second warning
 
 
 def test_fast_focal_rejects_mismatched_targets():

@@ -142,7 +142,7 @@ def test_cli_folder_with_a_corrupt_file(checkpoint, tmp_path, capsys):
     (images / "notes.txt").write_text("not an image")
     before = _digest(images)
     out, drawn = tmp_path / "results.json", tmp_path / "drawn"
-    rc = main(["predict", "--checkpoint", str(checkpoint), "--output", str(out), "--save-images", str(drawn),
+    rc = main(["predict", "--checkpoint", str(checkpoint), "--device", "cpu", "--output", str(out), "--save-images", str(drawn),
                "--draw-threshold", "0.0", "--batch-size", "2", str(images)])
     err = capsys.readouterr().err
     assert rc == 1
@@ -163,7 +163,7 @@ def test_cli_folder_with_a_corrupt_file(checkpoint, tmp_path, capsys):
 def test_cli_results_match_the_predictor_and_filter_classes(checkpoint, model, tmp_path, capsys):
     Image.fromarray(_image(12)).save(tmp_path / "c.png")
     out = tmp_path / "dogs.json"
-    assert main(["predict", "--checkpoint", str(checkpoint), "--classes", "dog", "--output", str(out),
+    assert main(["predict", "--checkpoint", str(checkpoint), "--device", "cpu", "--classes", "dog", "--output", str(out),
                  str(tmp_path / "c.png")]) == 0
     results = json.loads(out.read_text())
     det = Predictor(model, CATEGORIES, device="cpu", classes=["dog"])(_image(12))
@@ -176,7 +176,7 @@ def test_cli_results_match_the_predictor_and_filter_classes(checkpoint, model, t
 def test_cli_refuses_to_draw_into_the_input_folder(checkpoint, tmp_path, capsys):
     Image.fromarray(_image(13)).save(tmp_path / "d.png")
     before = _digest(tmp_path)
-    rc = main(["predict", "--checkpoint", str(checkpoint), "--save-images", str(tmp_path / "drawn"), str(tmp_path)])
+    rc = main(["predict", "--checkpoint", str(checkpoint), "--device", "cpu", "--save-images", str(tmp_path / "drawn"), str(tmp_path)])
     assert rc == 1 and "inside one" in capsys.readouterr().err
     assert _digest(tmp_path) == before
 
@@ -207,12 +207,12 @@ def test_cli_takes_image_ids_from_a_coco_file_so_eval_can_score_it(checkpoint, t
     gt_path = tmp_path / "gt.json"
     gt_path.write_text(json.dumps(gt))
     out = tmp_path / "results.json"
-    assert main(["predict", "--checkpoint", str(checkpoint), "--coco-json", str(gt_path), "--output", str(out),
+    assert main(["predict", "--checkpoint", str(checkpoint), "--device", "cpu", "--coco-json", str(gt_path), "--output", str(out),
                  str(images)]) == 0
     results = json.loads(out.read_text())
     assert {(r["file_name"], r["image_id"]) for r in results} == {("x.png", 42), ("sub/y.png", 7)}
     assert main(["eval", "--gt", str(gt_path), "--results", str(out)]) == 0
     gt["images"] = gt["images"][:1]
     gt_path.write_text(json.dumps(gt))
-    assert main(["predict", "--checkpoint", str(checkpoint), "--coco-json", str(gt_path), str(images)]) == 1
+    assert main(["predict", "--checkpoint", str(checkpoint), "--device", "cpu", "--coco-json", str(gt_path), str(images)]) == 1
     assert "no single image with the file name of 1 input(s): sub/y.png" in capsys.readouterr().err

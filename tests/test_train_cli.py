@@ -13,7 +13,8 @@ TINY = {
               "fpn_channels": 16, "head_channels": 16, "head_convs": 1, "min_level": 3, "max_level": 6,
               "anchor_sizes": [16, 32, 64, 128], "min_size": 64, "max_size": 64},
     "data": {"batch_size": 2, "num_workers": 0},
-    "train": {"iterations": 3, "warmup_iters": 1, "checkpoint_every": 2, "log_every": 1, "eval_every": 2},
+    "train": {"device": "cpu", "iterations": 3, "warmup_iters": 1, "checkpoint_every": 2, "log_every": 1,
+              "eval_every": 2},
 }
 
 
@@ -162,14 +163,98 @@ def test_demo_end_to_end_on_a_tiny_dataset(tmp_path, monkeypatch, capsys):
     tiny = ["backbone_width=8", "fpn_channels=16", "head_channels=64", "head_convs=1", "min_size=64", "max_size=64",
             "batch_size=4", "iterations=4", "warmup_iters=1", "lr_steps=[3]", "eval_every=2", "checkpoint_every=2",
             "threads=1"]  # one thread, as the rest of the suite (conftest)
-    assert main(["demo", *tiny, "--output", str(out), "--data-dir", str(tmp_path / "shapes"), "--no-progress"]) == 0
+    assert main(["demo", *tiny, "--output", str(out), "--data-dir", str(tmp_path / "shapes"), "--no-progress",
+                 "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "held-out COCO AP" in printed and "seconds per training iteration: 1 thread(s)" in printed
+    assert "device: cpu;" in printed and "iterations on cpu," in printed
     assert (out / "detections.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((out / "demo_metrics.json").read_text())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert report["AP"] == [r for r in records if "val" in r][-1]["val"]["AP"]  # the held-out split's final AP
     assert report["iterations"] == 4 and report["num_val"] == 4
+    assert report["device"] == "cpu" and report["threads"] == 1
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["device"] == "cpu"
     assert sorted(p.name for p in (tmp_path / "shapes" / "val").iterdir()) == [f"{i:06d}.png" for i in range(4)]
     assert main(["demo", *tiny, "--output", str(out), "--data-dir", str(tmp_path / "shapes")]) == 1  # never overwrites
     assert "already holds a training run" in capsys.readouterr().err
+
+
+def test_demo_trains_on_the_gpu_when_there_is_one_unless_told_cpu(monkeypatch):
+    import torch
+
+    from retinanet.commands.demo import choose_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert choose_device("auto") == torch.device("cuda")
+    assert choose_device("cpu") == torch.device("cpu")
+    assert choose_device("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        choose_device("cuda")
+
+
+def test_demo_refuses_a_missing_gpu_before_generating_data(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
+    assert main(["demo", "--output", str(tmp_path / "demo"), "--data-dir", str(tmp_path / "shapes"),
+                 "--device", "cuda"]) == 1
+    assert "no CUDA GPU is available" in capsys.readouterr().err
+    assert not (tmp_path / "shapes").exists() and not (tmp_path / "demo").exists()
+
+
+@pytest.fixture
+def truncated_config(tmp_path):
+    """A tiny config on 6 shapes images, of which image 2 is a truncated JPEG and image 4 a truncated PNG."""
+    from PIL import Image
+
+    from retinanet.data.synthetic import make_shapes_dataset
+
+    paths = make_shapes_dataset(str(tmp_path / "data"), num_train=6, num_val=0, image_size=64, seed=1)
+    data = json.loads(paths.train_json.read_text())
+    jpeg = data["images"][1]
+    with Image.open(paths.train_images / jpeg["file_name"]) as img:
+        img.convert("RGB").save(paths.train_images / "cut.jpg", quality=95)
+    jpeg["file_name"] = "cut.jpg"
+    paths.train_json.write_text(json.dumps(data))
+    for name in ("cut.jpg", data["images"][3]["file_name"]):
+        file = paths.train_images / name
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    cfg = json.loads(json.dumps(TINY))
+    cfg["train"].update(iterations=2, checkpoint_every=2, eval_every=0)
+    cfg["data"].update(train_json=str(paths.train_json), train_images=str(paths.train_images))
+    path = tmp_path / "truncated.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, paths, [(image["id"], paths.train_images / image["file_name"]) for image in
+                         (data["images"][1], data["images"][3])]
+
+
+def test_training_stops_at_start_up_listing_every_unreadable_image(truncated_config, tmp_path, capsys):
+    config, _, cut = truncated_config
+    out = tmp_path / "run"
+    assert main(["train", str(config), "--output", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    for image_id, file in cut:
+        assert f"{file} (image id {image_id}): cannot read image" in err
+    assert "2 problem(s)" in err and "data.skip_unreadable: true" in err
+    assert not out.exists() or not any(out.iterdir())  # stopped before training wrote anything
+
+
+def test_skip_unreadable_trains_on_the_other_images(truncated_config, tmp_path, caplog):
+    from retinanet.data.loader import build_train_dataset
+    from retinanet.config import load_config
+
+    config, paths, cut = truncated_config
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        assert main(["train", str(config), "data.skip_unreadable=true", "--output", str(out), "--no-progress"]) == 0
+    warning = "\n".join(r.getMessage() for r in caplog.records if "skip_unreadable" in r.getMessage())
+    assert "leaving out 2 unreadable image(s)" in warning
+    for image_id, file in cut:
+        assert f"{file} (image id {image_id}): cannot read image" in warning
+    assert (out / "final.pt").is_file()
+    dataset = build_train_dataset(load_config(str(config), ["data.skip_unreadable=true"]))
+    assert len(dataset) == 4 and not {image_id for image_id, _ in cut} & set(dataset.image_ids)

@@ -1,8 +1,8 @@
-"""`retinanet demo`: generate the shapes dataset, train a small RetinaNet on the CPU, evaluate it.
+"""`retinanet demo`: generate the shapes dataset, train a small RetinaNet (on the GPU if there is one), evaluate it.
 
 Writes into --output (a new folder): everything `retinanet train` writes (checkpoints, config.yaml,
 metrics.jsonl, loss_curve.png), detections.png (detections on validation images, ground truth in
-thin white lines) and demo_metrics.json (COCO metrics on the held-out split, timings).
+thin white lines) and demo_metrics.json (COCO metrics on the held-out split, timings, the device).
 The model and schedule are retinanet/configs/demo.yaml; key=value overrides apply on top.
 """
 
@@ -21,7 +21,7 @@ MAX_MINUTES = 7.0  # of training by default, so that the whole demo stays under 
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="train and evaluate a small RetinaNet on generated shapes (CPU, minutes)",
+    p = sub.add_parser("demo", help="train and evaluate a small RetinaNet on generated shapes (GPU or CPU, minutes)",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("overrides", nargs="*", metavar="key=value", help="changes to retinanet/configs/demo.yaml")
     p.add_argument("--output", metavar="DIR",
@@ -32,6 +32,8 @@ def register(sub) -> None:
                         f"{MAX_MINUTES:g} minutes here)")
     p.add_argument("--data-dir", metavar="DIR", help="where the shapes dataset is generated or reused "
                                                      "(default: ~/.cache/retinanet/shapes-<hash>)")
+    p.add_argument("--device", default="auto",
+                   help="auto (default: cuda when a GPU is available, else cpu) | cpu | cuda | cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -56,8 +58,26 @@ def fit_schedule(cfg, seconds_per_iteration: float, minutes: float) -> None:
     t.iterations = iterations
 
 
-def time_iterations(cfg, dataset, count: int = 3, give_up_after: float = math.inf) -> float:
-    """Seconds per training iteration of `cfg` on this machine now (after one untimed iteration);
+def choose_device(name: str):
+    """The torch.device the demo trains on: `name` as given (cpu, cuda, cuda:N), or for "auto" the
+    GPU when one is available, else the CPU. A GPU that is asked for but absent is a ValueError."""
+    from ..engine import resolve_device
+
+    return resolve_device(name)
+
+
+def describe_device(device) -> str:
+    """"cpu", or "cuda:0 (NVIDIA H100 80GB HBM3)"."""
+    import torch
+
+    if device.type != "cuda":
+        return str(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
+def time_iterations(cfg, dataset, count: int = 3, give_up_after: float = math.inf, device: str = "cpu") -> float:
+    """Seconds per training iteration of `cfg` on `device` now (after one untimed iteration);
     math.inf if the timed iterations pass `give_up_after` seconds."""
     import torch
 
@@ -66,26 +86,35 @@ def time_iterations(cfg, dataset, count: int = 3, give_up_after: float = math.in
     from ..modeling import build_model
     from ..optimize import to_channels_last
 
+    device = torch.device(device)
+
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # CUDA runs asynchronously: wait for the queued work
+        return time.perf_counter()
+
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg).train()
+    model = build_model(cfg).train().to(device)
     if cfg.train.channels_last:
         to_channels_last(model)
     optimizer = build_optimizer(model, cfg)
-    dtype = autocast_dtype(cfg.train.amp, torch.device("cpu"))
+    dtype = autocast_dtype(cfg.train.amp, device)
     batches = iter(build_train_loader(cfg, dataset, seed=cfg.train.seed))
     start = 0.0
     for i in range(count + 1):
         if i == 1:
-            start = time.perf_counter()
-        elif i > 1 and time.perf_counter() - start > give_up_after:
+            start = now()
+        elif i > 1 and now() - start > give_up_after:
             return math.inf
         images, targets = next(batches)
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        images = [image.to(device) for image in images]
+        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             losses = model(images, targets)
         optimizer.zero_grad()
         sum(losses.values()).backward()
         optimizer.step()
-    return (time.perf_counter() - start) / count
+    return (now() - start) / count
 
 
 def choose_threads(cfg, dataset) -> dict:
@@ -173,6 +202,9 @@ def run(args) -> int:
     started = time.perf_counter()
     output = Path(args.output) if args.output else _default_output()
     check_output_dir(output, resuming=False)
+    device = choose_device(args.device)
+    no_gpu = " (no GPU found)" if args.device == "auto" and device.type == "cpu" else ""
+    print(f"device: {describe_device(device)}{no_gpu}; --device to choose")
     print(f"shapes dataset: {NUM_TRAIN} training, {NUM_VAL} validation images of {IMAGE_SIZE} px "
           f"(generated once, then reused) ...")
     paths = make_shapes_dataset(args.data_dir, num_train=NUM_TRAIN, num_val=NUM_VAL, image_size=IMAGE_SIZE,
@@ -181,14 +213,20 @@ def run(args) -> int:
     cfg = load_config(str(DEMO_CONFIG), [f"data.train_json={paths.train_json}", f"data.train_images={paths.train_images}",
                                          f"data.val_json={paths.val_json}", f"data.val_images={paths.val_images}",
                                          *args.overrides])
+    cfg.train.device = str(device)
     dataset = build_train_dataset(cfg)
     cfg.model.num_classes = dataset.num_classes
-    timings = choose_threads(cfg, dataset)
-    cfg.train.threads = min(timings, key=timings.get)
-    seconds = timings[cfg.train.threads]
-    timed = [f"{t} thread(s) {s:.2f}" if math.isfinite(s) else f"{t} thread(s) over {3 * timings[1]:.1f} (stopped)"
-             for t, s in timings.items()]
-    print(f"seconds per training iteration: {', '.join(timed)}; training with {cfg.train.threads}")
+    if device.type == "cuda":
+        seconds = time_iterations(cfg, dataset, device=str(device))
+        timings = {str(device): seconds}
+        print(f"seconds per training iteration on {device}: {seconds:.3f}")
+    else:
+        timings = choose_threads(cfg, dataset)
+        cfg.train.threads = min(timings, key=timings.get)
+        seconds = timings[cfg.train.threads]
+        timed = [f"{t} thread(s) {s:.2f}" if math.isfinite(s) else f"{t} thread(s) over {3 * timings[1]:.1f} (stopped)"
+                 for t, s in timings.items()]
+        print(f"seconds per training iteration: {', '.join(timed)}; training with {cfg.train.threads}")
     expected = cfg.train.iterations * seconds / 60
     if args.minutes is not None or expected > MAX_MINUTES:
         minutes = args.minutes if args.minutes is not None else MAX_MINUTES
@@ -206,14 +244,15 @@ def run(args) -> int:
     total = time.perf_counter() - started
     report = {"AP": metrics["AP"], "AP50": metrics["AP50"], "AP75": metrics["AP75"], "metrics": metrics,
               "iterations": cfg.train.iterations, "training_seconds": summary["seconds"], "total_seconds": total,
-              "ap50_target": AP50_TARGET, "ap50_target_reached": reached, "threads": cfg.train.threads,
+              "ap50_target": AP50_TARGET, "ap50_target_reached": reached, "device": describe_device(device),
+              "threads": cfg.train.threads if device.type == "cpu" else None,
               "seconds_per_iteration_timed": {str(k): v if math.isfinite(v) else None for k, v in timings.items()},
               "dataset": str(paths.root), "num_train": NUM_TRAIN, "num_val": NUM_VAL, "image_size": IMAGE_SIZE}
     with atomic_write(output / "demo_metrics.json", "w") as f:
         json.dump(report, f, indent=2)
     print()
-    print(f"RetinaNet demo: {cfg.train.iterations} iterations, {summary['seconds'] / 60:.1f} min training, "
-          f"{total / 60:.1f} min in all")
+    print(f"RetinaNet demo: {cfg.train.iterations} iterations on {describe_device(device)}, "
+          f"{summary['seconds'] / 60:.1f} min training, {total / 60:.1f} min in all")
     print(f"  held-out COCO AP {metrics['AP']:.3f}   AP50 {metrics['AP50']:.3f}   AP75 {metrics['AP75']:.3f}")
     if reached:
         print(f"  AP50 >= {AP50_TARGET} first measured at iteration {reached['iteration']}, "

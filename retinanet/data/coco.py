@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from ..ops.masks import decode_rles
 from .images import ImageError, PathLike, load_image, to_tensor
-from .validate import ValidationReport, validate_coco
+from .validate import DataValidationError, ValidationReport, validate_coco
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,9 @@ class CocoDataset(Dataset):
     """COCO-format detection data, validated when constructed.
 
     Construction runs `validate_coco` (see retinanet/data/validate.py): any error raises one
-    `DataValidationError` listing them all; warnings (dropped or clipped boxes) are logged.
+    `DataValidationError` listing them all; warnings (dropped or clipped boxes) are logged. With
+    `skip_unreadable`, images whose file exists but cannot be read (truncated, corrupt; found by
+    check_images "decode") are left out instead, with a warning that lists each.
 
     `dataset[i]` (or `dataset[(i, seed)]`: the transforms then draw from a generator seeded with
     `seed`, which makes augmentation a pure function of the key) returns:
@@ -51,12 +53,21 @@ class CocoDataset(Dataset):
     """
 
     def __init__(self, json_path: PathLike, image_dir: PathLike, *, transforms: Optional[Callable] = None,
-                 strict: bool = False, check_images: str = "header", report: Optional[ValidationReport] = None,
-                 masks: bool = False):
+                 strict: bool = False, check_images: str = "header", skip_unreadable: bool = False,
+                 progress: bool = False, report: Optional[ValidationReport] = None, masks: bool = False):
         """report: an already computed `validate_coco` result for these files (skips validating again).
+        progress: a progress bar while the images are read.
         masks: load the instance masks too (off: box-only training reads and stores no segmentation)."""
         if report is None:
-            report = validate_coco(json_path, image_dir, strict=strict, check_images=check_images, masks=masks)
+            report = validate_coco(json_path, image_dir, strict=strict, check_images=check_images, progress=progress,
+                                   masks=masks)
+        if skip_unreadable and report.unreadable:
+            left_out = report.leave_out_unreadable()
+            logger.warning("%s: leaving out %d unreadable image(s) (data.skip_unreadable):\n%s", json_path,
+                           len(left_out), "\n".join(f"  - {m}" for m in left_out))
+        if report.unreadable:
+            raise DataValidationError(str(json_path), report.errors,
+                                      hint="data.skip_unreadable: true trains on the other images")
         report.raise_if_errors()
         if report.warnings:
             logger.warning("%s", report.format(max_lines=10))

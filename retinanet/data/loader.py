@@ -132,25 +132,27 @@ def build_train_transforms(cfg: Config) -> Compose:
 
 
 def _dataset(json_path: Optional[str], image_dir: Optional[str], which: str, cfg: Config, transforms,
-             masks: bool = False) -> CocoDataset:
+             progress: bool, masks: bool = False) -> CocoDataset:
     if not json_path or not image_dir:
         raise ValueError(f"data.{which}_json and data.{which}_images must both be set")
     return CocoDataset(json_path, image_dir, transforms=transforms, strict=cfg.data.strict,
-                       check_images=cfg.data.check_images, masks=masks)
+                       check_images=cfg.data.check_images, skip_unreadable=cfg.data.skip_unreadable, progress=progress,
+                       masks=masks)
 
 
-def build_train_dataset(cfg: Config) -> CocoDataset:
-    """The validated training set with the training transforms (and mask targets if data.masks)."""
-    return _dataset(cfg.data.train_json, cfg.data.train_images, "train", cfg, build_train_transforms(cfg),
+def build_train_dataset(cfg: Config, progress: bool = False) -> CocoDataset:
+    """The validated training set with the training transforms (and mask targets if data.masks;
+    progress: a bar while images are read)."""
+    return _dataset(cfg.data.train_json, cfg.data.train_images, "train", cfg, build_train_transforms(cfg), progress,
                     masks=cfg.data.masks)
 
 
-def build_val_dataset(cfg: Config) -> Optional[CocoDataset]:
+def build_val_dataset(cfg: Config, progress: bool = False) -> Optional[CocoDataset]:
     """The validated validation set without transforms (the model resizes in eval mode), or None if not set.
     Without masks: evaluation reads the ground truth from the JSON, not from the targets."""
     if not cfg.data.val_json and not cfg.data.val_images:
         return None
-    return _dataset(cfg.data.val_json, cfg.data.val_images, "val", cfg, None)
+    return _dataset(cfg.data.val_json, cfg.data.val_images, "val", cfg, None, progress)
 
 
 def build_train_loader(cfg: Config, dataset: CocoDataset, *, seed: int, rank: int = 0, world_size: int = 1,

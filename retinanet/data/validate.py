@@ -20,9 +20,12 @@ that is not the canonical encoding of a height x width mask, which is what pycoc
 write), and an empty mask. Warning: the decoded mask's box differs from `bbox` by more than
 MASK_BOX_TOLERANCE (2) pixels at any edge.
 
-Image checks, `check_images`: "exists" only looks for the files; "header" (default) also reads
-each header for the displayed size; "decode" decodes every pixel, which finds truncated files but
-reads the whole dataset.
+Image checks, `check_images`: "exists" only looks for the files; "header" also reads each header
+for the displayed size; "decode" decodes every pixel, which finds truncated files, over every core,
+and remembers each file's result in a cache beside the JSON (retinanet/data/image_checks.py), so
+that only new or changed files are decoded again. An image that exists but cannot be read is also
+listed in `report.unreadable`; `report.leave_out_unreadable()` drops those images instead
+(training's `data.skip_unreadable`).
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import ImageError, PathLike, displayed_size, load_image
+from .image_checks import ReadStats, read_images
+from .images import PathLike
 
 CHECK_LEVELS = ("exists", "header", "decode")
 MASK_MARGIN = 1.0  # px: polygon coordinates may lie this far outside the image (annotation tools round)
@@ -44,9 +48,10 @@ MASK_BOX_TOLERANCE = 2.0  # px: largest accepted difference between an edge of t
 class DataValidationError(ValueError):
     """Every error found in one dataset, one per line."""
 
-    def __init__(self, json_path: str, errors: list):
+    def __init__(self, json_path: str, errors: list, hint: str = ""):
         lines = "\n".join(f"  - {e}" for e in errors)
-        super().__init__(f"{json_path}: {len(errors)} problem(s) in the dataset:\n{lines}")
+        hint = f"\n({hint})" if hint else ""
+        super().__init__(f"{json_path}: {len(errors)} problem(s) in the dataset:\n{lines}{hint}")
         self.errors = list(errors)
 
 
@@ -59,6 +64,9 @@ class ValidationReport:
         (xyxy, absolute pixels of the displayed image, clipped to it), "iscrowd": bool}; with
         masks=True also "segmentation": the checked mask as a compressed RLE (`ops.masks.segmentation_to_rle`).
     categories: {"id", "name"} sorted by id.
+    unreadable: images whose file exists but cannot be read, each {"id", "file_name", "error"} (the
+        message, also in `errors`).
+    read_stats: how the image files were read (decoded now or taken from the cache).
     """
 
     json_path: str
@@ -68,6 +76,8 @@ class ValidationReport:
     images: list = field(default_factory=list)
     annotations: dict = field(default_factory=dict)
     categories: list = field(default_factory=list)
+    unreadable: list = field(default_factory=list)
+    read_stats: ReadStats = field(default_factory=ReadStats)
 
     @property
     def ok(self) -> bool:
@@ -93,6 +103,20 @@ class ValidationReport:
     def raise_if_errors(self) -> None:
         if self.errors:
             raise DataValidationError(self.json_path, self.errors)
+
+    def leave_out_unreadable(self) -> list:
+        """Drop the unreadable images and their annotations; their errors become warnings.
+
+        Returns the messages of the images left out (file, image id, reason), one per image.
+        """
+        left_out = [u["error"] for u in self.unreadable]
+        dropped, messages = {u["id"] for u in self.unreadable}, set(left_out)
+        self.errors = [e for e in self.errors if e not in messages]
+        self.warnings += [f"{m}; left out" for m in left_out]
+        self.images = [image for image in self.images if image["id"] not in dropped]
+        self.annotations = {iid: anns for iid, anns in self.annotations.items() if iid not in dropped}
+        self.unreadable = []
+        return left_out
 
 
 def _is_int(value) -> bool:
@@ -370,33 +394,33 @@ def _check_annotations(records: list, path: Path, image_ids, images: dict, categ
         report.annotations[iid].append(kept)
 
 
-def _check_files(image_dir: Path, check_images: str, report: ValidationReport, progress: bool) -> None:
+def _check_files(image_dir: Path, check_images: str, report: ValidationReport, progress: bool,
+                 workers: int, cache: bool) -> None:
     """Every valid image record's file exists (and, by level, reads, with the JSON's size)."""
-    from tqdm import tqdm
-
-    for image in tqdm(report.images, desc="checking images", unit="img", disable=not progress or check_images == "exists"):
-        file = image_dir / image["file_name"]
+    files = [image_dir / image["file_name"] for image in report.images]
+    if check_images == "exists":
+        for image, file in zip(report.images, files):
+            if not file.is_file():
+                report.errors.append(f"{file} (image id {image['id']}): image file not found")
+        return
+    results, report.read_stats = read_images(files, decode=check_images == "decode", workers=workers,
+                                             json_path=report.json_path if cache else None, progress=progress)
+    for image, file, result in zip(report.images, files, results):
         where = f"{file} (image id {image['id']})"
-        if not file.is_file():
-            report.errors.append(f"{where}: image file not found")
+        if result.error is not None:
+            report.errors.append(f"{where}: {result.error}")
+            if result.error != "image file not found":
+                report.unreadable.append({"id": image["id"], "file_name": image["file_name"],
+                                          "error": report.errors[-1]})
             continue
-        if check_images == "exists":
-            continue
-        try:
-            if check_images == "decode":
-                height, width = load_image(file).shape[:2]
-            else:
-                height, width = displayed_size(file)
-        except ImageError as e:
-            report.errors.append(f"{where}: {e.reason}")
-            continue
-        if (height, width) != (image["height"], image["width"]):
+        if (result.height, result.width) != (image["height"], image["width"]):
             report.errors.append(f"{where}: the JSON says height {image['height']}, width {image['width']}, but the "
-                                 f"displayed image (EXIF orientation applied) is height {height}, width {width}")
+                                 f"displayed image (EXIF orientation applied) is height {result.height}, "
+                                 f"width {result.width}")
 
 
 def validate_coco(json_path: PathLike, image_dir: PathLike, *, strict: bool = False, check_images: str = "header",
-                  progress: bool = False, masks: bool = False) -> ValidationReport:
+                  progress: bool = False, workers: int = 0, cache: bool = True, masks: bool = False) -> ValidationReport:
     """Check a COCO instances JSON and its images; every problem found goes into the returned report.
 
     json_path: the annotation file. image_dir: the folder the images' file_name entries are relative to.
@@ -404,6 +428,8 @@ def validate_coco(json_path: PathLike, image_dir: PathLike, *, strict: bool = Fa
     check_images: "exists" | "header" | "decode" (see the module docstring).
     progress: show a progress bar while reading images.
     masks: also check every annotation's `segmentation` and keep it (see the module docstring).
+    workers: processes that decode (check_images "decode"); 0: every core this process may use.
+    cache: with "decode", reuse and update the per-file results kept beside the JSON (image_checks.py).
     """
     if check_images not in CHECK_LEVELS:
         raise ValueError(f"check_images must be one of {', '.join(CHECK_LEVELS)}, got '{check_images}'")
@@ -429,5 +455,5 @@ def validate_coco(json_path: PathLike, image_dir: PathLike, *, strict: bool = Fa
     if annotation_records is not None:
         _check_annotations(annotation_records, path, image_ids, images, category_ids, strict, report, masks)
     if image_dir.is_dir():
-        _check_files(image_dir, check_images, report, progress)
+        _check_files(image_dir, check_images, report, progress, workers, cache)
     return report

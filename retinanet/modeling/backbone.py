@@ -159,10 +159,11 @@ class ResNet(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        # Frozen stages keep their BatchNorm statistics in train mode too.
+        # Frozen stages keep their BatchNorm statistics in train mode too. _BatchNorm, the base class,
+        # also covers the SyncBatchNorm that train.sync_bn converts BatchNorm2d into.
         for stage in [self.bn1, self.layer1, self.layer2, self.layer3, self.layer4][: max(0, self._frozen_modules() - 1)]:
             for m in stage.modules():
-                if isinstance(m, nn.BatchNorm2d):
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
         return self
 

@@ -174,7 +174,7 @@ def test_check_data_command_exit_codes(images, write_json, capsys):
 def test_python_m_retinanet_check_data(images, write_json):
     good = write_json(coco([image_record(1, "a.png", 20, 30)], [annotation(1, 1, [1, 1, 5, 5])]), "good.json")
     bad = write_json(coco([image_record(1, "a.png", 20, 30)], [annotation(1, 7, [1, 1, 5, 5])]), "bad.json")
-    run = [sys.executable, "-m", "retinanet", "check-data", "--images", str(images), "--decode", "--json"]
+    run = [sys.executable, "-m", "retinanet", "check-data", "--images", str(images), "--json"]
     ok = subprocess.run(run + [str(good)], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     failed = subprocess.run(run + [str(bad)], capture_output=True, text=True)
