@@ -46,6 +46,7 @@ class ModelConfig:
     head_convs: int = 4
     head_channels: int = 256
     head_norm: str = "none"  # none | gn
+    head_bias: bool = True  # biases in the subnets' tower convs; torchvision's v2 (GroupNorm heads) has none
     prior_prob: float = 0.01  # pi (sec. 4.1, "Initialization")
     # Box coding: R-CNN (dx, dy, dw, dh) with weights; dw, dh clamped at log(1000/16)
     box_weights: list = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
