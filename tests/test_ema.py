@@ -1,12 +1,18 @@
 """train.ema: the moving average by hand after one and two updates, exact resume, no effect on training."""
 
 import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from retinanet.checkpoint import checkpoint_name, load_checkpoint
+from retinanet.config import save_config
 from retinanet.ema import ModelEMA, ema_decay
 from retinanet.engine import train
 
@@ -140,3 +146,30 @@ def test_resume_with_ema_is_exact(shapes, tmp_path):
 def test_negative_ema_is_an_error(shapes, tmp_path):
     with pytest.raises(ValueError, match="train.ema"):
         train(train_config(shapes, ema=-0.1), str(tmp_path / "out"), progress=False)
+
+
+def test_two_gloo_processes_keep_the_same_average_as_one(shapes, tmp_path):
+    """Under DDP every process updates its own copy of the average; rank 0's is evaluated and saved."""
+    cfg = train_config(shapes, ema=0.5, iterations=3)
+    cfg.train.ema_ramp, cfg.train.deterministic = 1.0, False  # d_t = 0.5 (1 - e^-t): a visible average
+    cfg.data.flip_prob, cfg.data.train_sizes = 0.0, []  # same-size images, no augmentation
+    cfg.model.backbone_norm = "gn"  # no per-process batch statistics
+    cfg.data.val_json, cfg.data.val_images = str(shapes.val_json), str(shapes.val_images)
+    config_file = tmp_path / "config.yaml"
+    save_config(cfg, str(config_file))
+    train(cfg, str(tmp_path / "single"), progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "retinanet", "train", str(config_file), "--output", str(tmp_path / "ddp"),
+           "--device", "cpu", "--no-progress"]
+    result = subprocess.run(cmd, cwd=root, env=dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1"),
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    a, b = load_checkpoint(str(tmp_path / "single" / "final.pt")), load_checkpoint(str(tmp_path / "ddp" / "final.pt"))
+    for key in ("model", "raw_model"):
+        for name in a[key]:
+            assert torch.allclose(a[key][name], b[key][name], rtol=1e-4, atol=1e-6), (key, name)
+    assert b["ema_updates"] == 3 and b["val"]["AP"] == pytest.approx(a["val"]["AP"], abs=1e-3)
