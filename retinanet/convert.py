@@ -149,14 +149,15 @@ def _tower_layer(match, block: int) -> str:
     """
     i = int(match[2])
     j, r = divmod(i, block)
-    if r >= 2:
-        raise ValueError(f"tower layer {i} has no parameters in torchvision's layout")
+    if r == block - 1:  # the block's ReLU
+        raise ValueError(f"tower layer {i} is a ReLU: it has no parameters")
     return f"head.{_HEADS[match[1]]}.conv.{j}.{r}.{match[3]}"
 
 
 def _tower_block(state: dict) -> int:
     """Layers per tower conv block in our state dict: 3 when the heads have GroupNorm (tower.1 has weights), else 2."""
     return 3 if "head.cls_subnet.tower.1.weight" in state else 2
+
 
 _OURS_TO_TORCHVISION = [
     (r"backbone\.(.+)", lambda m: f"backbone.body.{m[1]}"),
