@@ -6,20 +6,26 @@ the project's environment:
 
     python benchmarks/check_torchvision_parity.py --tv-python /work/tvenv/bin/python
 
-1. In the torchvision environment (this file, `--torchvision-side`): build retinanet_resnet50_fpn
-   with random weights in two variants, run it on two images, save its weights and detections.
+1. In the torchvision environment (this file, `--torchvision-side`): build torchvision's RetinaNets
+   with random weights in three variants, run them on two images, save weights and detections.
    - "stock": retinanet_resnet50_fpn(weights=None, weights_backbone=None), BatchNorm2d eps 1e-5,
      current key names.
    - "coco-like": built the way torchvision builds it when it loads its COCO weights
      (FrozenBatchNorm2d, then overwrite_eps(model, 0.0)), saved under the older key names that
      the published COCO file uses (head conv.{2j}, FPN inner_blocks.{i}).
-   Both get random BatchNorm statistics, and a classification bias that puts 200 to 400 scores
-   per image above the 0.05 threshold (random heads rarely pass it otherwise).
+   - "v2": retinanet_resnet50_fpn_v2(weights=None, weights_backbone=None): BatchNorm2d eps 1e-5
+     (as under its COCO weights), GroupNorm heads without conv biases, P6 from C5; saved as its
+     published file is (current key names, with num_batches_tracked). Converted with no
+     --arch and no --bn-eps: the architecture is detected from the keys.
+   All get random BatchNorm statistics (and random GroupNorm affine parameters), and a
+   classification bias that puts 200 to 400 scores per image above the 0.05 threshold (random
+   heads rarely pass it otherwise).
    The images are 427 x 640 and 375 x 500 (resized by flooring: 800 x 1199 and 800 x 1066), batched
    into 800 x 1216, where torchvision's P6/P7 strides are 61/114 pixels high, not 64/128.
 2. Here: `retinanet convert` each weights file, run `Predictor` (all 91 class slots, since
    torchvision does not leave any out) on the same image files in one batch, and compare: same
-   labels in the same order, boxes within 0.5 px, scores within 1e-4. Exit code 1 if not.
+   labels in the same order, boxes within 0.5 px (v1) or 1e-3 px (v2), scores within 1e-4, and
+   the parameter count of torchvision's weights metadata. Exit code 1 if not.
 """
 
 from __future__ import annotations
@@ -32,7 +38,10 @@ import sys
 from pathlib import Path
 
 SIZES = [(427, 640), (375, 500)]
-VARIANTS = {"stock": 1e-5, "coco-like": 0.0}  # variant -> BatchNorm eps to convert with
+# variant -> (torchvision architecture, BatchNorm eps to convert with (None: the converter's default),
+#             max |box difference| in pixels)
+VARIANTS = {"stock": ("retinanet_resnet50_fpn", 1e-5, 0.5), "coco-like": ("retinanet_resnet50_fpn", 0.0, 0.5),
+            "v2": ("retinanet_resnet50_fpn_v2", None, 1e-3)}
 
 
 def make_images(folder: Path) -> list:
@@ -65,7 +74,8 @@ def torchvision_side(workdir: Path) -> None:
     import torchvision
     from PIL import Image
     from torchvision.models import resnet50
-    from torchvision.models.detection import RetinaNet, RetinaNet_ResNet50_FPN_Weights, retinanet_resnet50_fpn
+    from torchvision.models.detection import (RetinaNet, RetinaNet_ResNet50_FPN_V2_Weights, RetinaNet_ResNet50_FPN_Weights,
+                                              retinanet_resnet50_fpn, retinanet_resnet50_fpn_v2)
     from torchvision.models.detection._utils import overwrite_eps
     from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
     from torchvision.ops import FrozenBatchNorm2d
@@ -76,10 +86,14 @@ def torchvision_side(workdir: Path) -> None:
               for p in make_images(workdir)]
     report = {"torch": torch.__version__, "torchvision": torchvision.__version__,
               "categories": RetinaNet_ResNet50_FPN_Weights.COCO_V1.meta["categories"],
-              "num_params": RetinaNet_ResNet50_FPN_Weights.COCO_V1.meta["num_params"], "variants": {}}
+              "num_params": {"retinanet_resnet50_fpn": RetinaNet_ResNet50_FPN_Weights.COCO_V1.meta["num_params"],
+                             "retinanet_resnet50_fpn_v2": RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1.meta["num_params"]},
+              "variants": {}}
     for variant in VARIANTS:
         if variant == "stock":
             model = retinanet_resnet50_fpn(weights=None, weights_backbone=None)
+        elif variant == "v2":
+            model = retinanet_resnet50_fpn_v2(weights=None, weights_backbone=None)
         else:  # what retinanet_resnet50_fpn(weights=COCO_V1) builds before loading the file
             body = resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
             backbone = _resnet_fpn_extractor(body, 3, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
@@ -91,6 +105,8 @@ def torchvision_side(workdir: Path) -> None:
                 if isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d)):
                     m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
                     m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0)
+                elif isinstance(m, torch.nn.GroupNorm):
+                    m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
             # 200 to 400 (anchor, class) scores per image above 0.05: under the per-level top-1000 and
             # the 300 cap, so float noise between torch versions cannot reorder what is kept.
             cls = model.head.classification_head.cls_logits
@@ -136,12 +152,13 @@ def compare(workdir: Path) -> bool:
     ok = tv["categories"] == TORCHVISION_COCO_NAMES
     print(f"category names equal torchvision's COCO_V1 meta: {ok}")
     images = sorted(workdir.glob("image*.png"))
-    for variant, eps in VARIANTS.items():
+    for variant, (arch, eps, box_tol) in VARIANTS.items():
         ckpt = workdir / f"{variant}.pt"
-        assert cli(["convert", "--from", "torchvision", str(workdir / f"{variant}.pth"), str(ckpt), "--bn-eps", str(eps)]) == 0
+        eps_flag = [] if eps is None else ["--bn-eps", str(eps)]
+        assert cli(["convert", "--from", "torchvision", str(workdir / f"{variant}.pth"), str(ckpt), *eps_flag]) == 0
         predictor = Predictor.from_checkpoint(str(ckpt), device="cpu", classes=list(range(91)), batch_size=len(images))
-        if sum(p.numel() for p in predictor.model.parameters()) != tv["num_params"]:
-            print("parameter count differs from torchvision's")
+        if sum(p.numel() for p in predictor.model.parameters()) != tv["num_params"][arch]:
+            print(f"{variant}: parameter count differs from torchvision's {arch}")
             ok = False
         for path, ours, theirs in zip(images, predictor(images), tv["variants"][variant]):
             labels = np.array(theirs["labels"])
@@ -152,7 +169,7 @@ def compare(workdir: Path) -> bool:
             if same and len(labels):
                 box_diff = float(np.abs(ours.boxes - boxes).max())
                 score_diff = float(np.abs(ours.scores - scores).max())
-                same = box_diff <= 0.5 and score_diff <= 1e-4
+                same = box_diff <= box_tol and score_diff <= 1e-4
                 line += f", max |box diff| {box_diff:.2e} px, max |score diff| {score_diff:.2e}"
             print(line + ("" if same else "  <-- MISMATCH"))
             ok = ok and same and len(labels) > 0

@@ -12,6 +12,9 @@ Layout (FORMAT_VERSION 1):
      "data_position": {"micro_batches": 5000, "seed": 0, "world_size": 1},  # data order to resume from
      "rng": [rng_state() of each process],      # torch, cuda, numpy, python
      "best_ap": 0.37 or None}                   # best validation AP so far
+     # with train.ema > 0 (retinanet/ema.py), every checkpoint the engine writes has:
+     #   "model": the moving average (what evaluation, best.pt and final.pt use),
+     #   "raw_model": the trained weights (what resuming continues from), "ema_updates": 5000
 
 There is no scheduler state: the learning rate is a pure function of the iteration (engine.get_lr).
 

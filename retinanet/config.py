@@ -50,6 +50,7 @@ class ModelConfig:
     head_convs: int = 4
     head_channels: int = 256
     head_norm: str = "none"  # none | gn
+    head_bias: bool = True  # biases in the subnets' tower convs; torchvision's v2 (GroupNorm heads) has none
     prior_prob: float = 0.01  # pi (sec. 4.1, "Initialization")
     # Box coding: R-CNN (dx, dy, dw, dh) with weights; dw, dh clamped at log(1000/16)
     box_weights: list = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
@@ -235,6 +236,10 @@ class TrainConfig:
     lr_steps: list = field(default_factory=lambda: [60000, 80000])  # iterations where the LR is multiplied by lr_gamma
     lr_gamma: float = 0.1
     clip_grad_norm: float = 0.0  # max global gradient norm; 0 disables clipping
+    # Exponential moving average of the weights and BatchNorm statistics (retinanet/ema.py), with YOLOX's
+    # ramp d_t = ema * (1 - exp(-t / ema_ramp)) at step t; evaluation, best.pt and final.pt use the average.
+    ema: float = 0.0  # 0 disables it; YOLOX uses 0.9998
+    ema_ramp: float = 2000.0  # YOLOX's 2000; a run much shorter than the ramp averages little
     accumulate: int = 1  # micro-batches per optimizer step; data.batch_size counts the images of all of them
     amp: str = "none"  # none | bf16 (autocast, CPU or GPU) | fp16 (autocast and a gradient scaler, GPU only)
     channels_last: bool = False  # NHWC memory layout (faster convolutions with oneDNN on CPU and tensor cores on GPU)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -47,7 +48,7 @@ def load_backbone_weights(backbone: nn.Module, path: str, verbose: bool = True) 
 
 
 # ----------------------------------------------------------------------------------------------
-# torchvision's retinanet_resnet50_fpn (v1) -> a checkpoint of ours
+# torchvision's retinanet_resnet50_fpn (v1) and retinanet_resnet50_fpn_v2 -> a checkpoint of ours
 #
 # Key mapping (ours <- torchvision; torchvision's current names, with the older names it still loads):
 #   backbone.{...}                  <- backbone.body.{...}                           (ResNet; num_batches_tracked dropped)
@@ -58,6 +59,10 @@ def load_backbone_weights(backbone: nn.Module, path: str, verbose: bool = True) 
 #   head.cls_subnet.predictor       <- head.classification_head.cls_logits
 #   head.box_subnet.tower.{2j}      <- head.regression_head.conv.{j}.0               (older: conv.{2j})
 #   head.box_subnet.predictor       <- head.regression_head.bbox_reg
+# v2 (GroupNorm heads, tower convs without bias): our tower is (conv, GroupNorm, ReLU) x 4, so
+#   head.*.tower.{3j}               <- head.*_head.conv.{j}.0                        (conv weight only)
+#   head.*.tower.{3j + 1}           <- head.*_head.conv.{j}.1                        (GroupNorm weight, bias)
+# and v2's backbone has BatchNorm2d (its num_batches_tracked counters are not carried over).
 # No tensor is permuted: both models order a location's A = 9 anchors ratio-major (anchor_style
 # "torchvision") and lay the head's channels out as anchor * K + class (boxes: anchor * 4 + coord).
 
@@ -78,14 +83,24 @@ TORCHVISION_COCO_NAMES = [
 PLACEHOLDER_NAMES = ("__background__", "N/A")
 
 
-def torchvision_retinanet_config(num_classes: int = 91, bn_eps: float = 0.0):
-    """The config under which our RetinaNet computes what torchvision's retinanet_resnet50_fpn computes.
+TORCHVISION_ARCHS = ("retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2")
 
-    bn_eps: 0.0 for torchvision's COCO weights (it sets FrozenBatchNorm eps to 0 when it loads
-    them); 1e-5 for a model torchvision built without them (weights=None).
+
+def torchvision_retinanet_config(num_classes: int = 91, bn_eps: Optional[float] = None,
+                                 arch: str = "retinanet_resnet50_fpn"):
+    """The config under which our RetinaNet computes what torchvision's `arch` computes.
+
+    bn_eps: the backbone's BatchNorm eps. None: the one torchvision's COCO weights run with, 0.0 for
+    v1 (it sets FrozenBatchNorm eps to 0 when it loads them; 1e-5 for a v1 model built without them)
+    and 1e-5 for v2 (ordinary BatchNorm2d, whatever the weights).
     """
     from .config import Config
 
+    if arch not in TORCHVISION_ARCHS:
+        raise ValueError(f"unknown torchvision architecture '{arch}' (expected one of {', '.join(TORCHVISION_ARCHS)})")
+    v2 = arch == "retinanet_resnet50_fpn_v2"
+    if bn_eps is None:
+        bn_eps = 1e-5 if v2 else 0.0
     cfg = Config()
     m = cfg.model
     m.num_classes = num_classes
@@ -102,6 +117,12 @@ def torchvision_retinanet_config(num_classes: int = 91, bn_eps: float = 0.0):
     m.class_agnostic_nms = False
     m.min_size, m.max_size, m.resize_rounding, m.size_divisibility = 800, 1333, "floor", 32
     m.pixel_mean, m.pixel_std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    if v2:  # torchvision models/detection/retinanet.py, retinanet_resnet50_fpn_v2 (PR #5756)
+        m.backbone_norm = "bn"  # resnet50(weights=...) with its default BatchNorm2d, also under the COCO weights
+        m.p6_from = "c5"  # LastLevelP6P7(2048, 256): in_channels != out_channels, so P6 is computed from C5
+        # Conv2dNormActivation(norm_layer=partial(nn.GroupNorm, 32)): conv without bias, GroupNorm(32), ReLU
+        m.head_norm, m.head_bias = "gn", False
+        cfg.loss.box = "giou"  # head.regression_head._loss_type = "giou" (decoded boxes, BoxCoder weights 1, 1, 1, 1)
     return cfg
 
 
@@ -121,30 +142,43 @@ def torchvision_categories(num_classes: int) -> list:
 _HEADS = {"cls_subnet": "classification_head", "box_subnet": "regression_head"}
 
 
-def _tower_conv(match) -> str:
-    """Our tower (conv, ReLU, conv, ReLU, ...) layer 2j -> torchvision's conv block j."""
+def _tower_layer(match, block: int) -> str:
+    """Our tower layer i -> torchvision's conv block j = i // block: its conv (.0) or GroupNorm (.1).
+
+    block: our layers per conv block, 2 (conv, ReLU: v1) or 3 (conv, GroupNorm, ReLU: v2).
+    """
     i = int(match[2])
-    if i % 2:
-        raise ValueError(f"tower layer {i} is not a convolution (head_norm must be 'none' for torchvision's layout)")
-    return f"head.{_HEADS[match[1]]}.conv.{i // 2}.0.{match[3]}"
+    j, r = divmod(i, block)
+    if r == block - 1:  # the block's ReLU
+        raise ValueError(f"tower layer {i} is a ReLU: it has no parameters")
+    return f"head.{_HEADS[match[1]]}.conv.{j}.{r}.{match[3]}"
+
+
+def _tower_block(state: dict) -> int:
+    """Layers per tower conv block in our state dict: 3 when the heads have GroupNorm (tower.1 has weights), else 2."""
+    return 3 if "head.cls_subnet.tower.1.weight" in state else 2
+
 
 _OURS_TO_TORCHVISION = [
     (r"backbone\.(.+)", lambda m: f"backbone.body.{m[1]}"),
     (r"fpn\.lateral\.(\d+)\.(weight|bias)", lambda m: f"backbone.fpn.inner_blocks.{m[1]}.0.{m[2]}"),
     (r"fpn\.output\.(\d+)\.(weight|bias)", lambda m: f"backbone.fpn.layer_blocks.{m[1]}.0.{m[2]}"),
     (r"fpn\.extra\.([01])\.(weight|bias)", lambda m: f"backbone.fpn.extra_blocks.p{int(m[1]) + 6}.{m[2]}"),
-    (r"head\.(cls_subnet|box_subnet)\.tower\.(\d+)\.(weight|bias)", _tower_conv),
+    (r"head\.(cls_subnet|box_subnet)\.tower\.(\d+)\.(weight|bias)", _tower_layer),
     (r"head\.cls_subnet\.predictor\.(weight|bias)", lambda m: f"head.classification_head.cls_logits.{m[1]}"),
     (r"head\.box_subnet\.predictor\.(weight|bias)", lambda m: f"head.regression_head.bbox_reg.{m[1]}"),
 ]
 
 
-def torchvision_name(key: str) -> str:
-    """Our state-dict key -> torchvision's (current layout) key for the same tensor."""
+def torchvision_name(key: str, tower_block: int = 2) -> str:
+    """Our state-dict key -> torchvision's (current layout) key for the same tensor.
+
+    tower_block: 2 for heads without normalization (v1), 3 for GroupNorm heads (v2).
+    """
     for pattern, rename in _OURS_TO_TORCHVISION:
         m = re.fullmatch(pattern, key)
         if m:
-            return rename(m)
+            return rename(m, tower_block) if rename is _tower_layer else rename(m)
     raise ValueError(f"'{key}' has no counterpart in torchvision's retinanet_resnet50_fpn")
 
 
@@ -170,24 +204,29 @@ def normalize_torchvision_keys(state: dict) -> dict:
 
 def to_torchvision_state_dict(state: dict) -> dict:
     """Our RetinaNet state dict (torchvision config) -> torchvision's key names. Inverse of `from_torchvision_state_dict`."""
-    return {torchvision_name(k): v for k, v in state.items()}
+    block = _tower_block(state)
+    return {torchvision_name(k, block): v for k, v in state.items()}
 
 
 def from_torchvision_state_dict(state: dict, reference: dict) -> dict:
     """torchvision retinanet_resnet50_fpn state dict -> ours, checked key by key and shape by shape.
 
     reference: our model's state dict (gives the expected keys and shapes). Every tensor must find
-    its place and every place must be filled; the errors list what did not.
+    its place and every place must be filled; the errors list what did not. BatchNorm's
+    `num_batches_tracked` counters keep the reference's values (they only matter for BatchNorm
+    without momentum, which neither model uses).
     """
     tv = normalize_torchvision_keys(state)
-    ours_of = {torchvision_name(k): k for k in reference}
+    block = _tower_block(reference)
+    counters = {k: v for k, v in reference.items() if k.endswith("num_batches_tracked")}
+    ours_of = {torchvision_name(k, block): k for k in reference if k not in counters}
     unexpected = sorted(k for k in tv if k not in ours_of)
     missing = sorted(k for k in ours_of if k not in tv)
     if unexpected or missing:
         raise ValueError("not a torchvision retinanet_resnet50_fpn state dict: "
                          + (f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:5])}) " if unexpected else "")
                          + (f"{len(missing)} missing keys ({', '.join(missing[:5])})" if missing else ""))
-    out = {}
+    out = dict(counters)
     for tv_key, ours in ours_of.items():
         value = tv[tv_key]
         if tuple(value.shape) != tuple(reference[ours].shape):
@@ -196,10 +235,29 @@ def from_torchvision_state_dict(state: dict, reference: dict) -> dict:
     return out
 
 
-def convert_torchvision_retinanet(src: str, dst: str, bn_eps: float = 0.0) -> dict:
-    """Read torchvision's retinanet_resnet50_fpn weights from `src`, write a checkpoint of ours to `dst`.
+def detect_torchvision_arch(state: dict) -> str:
+    """"retinanet_resnet50_fpn" or "retinanet_resnet50_fpn_v2" from a (normalized) torchvision state dict.
 
-    The class count comes from the classification layer (91 for torchvision's COCO model).
+    v2 has GroupNorm in its heads (`head.classification_head.conv.0.1.weight`) and computes P6 from
+    C5 (`backbone.fpn.extra_blocks.p6.weight` takes 2048 channels, v1's takes P5's 256).
+    """
+    gn = "head.classification_head.conv.0.1.weight" in state
+    p6 = state.get("backbone.fpn.extra_blocks.p6.weight")
+    if p6 is None:
+        raise ValueError("no 'backbone.fpn.extra_blocks.p6.weight': not a torchvision RetinaNet state dict")
+    from_c5 = p6.shape[1] != p6.shape[0]
+    if gn != from_c5:
+        raise ValueError(f"GroupNorm heads {'with' if gn else 'without'} P6 from {'C5' if from_c5 else 'P5'}: "
+                         "neither retinanet_resnet50_fpn (no GroupNorm, P5) nor _v2 (GroupNorm, C5)")
+    return "retinanet_resnet50_fpn_v2" if gn else "retinanet_resnet50_fpn"
+
+
+def convert_torchvision_retinanet(src: str, dst: str, bn_eps: Optional[float] = None, arch: str = "auto") -> dict:
+    """Read torchvision's retinanet_resnet50_fpn or _v2 weights from `src`, write a checkpoint of ours to `dst`.
+
+    arch: "auto" (from the keys: `detect_torchvision_arch`) or one of TORCHVISION_ARCHS, which must
+    then agree with the keys. bn_eps: see `torchvision_retinanet_config` (None: the arch's).
+    The class count comes from the classification layer (91 for torchvision's COCO models).
     Returns the checkpoint written.
     """
     from .checkpoint import make_checkpoint, save_atomic
@@ -209,18 +267,25 @@ def convert_torchvision_retinanet(src: str, dst: str, bn_eps: float = 0.0) -> di
     cls_bias = state.get("head.classification_head.cls_logits.bias")
     if cls_bias is None:
         raise ValueError(f"{src}: no 'head.classification_head.cls_logits.bias'; "
-                         "is this torchvision's retinanet_resnet50_fpn (v1)?")
+                         "is this torchvision's retinanet_resnet50_fpn or retinanet_resnet50_fpn_v2?")
+    try:
+        found = detect_torchvision_arch(state)
+    except ValueError as e:
+        raise ValueError(f"{src}: {e}") from None
+    if arch not in ("auto", found):
+        raise ValueError(f"{src}: --arch {arch}, but the weights are {found}'s "
+                         f"({'GroupNorm heads, P6 from C5' if found.endswith('v2') else 'no GroupNorm, P6 from P5'})")
     anchors_per_location = 9
     if cls_bias.numel() % anchors_per_location:
         raise ValueError(f"{src}: {cls_bias.numel()} classification outputs is not a multiple of {anchors_per_location} anchors")
     num_classes = cls_bias.numel() // anchors_per_location
-    cfg = torchvision_retinanet_config(num_classes=num_classes, bn_eps=bn_eps)
+    cfg = torchvision_retinanet_config(num_classes=num_classes, bn_eps=bn_eps, arch=found)
     model = build_model(cfg)
     try:
         model.load_state_dict(from_torchvision_state_dict(state, model.state_dict()))
     except ValueError as e:
         raise ValueError(f"{src}: {e}") from None
     ckpt = make_checkpoint(model, cfg, torchvision_categories(num_classes),
-                           converted_from=f"torchvision retinanet_resnet50_fpn: {Path(src).name}")
+                           converted_from=f"torchvision {found}: {Path(src).name}")
     save_atomic(ckpt, dst)
     return ckpt

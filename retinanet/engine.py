@@ -36,6 +36,7 @@ from .atomic import atomic_write
 from .checkpoint import (checkpoint_name, latest_good_checkpoint, list_checkpoints, load_checkpoint, load_weights,
                          make_checkpoint, prune_checkpoints, rng_state, save_atomic, set_rng_state)
 from .config import Config, config_to_dict, save_config
+from .ema import ModelEMA
 from .modeling import build_model
 from .optimize import to_channels_last
 
@@ -352,6 +353,8 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
         for key in ("iterations", "accumulate", "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(t, key) < 1:
                 raise ValueError(f"train.{key} must be at least 1, got {getattr(t, key)}")
+        if not 0.0 <= t.ema < 1.0:
+            raise ValueError(f"train.ema must be in [0, 1) (0 disables it), got {t.ema}")
         accum, world = t.accumulate, env.world_size
         if cfg.data.batch_size % (world * accum):
             raise ValueError(f"data.batch_size {cfg.data.batch_size} must be divisible by {world} process(es) "
@@ -396,8 +399,8 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
                                   "initialized"), ("unexpected", "in the file, not in this model")):
                 if report[what]:
                     log(f"  {len(report[what])} {what} ({meaning}): {', '.join(report[what])}")
-        if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
+        if ckpt is not None:  # with train.ema, "model" holds the average and "raw_model" the trained weights
+            model.load_state_dict(ckpt.get("raw_model", ckpt["model"]))
         model.to(env.device)
         if t.channels_last:
             to_channels_last(model, log=log)
@@ -406,6 +409,9 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
                 raise ValueError("train.sync_bn needs GPUs (nccl); use model.backbone_norm gn or frozen_bn on CPU")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         raw_model = model
+        ema = ModelEMA(raw_model, t.ema, t.ema_ramp) if t.ema > 0 else None  # evaluated and saved instead of raw_model
+        if ema is not None and ckpt is not None and "raw_model" in ckpt:
+            ema.load_state_dict(ckpt["model"], updates=int(ckpt["ema_updates"]))
         if env.distributed:
             model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
@@ -436,15 +442,21 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
             _truncate_metrics(metrics_path, start)
         categories = dataset.categories
 
+        def weights_checkpoint(**extra) -> dict:
+            """A checkpoint of the weights to use (the EMA's when on, with the trained ones beside them)."""
+            if ema is None:
+                return make_checkpoint(raw_model, cfg, categories, **extra)
+            return make_checkpoint(ema.model, cfg, categories, raw_model=raw_model.state_dict(),
+                                   ema_updates=ema.updates, **extra)
+
         def save(iteration: int) -> None:  # a collective under DDP (RNG states); rank 0 writes
             rng = _gather_rng(env)
             if env.is_main:
-                state = make_checkpoint(raw_model, cfg, categories, iteration=iteration,
-                                        optimizer=optimizer.state_dict(),
-                                        scaler=scaler.state_dict() if scaler.is_enabled() else None,
-                                        data_position={"micro_batches": iteration * accum, "seed": t.seed,
-                                                       "world_size": world, "batch_size": cfg.data.batch_size},
-                                        rng=rng, best_ap=best_ap)
+                state = weights_checkpoint(iteration=iteration, optimizer=optimizer.state_dict(),
+                                           scaler=scaler.state_dict() if scaler.is_enabled() else None,
+                                           data_position={"micro_batches": iteration * accum, "seed": t.seed,
+                                                          "world_size": world, "batch_size": cfg.data.batch_size},
+                                           rng=rng, best_ap=best_ap)
                 save_atomic(state, str(output / checkpoint_name(iteration)))
                 prune_checkpoints(str(output), t.keep_checkpoints)
 
@@ -492,6 +504,8 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(raw_model)
 
             done = it + 1
             for name, value in step_losses.items():
@@ -509,7 +523,7 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
             bar.update(1)
             if val_dataset is not None and ((t.eval_every > 0 and done % t.eval_every == 0) or done == t.iterations):
                 eval_start = time.perf_counter()
-                val_metrics = evaluate_model(model, val_dataset, env)
+                val_metrics = evaluate_model(model if ema is None else ema.model, val_dataset, env)
                 if env.is_main:
                     _append_jsonl(metrics_path, {"iteration": done, "val": val_metrics,
                                                  "time_s": time.perf_counter() - run_start,
@@ -519,8 +533,7 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
                         f"{k} {val_metrics[k]:.3f}" for k in ("AP", "AP50", "AP75") if val_metrics[k] is not None))
                     if ap is not None and (best_ap is None or ap > best_ap):
                         best_ap = ap
-                        save_atomic(make_checkpoint(raw_model, cfg, categories, iteration=done, val=val_metrics),
-                                    str(output / "best.pt"))
+                        save_atomic(weights_checkpoint(iteration=done, val=val_metrics), str(output / "best.pt"))
                 if env.distributed:
                     shared = [best_ap]
                     dist.broadcast_object_list(shared, src=0)
@@ -534,7 +547,7 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
         summary = {}
         if env.is_main:
             final = output / "final.pt"
-            save_atomic(make_checkpoint(raw_model, cfg, categories, iteration=t.iterations, val=val_metrics), str(final))
+            save_atomic(weights_checkpoint(iteration=t.iterations, val=val_metrics), str(final))
             if metrics_path.exists() and metrics_path.stat().st_size:
                 plot_loss_curve(metrics_path, output / "loss_curve.png")
             summary = {"iterations": t.iterations, "seconds": time.perf_counter() - run_start, "final": str(final),

@@ -15,8 +15,8 @@ from retinanet.ops.anchors import AnchorGenerator
 from retinanet.ops.boxes import decode
 from retinanet.checkpoint import load_model
 from retinanet.cli import main
-from retinanet.convert import (from_torchvision_state_dict, normalize_torchvision_keys, to_torchvision_state_dict,
-                               torchvision_categories, torchvision_retinanet_config)
+from retinanet.convert import (detect_torchvision_arch, from_torchvision_state_dict, normalize_torchvision_keys,
+                               to_torchvision_state_dict, torchvision_categories, torchvision_retinanet_config)
 from retinanet.modeling import build_model
 from retinanet.ops.transform import resized_size
 from retinanet.predict import Predictor
@@ -187,3 +187,131 @@ def test_round_trip_through_torchvision_format_and_cli(tmp_path, tv_model, capsy
     b = Predictor(tv_model, categories, device="cpu", classes=ids)(image)
     assert len(a) > 0
     assert np.array_equal(a.boxes, b.boxes) and np.array_equal(a.scores, b.scores) and np.array_equal(a.labels, b.labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# retinanet_resnet50_fpn_v2 (torchvision PR #5756): names and numbers read from its source
+
+
+V2 = "retinanet_resnet50_fpn_v2"
+
+
+@pytest.fixture(scope="module")
+def v2_model():
+    torch.manual_seed(0)
+    return build_model(torchvision_retinanet_config(arch=V2)).eval()
+
+
+def test_v2_config_fields():
+    cfg = torchvision_retinanet_config(arch=V2)
+    m = cfg.model
+    # resnet50() with its default BatchNorm2d (eps 1e-5), also under the COCO weights
+    assert (m.backbone, m.backbone_norm, m.backbone_norm_eps, m.frozen_stages) == ("resnet50", "bn", 1e-5, 2)
+    assert m.p6_from == "c5"  # LastLevelP6P7(2048, 256)
+    assert (m.head_convs, m.head_norm, m.head_bias) == (4, "gn", False)  # Conv2dNormActivation + GroupNorm(32)
+    assert cfg.loss.box == "giou" and cfg.loss.cls == "focal"  # regression_head._loss_type = "giou"
+    # Everything else as v1: anchors, box coder, resize, post-processing
+    v1 = torchvision_retinanet_config().model
+    same = ("anchor_sizes", "anchor_scales", "anchor_ratios", "anchor_style", "box_weights", "box_clamp",
+            "score_thresh", "topk_candidates", "nms_thresh", "detections_per_image", "min_size", "max_size",
+            "resize_rounding", "size_divisibility", "pixel_mean", "pixel_std", "num_classes")
+    assert all(getattr(m, k) == getattr(v1, k) for k in same)
+    assert (m.score_thresh, m.topk_candidates, m.detections_per_image) == (0.05, 1000, 300)
+    assert torchvision_retinanet_config(arch=V2, bn_eps=0.0).model.backbone_norm_eps == 0.0
+    with pytest.raises(ValueError, match="unknown torchvision architecture 'retinanet_v3'"):
+        torchvision_retinanet_config(arch="retinanet_v3")
+
+
+def test_v2_parameter_count_is_torchvisions(v2_model):
+    # RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1.meta["num_params"]
+    assert sum(p.numel() for p in v2_model.parameters()) == 38_198_935
+    assert v2_model.head.cls_subnet.tower[1].num_groups == 32 and v2_model.head.cls_subnet.tower[0].bias is None
+
+
+def test_v2_torchvision_names_and_shapes(v2_model):
+    tv = to_torchvision_state_dict(v2_model.state_dict())
+    fpn_head = {k: tuple(v.shape) for k, v in tv.items() if not k.startswith("backbone.body.")}
+    expected = {}
+    for i, c in enumerate([512, 1024, 2048]):
+        expected[f"backbone.fpn.inner_blocks.{i}.0.weight"] = (256, c, 1, 1)
+        expected[f"backbone.fpn.inner_blocks.{i}.0.bias"] = (256,)
+        expected[f"backbone.fpn.layer_blocks.{i}.0.weight"] = (256, 256, 3, 3)
+        expected[f"backbone.fpn.layer_blocks.{i}.0.bias"] = (256,)
+    expected["backbone.fpn.extra_blocks.p6.weight"] = (256, 2048, 3, 3)  # LastLevelP6P7(2048, 256): from C5
+    expected["backbone.fpn.extra_blocks.p6.bias"] = (256,)
+    expected["backbone.fpn.extra_blocks.p7.weight"] = (256, 256, 3, 3)
+    expected["backbone.fpn.extra_blocks.p7.bias"] = (256,)
+    for head in ("classification_head", "regression_head"):
+        for j in range(4):  # Conv2dNormActivation: Sequential(conv (no bias), GroupNorm(32, 256), ReLU)
+            expected[f"head.{head}.conv.{j}.0.weight"] = (256, 256, 3, 3)
+            expected[f"head.{head}.conv.{j}.1.weight"] = (256,)
+            expected[f"head.{head}.conv.{j}.1.bias"] = (256,)
+    expected["head.classification_head.cls_logits.weight"] = (9 * 91, 256, 3, 3)
+    expected["head.classification_head.cls_logits.bias"] = (9 * 91,)
+    expected["head.regression_head.bbox_reg.weight"] = (9 * 4, 256, 3, 3)
+    expected["head.regression_head.bbox_reg.bias"] = (9 * 4,)
+    assert fpn_head == expected
+    body = [k for k in tv if k.startswith("backbone.body.")]
+    assert len(body) == 320 - 2  # torchvision's resnet50 state dict without fc: BatchNorm2d, with its counters
+    assert "backbone.body.layer3.5.bn2.num_batches_tracked" in body
+
+
+def test_v2_key_mapping_tensor_by_tensor(v2_model):
+    """A v2 state dict of distinct constants, named as torchvision names them: every tensor lands where it should."""
+    ours = v2_model.state_dict()
+    tv = {}
+    for n, (k, v) in enumerate(to_torchvision_state_dict(ours).items()):
+        tv[k] = torch.full_like(v, n) if v.is_floating_point() else torch.tensor(7)
+    back = from_torchvision_state_dict(tv, ours)
+    assert back.keys() == ours.keys()
+    for theirs, mine in [("head.classification_head.conv.0.0.weight", "head.cls_subnet.tower.0.weight"),
+                         ("head.classification_head.conv.0.1.weight", "head.cls_subnet.tower.1.weight"),
+                         ("head.classification_head.conv.1.0.weight", "head.cls_subnet.tower.3.weight"),
+                         ("head.regression_head.conv.3.1.bias", "head.box_subnet.tower.10.bias"),
+                         ("head.regression_head.bbox_reg.weight", "head.box_subnet.predictor.weight"),
+                         ("backbone.fpn.extra_blocks.p6.weight", "fpn.extra.0.weight"),
+                         ("backbone.body.layer4.2.bn3.running_var", "backbone.layer4.2.bn3.running_var")]:
+        assert torch.equal(back[mine], tv[theirs]), mine
+    # The counters keep the model's own values (they matter only for BatchNorm without momentum)
+    assert back["backbone.bn1.num_batches_tracked"].item() == 0
+
+
+def test_v2_is_detected_from_its_keys_and_converts(tmp_path, v2_model, tv_model, capsys):
+    src = tmp_path / "retinanet_resnet50_fpn_v2.pth"
+    torch.save(to_torchvision_state_dict(v2_model.state_dict()), src)
+    dst = tmp_path / "v2.pt"
+    assert main(["convert", "--from", "torchvision", str(src), str(dst)]) == 0
+    assert "(torchvision retinanet_resnet50_fpn_v2)" in capsys.readouterr().err
+    model, cfg, _ = load_model(str(dst))
+    assert (cfg.model.head_norm, cfg.model.p6_from, cfg.loss.box, cfg.model.backbone_norm_eps) == ("gn", "c5", "giou", 1e-5)
+    state, reference = model.state_dict(), v2_model.state_dict()
+    assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in reference)
+    # --arch must agree with the keys
+    assert main(["convert", "--from", "torchvision", str(src), str(tmp_path / "x.pt"),
+                 "--arch", "retinanet_resnet50_fpn"]) == 1
+    assert "--arch retinanet_resnet50_fpn, but the weights are retinanet_resnet50_fpn_v2's" in capsys.readouterr().err
+    v1_src = tmp_path / "v1.pth"
+    torch.save(to_torchvision_state_dict(tv_model.state_dict()), v1_src)
+    assert main(["convert", "--from", "torchvision", str(v1_src), str(tmp_path / "y.pt"), "--arch", V2]) == 1
+    assert "the weights are retinanet_resnet50_fpn's (no GroupNorm, P6 from P5)" in capsys.readouterr().err
+
+
+def test_v2_heads_with_p6_from_p5_is_an_error(v2_model):
+    tv = to_torchvision_state_dict(v2_model.state_dict())
+    tv["backbone.fpn.extra_blocks.p6.weight"] = torch.zeros(256, 256, 3, 3)
+    with pytest.raises(ValueError, match="GroupNorm heads with P6 from P5"):
+        detect_torchvision_arch(tv)
+
+
+def test_v2_recipe_config_builds_the_converted_model():
+    """retinanet/configs/torchvision_v2_recipe.yaml trains the model that `convert` gives for v2 weights."""
+    from pathlib import Path
+
+    from retinanet.config import load_config
+
+    recipe = load_config(str(Path(__file__).resolve().parent.parent / "retinanet/configs/torchvision_v2_recipe.yaml"))
+    converted = torchvision_retinanet_config(arch=V2)
+    assert recipe.model == converted.model and recipe.loss == converted.loss
+    t = recipe.train
+    assert (t.optimizer, t.lr, t.weight_decay, t.decay_norm_bias, t.sync_bn) == ("adamw", 1e-4, 0.05, False, True)
+    assert t.lr_steps == [16 * 7330, 22 * 7330] and t.iterations == 26 * 7330  # epochs 16, 22 and 26

@@ -38,7 +38,7 @@ def build_model(config: Config) -> Detector:
         return _faster_rcnn(config, backbone, fpn, anchors, shared)
     head = RetinaNetHead(m.fpn_channels, anchors.num_anchors, m.num_classes, m.head_channels, m.head_convs,
                          m.head_norm, m.prior_prob,
-                         classifier="softmax" if config.loss.cls == "softmax_focal" else "sigmoid")
+                         classifier="softmax" if config.loss.cls == "softmax_focal" else "sigmoid", bias=m.head_bias)
     return RetinaNet(backbone, fpn, head, anchors, matcher=Matcher(m.fg_iou, m.bg_iou, m.allow_low_quality),
                      loss=config.loss, crowd_ioa=m.crowd_ioa, box_weights=m.box_weights, box_clamp=m.box_clamp,
                      topk_candidates=m.topk_candidates, **shared)

@@ -24,13 +24,18 @@ from .detector import Detector, ImageBatch
 
 
 class Subnet(nn.Module):
-    """`num_convs` x [3x3 conv, (GroupNorm), ReLU], then a 3x3 conv to `out_channels` (sec. 4)."""
+    """`num_convs` x [3x3 conv, (GroupNorm), ReLU], then a 3x3 conv to `out_channels` (sec. 4).
 
-    def __init__(self, in_channels: int, channels: int, out_channels: int, num_convs: int = 4, norm: str = "none"):
+    bias: whether the tower's convs have biases (the predictor always has one); torchvision's
+    retinanet_resnet50_fpn_v2 has none before its GroupNorms.
+    """
+
+    def __init__(self, in_channels: int, channels: int, out_channels: int, num_convs: int = 4, norm: str = "none",
+                 bias: bool = True):
         super().__init__()
         layers = []
         for i in range(num_convs):
-            layers.append(nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1))
+            layers.append(nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1, bias=bias))
             if norm == "gn":
                 layers.append(make_norm("gn", channels))  # 32 groups, fewer when channels is not a multiple
             elif norm != "none":
@@ -41,7 +46,8 @@ class Subnet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):  # Gaussian sigma 0.01, bias 0 (sec. 4.1, "Initialization")
                 nn.init.normal_(m.weight, std=0.01)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.predictor(self.tower(x))
@@ -55,15 +61,16 @@ class RetinaNetHead(nn.Module):
     """
 
     def __init__(self, in_channels: int, num_anchors: int, num_classes: int, channels: int = 256,
-                 num_convs: int = 4, norm: str = "none", prior_prob: float = 0.01, classifier: str = "sigmoid"):
+                 num_convs: int = 4, norm: str = "none", prior_prob: float = 0.01, classifier: str = "sigmoid",
+                 bias: bool = True):
         super().__init__()
         if classifier not in ("sigmoid", "softmax"):
             raise ValueError(f"classifier must be 'sigmoid' or 'softmax', got '{classifier}'")
         self.num_classes = num_classes
         self.classifier = classifier
         self.num_logits = num_classes + 1 if classifier == "softmax" else num_classes  # per anchor
-        self.cls_subnet = Subnet(in_channels, channels, num_anchors * self.num_logits, num_convs, norm)
-        self.box_subnet = Subnet(in_channels, channels, num_anchors * 4, num_convs, norm)
+        self.cls_subnet = Subnet(in_channels, channels, num_anchors * self.num_logits, num_convs, norm, bias)
+        self.box_subnet = Subnet(in_channels, channels, num_anchors * 4, num_convs, norm, bias)
         bias = self.cls_subnet.predictor.bias  # (A * num_logits,): channel a * num_logits + k
         with torch.no_grad():
             if classifier == "sigmoid":  # b = -log((1 - pi) / pi): foreground probability pi at the start (sec. 4.1)
