@@ -1,0 +1,167 @@
+"""RoIAlign (Mask R-CNN, He et al. 2017) and RoI pooling (Fast R-CNN, Girshick 2015) on tensors.
+
+Both follow torchvision.ops.roi_align / roi_pool exactly (same sample points, same boundary
+rules, same rounding), so a model converted from torchvision pools the same features. They are
+vectorized over RoIs: the only Python loops run over the few feature rows x columns one output
+bin touches (about 3 x 3 with sampling_ratio 2 on an FPN level), each step one gather for all
+RoIs at once. Autograd differentiates through the gathers.
+
+rois: (R, 5) [batch index, x0, y0, x1, y1] in image pixels; spatial_scale maps them to the
+feature map (1 / stride).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _pair(size) -> tuple:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _axis_taps(start: Tensor, bin_size: Tensor, grid: Tensor, num_bins: int, max_grid: int, length: int) -> tuple:
+    """The feature rows (or columns) one axis of each bin reads, with their bilinear weights.
+
+    start, bin_size, grid: (R,) RoI start, bin size (feature pixels) and samples per bin (per
+    RoI; samples at index >= grid are masked off). Returns index (R, P, T) int64 and weight
+    (R, P, T): bin p reads rows index[..., t] with weights weight[..., t], the sum over the bin's
+    samples of torchvision's interpolation weights (0 for samples outside [-1, length]). T is
+    the smaller of 2 * max_grid (each sample's two rows) and the most distinct rows a bin
+    touches (consecutive rows first .. first + K - 1, each row's weights summed): the second
+    is smaller for bins under 2 pixels, the first for long thin RoIs.
+    """
+    device, dtype = start.device, start.dtype
+    p = torch.arange(num_bins, device=device, dtype=dtype)  # (P,)
+    i = torch.arange(max_grid, device=device, dtype=dtype)  # (G,)
+    gridf = grid.to(dtype).clamp(min=1)
+    # the sample coordinate, in the order torchvision's kernel evaluates it (same rounding)
+    coord = (start[:, None, None] + p[None, :, None] * bin_size[:, None, None]) \
+        + (i[None, None, :] + 0.5) * bin_size[:, None, None] / gridf[:, None, None]  # (R, P, G)
+    used = (i[None, None, :] < grid[:, None, None]) & (coord >= -1.0) & (coord <= length)
+    coord = coord.clamp(min=0)
+    low = coord.to(torch.int64)  # floor, coord >= 0
+    at_end = low >= length - 1
+    low = torch.where(at_end, torch.full_like(low, length - 1), low)
+    high = torch.where(at_end, low, low + 1)
+    frac = torch.where(at_end, torch.zeros_like(coord), coord - low.to(dtype))  # weight of `high`
+    w_low = torch.where(used, 1.0 - frac, torch.zeros_like(frac))
+    w_high = torch.where(used, frac, torch.zeros_like(frac))
+    first = torch.where(used, low, torch.full_like(low, length)).amin(dim=2)  # (R, P)
+    first = torch.where(first >= length, torch.zeros_like(first), first)  # bins without samples
+    last = torch.where(used, high, torch.full_like(high, -1)).amax(dim=2)
+    k = int((last - first).amax().clamp(min=0)) + 1
+    if k >= 2 * max_grid:
+        return torch.cat([low, high], dim=2), torch.cat([w_low, w_high], dim=2)
+    ks = torch.arange(k, device=device)
+    weight = ((low - first[..., None])[..., None] == ks).to(dtype) * w_low[..., None] \
+        + ((high - first[..., None])[..., None] == ks).to(dtype) * w_high[..., None]  # (R, P, G, K)
+    return (first[..., None] + ks).clamp(max=length - 1), weight.sum(dim=2)
+
+
+def roi_align(features: Tensor, rois: Tensor, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
+              aligned: bool = False) -> Tensor:
+    """RoIAlign: features (B, C, H, W), rois (R, 5) -> (R, C, h, w) with output_size (h, w).
+
+    Each output bin averages grid_h x grid_w bilinear samples at regularly spaced points in the
+    bin; grid = sampling_ratio, or ceil(roi size / output size) per RoI when sampling_ratio <= 0
+    (all RoIs are padded to the largest grid and the extra samples masked off). aligned=False is
+    the original RoIAlign (RoIs at least 1 x 1 feature pixel); aligned=True shifts the RoI by
+    -0.5 pixel so that pixel centres line up (detectron2's ROIAlignV2). Samples more than one pixel
+    outside the map count as 0; samples within one pixel of the map are clamped to its border.
+    """
+    out_h, out_w = _pair(output_size)
+    b, c, height, width = features.shape
+    r = rois.shape[0]
+    if r == 0:
+        return features.new_zeros(r, c, out_h, out_w)
+    rois = rois.to(features.dtype if features.is_floating_point() else torch.float32)
+    offset = 0.5 if aligned else 0.0
+    x0, y0 = rois[:, 1] * spatial_scale - offset, rois[:, 2] * spatial_scale - offset
+    x1, y1 = rois[:, 3] * spatial_scale - offset, rois[:, 4] * spatial_scale - offset
+    roi_w, roi_h = x1 - x0, y1 - y0
+    if not aligned:
+        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+    bin_h, bin_w = roi_h / out_h, roi_w / out_w
+    if sampling_ratio > 0:
+        grid_h = torch.full((r,), sampling_ratio, dtype=torch.int64, device=rois.device)
+        grid_w = grid_h
+    else:
+        grid_h = torch.ceil(roi_h / out_h).clamp(min=0).to(torch.int64)
+        grid_w = torch.ceil(roi_w / out_w).clamp(min=0).to(torch.int64)
+    count = (grid_h * grid_w).clamp(min=1).to(rois.dtype)  # (R,)
+    rows, wy = _axis_taps(y0, bin_h, grid_h, out_h, max(int(grid_h.max()), 1), height)  # (R, h, Ty) each
+    cols, wx = _axis_taps(x0, bin_w, grid_w, out_w, max(int(grid_w.max()), 1), width)  # (R, w, Tx) each
+    wy = (wy / count[:, None, None]).to(features.dtype)
+    wx = wx.to(features.dtype)
+    # channels-last rows: one gather fetches the C values of a feature pixel for every (RoI, bin)
+    flat = features.permute(0, 2, 3, 1).reshape(b * height * width, c)  # (B*H*W, C); free if channels_last
+    base = rois[:, 0].to(torch.int64) * (height * width)  # (R,)
+    out = features.new_zeros(r * out_h * out_w, c)
+    for ty in range(rows.shape[2]):
+        row_start = base[:, None] + rows[:, :, ty] * width  # (R, h)
+        for tx in range(cols.shape[2]):
+            idx = row_start[:, :, None] + cols[:, None, :, tx]  # (R, h, w)
+            weight = wy[:, :, None, ty] * wx[:, None, :, tx]  # (R, h, w)
+            out.addcmul_(flat.index_select(0, idx.reshape(-1)), weight.reshape(-1, 1))
+    out = out.view(r, out_h, out_w, c)
+    return out.permute(0, 3, 1, 2).contiguous()  # (R, C, h, w)
+
+
+def _round_half_away(x: Tensor) -> Tensor:
+    """C's round(): halves away from zero (torch.round rounds halves to even)."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def roi_pool(features: Tensor, rois: Tensor, output_size, spatial_scale: float = 1.0) -> Tensor:
+    """RoI max pooling (Fast R-CNN, sec. 2.1), torchvision.ops.roi_pool's conventions.
+
+    features (B, C, H, W), rois (R, 5) -> (R, C, h, w). The RoI is rounded to feature pixels
+    (corners rounded half away from zero, both ends inclusive, at least 1 x 1); bin (i, j) is the
+    max over rows [floor(i * bin_h), ceil((i + 1) * bin_h)) (offset by the RoI start, clipped to
+    the map) and likewise for columns; an empty bin is 0. The gradient goes to the maximum
+    (the first one in row-major order on ties, as torchvision).
+    """
+    out_h, out_w = _pair(output_size)
+    b, c, height, width = features.shape
+    r = rois.shape[0]
+    if r == 0:
+        return features.new_zeros(r, c, out_h, out_w)
+    rois = rois.to(features.dtype)
+    start_x = _round_half_away(rois[:, 1] * spatial_scale).to(torch.int64)
+    start_y = _round_half_away(rois[:, 2] * spatial_scale).to(torch.int64)
+    end_x = _round_half_away(rois[:, 3] * spatial_scale).to(torch.int64)
+    end_y = _round_half_away(rois[:, 4] * spatial_scale).to(torch.int64)
+    roi_w = (end_x - start_x + 1).clamp(min=1).to(features.dtype)
+    roi_h = (end_y - start_y + 1).clamp(min=1).to(features.dtype)
+    bin_w, bin_h = roi_w / out_w, roi_h / out_h  # (R,)
+
+    def bounds(bin_size: Tensor, start: Tensor, n: int, length: int) -> tuple:
+        p = torch.arange(n, device=features.device, dtype=features.dtype)
+        lo = torch.floor(p[None] * bin_size[:, None]).to(torch.int64) + start[:, None]
+        hi = torch.ceil((p[None] + 1) * bin_size[:, None]).to(torch.int64) + start[:, None]
+        return lo.clamp(0, length), hi.clamp(0, length)  # (R, n) each, [lo, hi)
+
+    y_lo, y_hi = bounds(bin_h, start_y, out_h, height)
+    x_lo, x_hi = bounds(bin_w, start_x, out_w, width)
+    empty = (y_hi <= y_lo)[:, :, None] | (x_hi <= x_lo)[:, None, :]  # (R, h, w)
+    flat = features.permute(0, 2, 3, 1).reshape(b * height * width, c)  # (B*H*W, C)
+    base = rois[:, 0].to(torch.int64) * (height * width)
+    with torch.no_grad():  # find the arg max, then gather it with gradient
+        best = torch.full((r, out_h, out_w, c), float("-inf"), dtype=features.dtype, device=features.device)
+        arg = torch.zeros((r, out_h, out_w, c), dtype=torch.int64, device=features.device)
+        for dy in range(int((y_hi - y_lo).amax().clamp(min=0))):
+            rows = y_lo + dy  # (R, h)
+            for dx in range(int((x_hi - x_lo).amax().clamp(min=0))):
+                cols = x_lo + dx
+                inside = ((rows < y_hi)[:, :, None] & (cols < x_hi)[:, None, :])  # (R, h, w)
+                idx = base[:, None, None] + rows.clamp(max=height - 1)[:, :, None] * width \
+                    + cols.clamp(max=width - 1)[:, None, :]  # (R, h, w)
+                vals = flat.index_select(0, idx.reshape(-1)).view(r, out_h, out_w, c)
+                better = inside[..., None] & (vals > best)  # strict: the first maximum wins
+                best = torch.where(better, vals, best)
+                arg = torch.where(better, idx[..., None].expand_as(arg), arg)
+    channel = torch.arange(c, device=features.device)
+    out = flat[arg, channel]  # (R, h, w, C)
+    out = torch.where(empty[..., None], torch.zeros_like(out), out)
+    return out.permute(0, 3, 1, 2).contiguous()
