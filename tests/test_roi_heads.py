@@ -83,6 +83,9 @@ def test_image_without_boxes():
     assert losses["roi_box"].item() > 0 and torch.isfinite(losses["roi_cls"])
     (losses["roi_cls"] + losses["roi_box"]).backward()
     assert heads.box_head.fc6.weight.grad.abs().sum() > 0
+    # no proposals and no boxes at all: nothing sampled, both losses 0 (not NaN)
+    losses = heads.forward_train(feats, [torch.zeros(0, 4)] * 2, [empty, empty])
+    assert losses["roi_cls"].item() == 0.0 and losses["roi_box"].item() == 0.0
 
 
 def test_detections_by_hand():

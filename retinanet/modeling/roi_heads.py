@@ -157,7 +157,7 @@ class RoIHeads(nn.Module):
         num = max(labels.numel(), 1)
         cls = F.cross_entropy(class_logits.float(), labels, reduction="sum") / num
         fg = torch.nonzero(labels > 0, as_tuple=True)[0]  # (F,)
-        deltas = box_regression.view(box_regression.shape[0], -1, 4)[fg, labels[fg]].float()  # (F, 4)
+        deltas = box_regression.view(-1, class_logits.shape[1], 4)[fg, labels[fg]].float()  # (F, 4)
         if self.box_loss == "giou":
             box = giou_loss(decode(rois[fg], deltas, self.box_weights, self.box_clamp), gt_boxes[fg]).sum()
         else:
