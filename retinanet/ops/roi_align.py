@@ -3,8 +3,10 @@
 Both follow torchvision.ops.roi_align / roi_pool exactly (same sample points, same boundary
 rules, same rounding), so a model converted from torchvision pools the same features. They are
 vectorized over RoIs: the only Python loops run over the few feature rows x columns one output
-bin touches (about 3 x 3 with sampling_ratio 2 on an FPN level), each step one gather for all
-RoIs at once. Autograd differentiates through the gathers.
+bin reads (3 x 3 or 4 x 4 with sampling_ratio 2 on an FPN level), each step one gather for all
+RoIs at once. Bilinear sampling is separable, so each bin is a weighted sum of those rows x
+columns, with weights summed over its sample points. RoIAlign's gradient is a custom backward
+(index_add_ of the weighted output gradient); RoI pooling's goes through autograd to the maxima.
 
 rois: (R, 5) [batch index, x0, y0, x1, y1] in image pixels; spatial_scale maps them to the
 feature map (1 / stride).
@@ -59,15 +61,42 @@ def _axis_taps(start: Tensor, bin_size: Tensor, grid: Tensor, num_bins: int, max
     return (first[..., None] + ks).clamp(max=length - 1), weight.sum(dim=2)
 
 
+class _WeightedGather(torch.autograd.Function):
+    """out[m] = sum_t weight[t, m] * flat[index[t, m]]: flat (N, C), index and weight (T, M) -> (M, C).
+
+    A Function rather than autograd through T gathers: the forward reuses one (M, C) buffer for
+    every gather (fresh ones cost page faults), the backward is T index_add_ calls.
+    """
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, index: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(index, weight)
+        ctx.num_rows = flat.shape[0]
+        out = flat.new_zeros(index.shape[1], flat.shape[1])
+        buf = torch.empty_like(out)
+        for t in range(index.shape[0]):
+            torch.index_select(flat, 0, index[t], out=buf)
+            out.addcmul_(buf, weight[t, :, None])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        index, weight = ctx.saved_tensors
+        grad = grad_out.new_zeros(ctx.num_rows, grad_out.shape[1])
+        for t in range(index.shape[0]):
+            grad.index_add_(0, index[t], grad_out * weight[t, :, None])
+        return grad, None, None
+
+
 def roi_align(features: Tensor, rois: Tensor, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
               aligned: bool = False) -> Tensor:
     """RoIAlign: features (B, C, H, W), rois (R, 5) -> (R, C, h, w) with output_size (h, w).
 
     Each output bin averages grid_h x grid_w bilinear samples at regularly spaced points in the
     bin; grid = sampling_ratio, or ceil(roi size / output size) per RoI when sampling_ratio <= 0
-    (all RoIs are padded to the largest grid and the extra samples masked off). aligned=False is
-    the original RoIAlign (RoIs at least 1 x 1 feature pixel); aligned=True shifts the RoI by
-    -0.5 pixel so that pixel centres line up (detectron2's ROIAlignV2). Samples more than one pixel
+    (RoIs are padded to the largest grid of their group and the extra samples masked off).
+    aligned=False is the original RoIAlign (RoIs at least 1 x 1 feature pixel); aligned=True shifts
+    the RoI by -0.5 pixel so that pixel centres line up (detectron2's ROIAlignV2). Samples more than one pixel
     outside the map count as 0; samples within one pixel of the map are clamped to its border.
     """
     out_h, out_w = _pair(output_size)
@@ -90,21 +119,30 @@ def roi_align(features: Tensor, rois: Tensor, output_size, spatial_scale: float 
         grid_h = torch.ceil(roi_h / out_h).clamp(min=0).to(torch.int64)
         grid_w = torch.ceil(roi_w / out_w).clamp(min=0).to(torch.int64)
     count = (grid_h * grid_w).clamp(min=1).to(rois.dtype)  # (R,)
-    rows, wy = _axis_taps(y0, bin_h, grid_h, out_h, max(int(grid_h.max()), 1), height)  # (R, h, Ty) each
-    cols, wx = _axis_taps(x0, bin_w, grid_w, out_w, max(int(grid_w.max()), 1), width)  # (R, w, Tx) each
-    wy = (wy / count[:, None, None]).to(features.dtype)
-    wx = wx.to(features.dtype)
     # channels-last rows: one gather fetches the C values of a feature pixel for every (RoI, bin)
     flat = features.permute(0, 2, 3, 1).reshape(b * height * width, c)  # (B*H*W, C); free if channels_last
     base = rois[:, 0].to(torch.int64) * (height * width)  # (R,)
-    out = features.new_zeros(r * out_h * out_w, c)
-    for ty in range(rows.shape[2]):
-        row_start = base[:, None] + rows[:, :, ty] * width  # (R, h)
-        for tx in range(cols.shape[2]):
-            idx = row_start[:, :, None] + cols[:, None, :, tx]  # (R, h, w)
-            weight = wy[:, :, None, ty] * wx[:, None, :, tx]  # (R, h, w)
-            out.addcmul_(flat.index_select(0, idx.reshape(-1)), weight.reshape(-1, 1))
-    out = out.view(r, out_h, out_w, c)
+    # RoIs whose bins read very different numbers of rows/columns (a long thin RoI, a large adaptive
+    # grid) go in separate groups, so that the others are not padded to their size: groups by the
+    # power of 2 above the rows (columns) a bin reads, about min(2 grid, bin size + 2).
+    need_y = torch.minimum(2 * grid_h, torch.floor(bin_h).to(torch.int64) + 2).clamp(min=1)  # (R,)
+    need_x = torch.minimum(2 * grid_w, torch.floor(bin_w).to(torch.int64) + 2).clamp(min=1)
+    key = torch.ceil(torch.log2(need_y.double())) * 64 + torch.ceil(torch.log2(need_x.double()))  # (R,)
+    pieces, order = [], []
+    for k in torch.unique(key).tolist():
+        sel = torch.nonzero(key == k, as_tuple=True)[0]  # (R_g,)
+        rows, wy = _axis_taps(y0[sel], bin_h[sel], grid_h[sel], out_h, max(int(grid_h[sel].max()), 1), height)
+        cols, wx = _axis_taps(x0[sel], bin_w[sel], grid_w[sel], out_w, max(int(grid_w[sel].max()), 1), width)
+        wy = (wy / count[sel, None, None]).to(features.dtype)  # (R_g, h, Ty)
+        wx = wx.to(features.dtype)  # (R_g, w, Tx)
+        row_start = base[sel, None, None] + rows * width  # (R_g, h, Ty)
+        idx = row_start[:, :, None, :, None] + cols[:, None, :, None, :]  # (R_g, h, w, Ty, Tx)
+        weight = wy[:, :, None, :, None] * wx[:, None, :, None, :]  # (R_g, h, w, Ty, Tx)
+        m = sel.numel() * out_h * out_w
+        pieces.append(_WeightedGather.apply(flat, idx.reshape(m, -1).t().contiguous(),
+                                            weight.reshape(m, -1).t().contiguous()).view(-1, out_h, out_w, c))
+        order.append(sel)
+    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)[torch.argsort(torch.cat(order))]  # (R, h, w, C)
     return out.permute(0, 3, 1, 2).contiguous()  # (R, C, h, w)
 
 
