@@ -145,3 +145,17 @@ def test_roi_pool_equals_torchvision():
     (ours * grad_out).sum().backward()
     (ref * grad_out).sum().backward()
     assert torch.allclose(a.grad, b.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampling_ratio", [2, 0])
+def test_many_rois_at_once_equal_one_at_a_time(sampling_ratio):
+    # RoIs of very different shapes are processed in groups; the result must not depend on the company
+    g = torch.Generator().manual_seed(7)
+    feat = torch.randn(2, 3, 40, 50, generator=g)
+    rois = pyramid_rois(40, 8, image=(160, 200))
+    rois[0, 1:] = torch.tensor([0.0, 0, 199, 3])  # long and thin: bins read many columns
+    together = roi_align(feat, rois, 7, 0.25, sampling_ratio, aligned=True)
+    alone = torch.cat([roi_align(feat, rois[i:i + 1], 7, 0.25, sampling_ratio, aligned=True) for i in range(40)])
+    assert torch.allclose(together, alone, atol=1e-6)
+    assert torch.equal(roi_pool(feat, rois, 7, 0.25),
+                       torch.cat([roi_pool(feat, rois[i:i + 1], 7, 0.25) for i in range(40)]))
