@@ -72,18 +72,20 @@ def test_roi_align_no_rois_and_gradient():
     assert g.sum().item() == pytest.approx(1.0) and (g != 0).sum().item() == 4
 
 
-def test_roi_pool_by_hand():
+@pytest.mark.parametrize("backend", ["native", pytest.param("torchvision", marks=needs_tv)])
+def test_roi_pool_by_hand(backend):
     f = ramp()
     # [0, 3] x [0, 3] inclusive -> 4 x 4 pixels, 2 x 2 bins of 2 x 2: maxima at their bottom-right corners
-    assert roi_pool(f, torch.tensor([[0.0, 0, 0, 3, 3]]), 2)[0, 0].tolist() == [[11.0, 13.0], [31.0, 33.0]]
+    out = roi_pool(f, torch.tensor([[0.0, 0, 0, 3, 3]]), 2, backend=backend)
+    assert out[0, 0].tolist() == [[11.0, 13.0], [31.0, 33.0]]
     # Corners are rounded half away from zero (C's round): 0.5 -> 1 and 2.5 -> 3, so rows/cols 1..3 -> max 33
     # (round-half-to-even would give 0..2 -> 22)
-    assert roi_pool(f, torch.tensor([[0.0, 1, 1, 5, 5]]), 1, 0.5).item() == 33.0
+    assert roi_pool(f, torch.tensor([[0.0, 1, 1, 5, 5]]), 1, 0.5, backend=backend).item() == 33.0
     # A bin entirely outside the map is 0
-    assert roi_pool(f, torch.tensor([[0.0, 20, 20, 30, 30]]), 1).item() == 0.0
+    assert roi_pool(f, torch.tensor([[0.0, 20, 20, 30, 30]]), 1, backend=backend).item() == 0.0
     # The gradient goes to the maximum only
     g = ramp().requires_grad_()
-    roi_pool(g, torch.tensor([[0.0, 0, 0, 3, 3]]), 1).sum().backward()
+    roi_pool(g, torch.tensor([[0.0, 0, 0, 3, 3]]), 1, backend=backend).sum().backward()
     assert g.grad[0, 0, 3, 3].item() == 1.0 and g.grad.sum().item() == 1.0
 
 
@@ -139,7 +141,7 @@ def test_roi_pool_equals_torchvision():
     feat = torch.randn(2, 4, 50, 68, generator=g)
     rois = pyramid_rois(500, 6)
     a, b = feat.clone().requires_grad_(), feat.clone().requires_grad_()
-    ours, ref = roi_pool(a, rois, 7, 1 / 16), tv_roi_pool(b, rois, 7, 1 / 16)
+    ours, ref = roi_pool(a, rois, 7, 1 / 16, backend="native"), tv_roi_pool(b, rois, 7, 1 / 16)
     assert torch.equal(ours, ref)
     grad_out = torch.randn(ours.shape, generator=g)
     (ours * grad_out).sum().backward()
@@ -157,5 +159,5 @@ def test_many_rois_at_once_equal_one_at_a_time(sampling_ratio):
     together = roi_align(feat, rois, 7, 0.25, sampling_ratio, aligned=True)
     alone = torch.cat([roi_align(feat, rois[i:i + 1], 7, 0.25, sampling_ratio, aligned=True) for i in range(40)])
     assert torch.allclose(together, alone, atol=1e-6)
-    assert torch.equal(roi_pool(feat, rois, 7, 0.25),
-                       torch.cat([roi_pool(feat, rois[i:i + 1], 7, 0.25) for i in range(40)]))
+    assert torch.equal(roi_pool(feat, rois, 7, 0.25, backend="native"),
+                       torch.cat([roi_pool(feat, rois[i:i + 1], 7, 0.25, backend="native") for i in range(40)]))
