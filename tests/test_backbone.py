@@ -85,3 +85,18 @@ def test_fpn_shapes_and_p6_source():
     assert [tuple(o.shape[-2:]) for o in outs] == [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2)]
     assert fpn.extra[0].in_channels == 64  # P6 from C5 (paper)
     assert FPN([8, 16, 32, 64], channels=16, p6_from="p5").extra[0].in_channels == 16
+
+
+def test_fpn_p6_by_subsampling_p5():
+    c = [torch.randn(1, 8, 64, 64), torch.randn(1, 16, 32, 32), torch.randn(1, 32, 16, 16), torch.randn(1, 64, 8, 8)]
+    fpn = FPN([8, 16, 32, 64], channels=16, min_level=2, max_level=6, p6_from="pool")
+    outs = fpn(c)
+    assert [tuple(o.shape[-2:]) for o in outs] == [(64, 64), (32, 32), (16, 16), (8, 8), (4, 4)]
+    assert torch.equal(outs[4], outs[3][:, :, ::2, ::2])  # every other pixel of P5
+    assert len(fpn.extra) == 0  # no parameters beyond P2-P5's
+    assert sum(p.numel() for p in fpn.parameters()) == sum(
+        p.numel() for p in FPN([8, 16, 32, 64], channels=16, min_level=2, max_level=5).parameters())
+    odd = FPN([8, 16, 32, 64], 16, 2, 6, "pool")([x[..., :-1, :-1] for x in c])  # 7 x 7 P5 -> 4 x 4 P6
+    assert odd[4].shape[-2:] == (4, 4)
+    with pytest.raises(ValueError, match="P7"):
+        FPN([8, 16, 32, 64], channels=16, min_level=2, max_level=7, p6_from="pool")

@@ -181,22 +181,27 @@ class FPN(nn.Module):
     """Feature Pyramid Network with RetinaNet's extra levels (sec. 4, footnote 2).
 
     P_min..P5 from C_min..C5: 1x1 lateral convs, top-down nearest-neighbour upsampling and
-    addition, then 3x3 output convs. P6 = 3x3 stride-2 conv on C5 (or on P5, torchvision's
-    variant); P7.. = 3x3 stride-2 conv on ReLU of the level below. All levels have `channels`.
+    addition, then 3x3 output convs. P6 = 3x3 stride-2 conv on C5 (p6_from "c5") or on P5
+    ("p5", torchvision's RetinaNet); P7.. = 3x3 stride-2 conv on ReLU of the level below.
+    p6_from "pool": P6 = P5 subsampled with stride 2 (max pooling, kernel 1), no parameters: the
+    two-stage detector's P6, used by the RPN only (thesis sec. 4.4 footnote; torchvision's
+    LastLevelMaxPool); then max_level is at most 6. All levels have `channels`.
     """
 
     def __init__(self, in_channels: list, channels: int = 256, min_level: int = 3, max_level: int = 7, p6_from: str = "c5"):
         super().__init__()
         if not 2 <= min_level <= 5 or max_level < 5:
             raise ValueError(f"FPN levels P{min_level}-P{max_level}: need 2 <= min_level <= 5 <= max_level")
-        if p6_from not in ("c5", "p5"):
-            raise ValueError(f"p6_from must be 'c5' or 'p5', got '{p6_from}'")
+        if p6_from not in ("c5", "p5", "pool"):
+            raise ValueError(f"p6_from must be 'c5', 'p5' or 'pool', got '{p6_from}'")
+        if p6_from == "pool" and max_level > 6:
+            raise ValueError(f"p6_from 'pool' gives levels up to P6, not P{max_level}")
         self.min_level, self.max_level, self.p6_from = min_level, max_level, p6_from
         used = in_channels[min_level - 2:]  # C_min..C5
         self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in used)
         self.output = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in used)
         self.extra = nn.ModuleList()
-        for level in range(6, max_level + 1):
+        for level in range(6, max_level + 1 if p6_from != "pool" else 6):
             cin = in_channels[-1] if (level == 6 and p6_from == "c5") else channels
             self.extra.append(nn.Conv2d(cin, channels, 3, stride=2, padding=1))
         for m in self.modules():
@@ -213,6 +218,8 @@ class FPN(nn.Module):
             lat = self.lateral[i](cs[i])
             top = lat + F.interpolate(top, size=lat.shape[-2:], mode="nearest")
             outs.insert(0, self.output[i](top))
+        if self.p6_from == "pool" and self.max_level == 6:
+            outs.append(F.max_pool2d(outs[-1], kernel_size=1, stride=2))
         prev = cs[-1] if self.p6_from == "c5" else outs[-1]
         for i, conv in enumerate(self.extra):
             prev = conv(prev if i == 0 else F.relu(prev))

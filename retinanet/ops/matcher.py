@@ -102,3 +102,20 @@ def ignore_crowd(labels: Tensor, anchors: Tensor, crowd_boxes: Tensor, threshold
         return labels
     covered = box_ioa(anchors, crowd_boxes).amax(dim=1) >= threshold  # (N,)
     return torch.where(covered & (labels == BACKGROUND), torch.full_like(labels, IGNORE), labels)
+
+
+def split_crowd(target: dict, device=None) -> tuple:
+    """One image's target {"boxes" (G, 4), "labels" (G,), optional "iscrowd" (G,)} ->
+    (boxes (G', 4) float32, labels (G',) int64 of the non-crowd boxes, crowd boxes (C, 4)).
+    Labels default to zeros when absent (the RPN needs boxes only)."""
+    boxes = torch.as_tensor(target["boxes"], dtype=torch.float32, device=device).reshape(-1, 4)
+    labels = target.get("labels")
+    labels = (torch.zeros(boxes.shape[0], dtype=torch.int64, device=boxes.device) if labels is None
+              else torch.as_tensor(labels, device=boxes.device).reshape(-1).to(torch.int64))
+    if labels.shape[0] != boxes.shape[0]:
+        raise ValueError(f"{boxes.shape[0]} boxes but {labels.shape[0]} labels")
+    crowd = target.get("iscrowd")
+    if crowd is None:
+        return boxes, labels, boxes[:0]
+    crowd = torch.as_tensor(crowd, device=boxes.device).reshape(-1).bool()
+    return boxes[~crowd], labels[~crowd], boxes[crowd]

@@ -1,0 +1,210 @@
+"""Fast R-CNN box head on a feature pyramid (thesis ch. 4, sec. 4.4; Fast R-CNN, Girshick 2015).
+
+Each proposal is pooled from its eq. (4.1) level (P2-P5) into 7 x 7 features, passed through two
+1024-d fully connected layers and classified into K + 1 classes (background = index 0) with a
+class-specific box regression. The conventions (sampling, targets, losses, inference) are
+torchvision 0.29's, so torchvision's fasterrcnn_resnet50_fpn weights give its detections.
+
+The steps are separate methods (pool / predict / postprocess; sample / losses) so a caller can
+run them apart, e.g. export `predict` and batch the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..losses import giou_loss, smooth_l1_loss
+from ..ops.boxes import box_iou, decode, encode
+from ..ops.matcher import BACKGROUND, FOREGROUND, Matcher, ignore_crowd, split_crowd
+from ..ops.nms import batched_nms
+from ..ops.poolers import pool_pyramid
+from ..ops.postprocess import segment_rank
+from ..ops.sampler import sample_balanced
+
+
+class TwoMLPHead(nn.Module):
+    """(R, C, 7, 7) pooled features -> (R, representation_size): fc6, ReLU, fc7, ReLU (torchvision's names)."""
+
+    def __init__(self, in_features: int, representation_size: int = 1024):
+        super().__init__()
+        self.fc6 = nn.Linear(in_features, representation_size)
+        self.fc7 = nn.Linear(representation_size, representation_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.fc7(F.relu(self.fc6(x.flatten(1)))))
+
+
+class FastRCNNPredictor(nn.Module):
+    """(R, D) -> class logits (R, K + 1), background first, and deltas (R, 4 (K + 1)), 4 per class."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.cls_score = nn.Linear(in_features, num_classes)
+        self.bbox_pred = nn.Linear(in_features, num_classes * 4)
+
+    def forward(self, x: Tensor) -> tuple:
+        x = x.flatten(1)
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+class RoIHeads(nn.Module):
+    """Box classification and regression of proposals.
+
+    Args (keyword; torchvision's defaults):
+        num_classes: K object classes (the predictor has K + 1 outputs, background = 0).
+        strides, output_size, sampling_ratio, aligned, pooler: RoI pooling from the levels with
+            these strides ("align": RoIAlign, "pool": RoI max pooling; see `pool_pyramid`).
+        fg_iou, bg_iou: a proposal is foreground with IoU >= fg_iou with a box, background below
+            bg_iou, ignored in between; batch_size_per_image, positive_fraction: RoIs sampled per image.
+        box_weights, box_clamp: the delta parameterization (10, 10, 5, 5); smooth_l1_beta: of the
+            box loss; box_loss: "smooth_l1" on the deltas or "giou" (1 - GIoU of the decoded box).
+        score_thresh, nms_thresh, detections_per_image: inference.
+        crowd_ioa: background proposals covered this much by a crowd box (iscrowd) are ignored.
+
+    Training: forward_train(features, proposals, targets) -> {"roi_cls", "roi_box"}.
+    Inference: postprocess(*predict(features, proposals), proposals, image_sizes) -> detections.
+    features: the pyramid, finest level first (only the first len(strides) levels are read, so
+    P2-P6 may be passed as is); proposals: B x (P_i, 4) xyxy in the padded batch's pixels.
+    """
+
+    def __init__(self, box_head: nn.Module, box_predictor: nn.Module, *, num_classes: int,
+                 strides=(4, 8, 16, 32), output_size: int = 7, sampling_ratio: int = 2, aligned: bool = False,
+                 pooler: str = "align", fg_iou: float = 0.5, bg_iou: float = 0.5, batch_size_per_image: int = 512,
+                 positive_fraction: float = 0.25, box_weights=(10.0, 10.0, 5.0, 5.0),
+                 box_clamp: float = math.log(1000.0 / 16), smooth_l1_beta: float = 1.0 / 9,
+                 box_loss: str = "smooth_l1", score_thresh: float = 0.05, nms_thresh: float = 0.5,
+                 detections_per_image: int = 100, crowd_ioa: float = 0.7):
+        super().__init__()
+        if pooler not in ("align", "pool"):
+            raise ValueError(f"pooler must be 'align' or 'pool', got '{pooler}'")
+        if box_loss not in ("smooth_l1", "giou"):
+            raise ValueError(f"box_loss must be 'smooth_l1' or 'giou', got '{box_loss}'")
+        self.box_head, self.box_predictor = box_head, box_predictor
+        self.num_classes = num_classes
+        self.strides, self.output_size = tuple(strides), output_size
+        self.sampling_ratio, self.aligned, self.pooler = sampling_ratio, aligned, pooler
+        self.matcher = Matcher(fg_iou, bg_iou, allow_low_quality=False)
+        self.batch_size_per_image, self.positive_fraction = batch_size_per_image, positive_fraction
+        self.box_weights, self.box_clamp = tuple(box_weights), box_clamp
+        self.smooth_l1_beta, self.box_loss, self.crowd_ioa = smooth_l1_beta, box_loss, crowd_ioa
+        self.score_thresh, self.nms_thresh, self.detections_per_image = score_thresh, nms_thresh, detections_per_image
+
+    # ------------------------------------------------------------------ features and predictions
+    def pool(self, features: list, proposals: list) -> Tensor:
+        """-> (sum P_i, C, 7, 7) pooled features, in the order of the concatenated proposals."""
+        return pool_pyramid(features[:len(self.strides)], proposals, self.strides, self.output_size,
+                            self.sampling_ratio, self.aligned, self.pooler)
+
+    def predict(self, features: list, proposals: list) -> tuple:
+        """-> class_logits (R, K + 1), box_regression (R, 4 (K + 1)) for the R = sum P_i proposals."""
+        return self.box_predictor(self.box_head(self.pool(features, proposals)))
+
+    # ------------------------------------------------------------------ training
+    @torch.no_grad()
+    def sample(self, proposals: list, targets: list) -> tuple:
+        """Add each image's boxes to its proposals, label them and sample a minibatch.
+
+        -> rois: B x (S_i, 4) sampled RoIs (by index within each image), labels (S,) int64 (class + 1,
+        0 background), matched boxes (S, 4) (meaningful where labels > 0); S = sum S_i.
+        Matching is per image (box counts differ); sampling is batched over images.
+        """
+        device = proposals[0].device
+        boxes, labels, matched = [], [], []
+        for i, (props, t) in enumerate(zip(proposals, targets)):
+            try:
+                gt, gt_cls, crowd = split_crowd(t, device)
+            except ValueError as e:
+                raise ValueError(f"image {i}: {e}") from None
+            if gt_cls.numel() and (gt_cls.min() < 0 or gt_cls.max() >= self.num_classes):
+                raise ValueError(f"image {i}: labels must be in 0..{self.num_classes - 1}, got {gt_cls.tolist()}")
+            props = torch.cat([props.detach().float(), gt])  # the boxes are proposals too (as torchvision)
+            idx, lab = self.matcher(box_iou(gt, props))  # (P,) matched box, label in {-1, 0, 1}
+            lab = ignore_crowd(lab, props, crowd, self.crowd_ioa)
+            if gt.shape[0] == 0:  # every proposal is background; idx is all 0
+                gt, gt_cls = props.new_zeros(1, 4), gt_cls.new_zeros(1)
+            minus_one = torch.full_like(idx, -1)
+            cls = torch.where(lab == FOREGROUND, gt_cls[idx] + 1, torch.where(lab == BACKGROUND, 0 * idx, minus_one))
+            boxes.append(props)
+            labels.append(cls)
+            matched.append(gt[idx])
+        counts = [b.shape[0] for b in boxes]
+        padded = torch.full((len(boxes), max(counts)), -1, dtype=torch.int64, device=device)  # (B, Pmax), -1 = pad
+        for i, lab in enumerate(labels):
+            padded[i, :lab.numel()] = lab
+        keep = sample_balanced(padded, self.batch_size_per_image, self.positive_fraction)  # (B, Pmax)
+        img, idx = torch.nonzero(keep, as_tuple=True)  # (S,), by image then index
+        starts = torch.tensor([0] + counts[:-1], device=device).cumsum(0)
+        flat = starts[img] + idx  # into the concatenated per-image tensors
+        rois = torch.cat(boxes)[flat]
+        sizes = torch.bincount(img, minlength=len(boxes)).tolist()
+        return list(rois.split(sizes)), torch.cat(labels)[flat], torch.cat(matched)[flat]
+
+    def forward_train(self, features: list, proposals: list, targets: list) -> dict:
+        """-> {"roi_cls": cross entropy averaged over the sampled RoIs, "roi_box": box loss of the
+        foreground RoIs (for their ground-truth class) summed, divided by the number of sampled RoIs}."""
+        rois, labels, gt_boxes = self.sample(proposals, targets)
+        class_logits, box_regression = self.predict(features, rois)
+        return self.losses(class_logits, box_regression, torch.cat(rois), labels, gt_boxes)
+
+    def losses(self, class_logits: Tensor, box_regression: Tensor, rois: Tensor, labels: Tensor,
+               gt_boxes: Tensor) -> dict:
+        """class_logits (S, K + 1), box_regression (S, 4 (K + 1)), rois (S, 4), labels (S,), gt_boxes (S, 4)."""
+        num = max(labels.numel(), 1)
+        cls = F.cross_entropy(class_logits.float(), labels, reduction="sum") / num
+        fg = torch.nonzero(labels > 0, as_tuple=True)[0]  # (F,)
+        deltas = box_regression.view(-1, class_logits.shape[1], 4)[fg, labels[fg]].float()  # (F, 4)
+        if self.box_loss == "giou":
+            box = giou_loss(decode(rois[fg], deltas, self.box_weights, self.box_clamp), gt_boxes[fg]).sum()
+        else:
+            box = smooth_l1_loss(deltas, encode(rois[fg], gt_boxes[fg], self.box_weights), self.smooth_l1_beta).sum()
+        return {"roi_cls": cls, "roi_box": box / num}
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def postprocess(self, class_logits: Tensor, box_regression: Tensor, proposals: list, image_sizes: list, *,
+                    score_thresh: Optional[float] = None, nms_thresh: Optional[float] = None,
+                    detections_per_image: Optional[int] = None, keep_classes: Optional[Tensor] = None) -> list:
+        """Detections per image: [{"boxes" (D, 4) xyxy in the resized image's pixels, "scores" (D,),
+        "labels" (D,) in 0..K-1}], by decreasing score.
+
+        Softmax over K + 1 classes; each class's box decoded from its proposal and clipped to
+        the image (h_i, w_i); background dropped; (proposal, class) pairs with score > score_thresh
+        (and a class in keep_classes (K,) bool, if given) and both sides >= 0.01 px; NMS per
+        (image, class); the best detections_per_image per image. Batched: no loop over images or classes.
+        """
+        score_thresh = self.score_thresh if score_thresh is None else score_thresh
+        nms_thresh = self.nms_thresh if nms_thresh is None else nms_thresh
+        max_det = self.detections_per_image if detections_per_image is None else detections_per_image
+        device = class_logits.device
+        b, r = len(proposals), class_logits.shape[0]
+        counts = torch.tensor([p.shape[0] for p in proposals], device=device)
+        img_of_roi = torch.repeat_interleave(torch.arange(b, device=device), counts)  # (R,)
+        probs = torch.softmax(class_logits.float(), dim=-1)[:, 1:]  # (R, K) background dropped
+        k = probs.shape[1]
+        candidate = probs > score_thresh
+        if keep_classes is not None:
+            candidate &= keep_classes.to(device)[None, :]
+        roi, cls = torch.nonzero(candidate, as_tuple=True)  # (M,)
+        rois = torch.cat(proposals).float() if r else class_logits.new_zeros(0, 4)
+        deltas = box_regression.view(r, k + 1, 4)[roi, cls + 1]  # (M, 4)
+        boxes = decode(rois[roi], deltas, self.box_weights, self.box_clamp)  # (M, 4)
+        img = img_of_roi[roi]
+        sizes = torch.tensor(image_sizes, dtype=torch.float32, device=device).reshape(-1, 2)[img]  # (M, 2) h, w
+        boxes = torch.stack([boxes[:, 0].clamp(min=0).minimum(sizes[:, 1]), boxes[:, 1].clamp(min=0).minimum(sizes[:, 0]),
+                             boxes[:, 2].clamp(min=0).minimum(sizes[:, 1]), boxes[:, 3].clamp(min=0).minimum(sizes[:, 0])],
+                            dim=1)
+        scores = probs[roi, cls]
+        big = (boxes[:, 2] - boxes[:, 0] >= 1e-2) & (boxes[:, 3] - boxes[:, 1] >= 1e-2)
+        boxes, scores, cls, img = boxes[big], scores[big], cls[big], img[big]
+        keep = batched_nms(boxes, scores, img * k + cls, nms_thresh)  # by decreasing score
+        order, rank = segment_rank(img[keep], scores[keep])
+        keep = keep[order[rank < max_det]]  # grouped by image, by decreasing score within
+        per_image = torch.bincount(img[keep], minlength=b).tolist()
+        return [{"boxes": bx, "scores": sc, "labels": lb}
+                for bx, sc, lb in zip(boxes[keep].split(per_image), scores[keep].split(per_image),
+                                      cls[keep].split(per_image))]

@@ -1,0 +1,195 @@
+"""Region Proposal Network on a feature pyramid (thesis ch. 4, sec. 4.4; Faster R-CNN sec. 3.1).
+
+One head, shared by every level P2..P6, predicts for each of the A anchors of a location an
+objectness logit and box deltas. Proposals are the best-scoring decoded anchors of each level,
+clipped, NMS'd per level, then the best of all levels per image. The conventions (anchor
+order, top-k per level, clipping, small-box removal, NMS per level, loss normalization) are
+torchvision 0.29's, so torchvision's fasterrcnn_resnet50_fpn weights give its proposals.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..losses import giou_loss, smooth_l1_loss
+from ..ops.anchors import AnchorGenerator
+from ..ops.boxes import decode, encode
+from ..ops.matcher import FOREGROUND, Matcher, ignore_crowd, split_crowd
+from ..ops.nms import batched_nms
+from ..ops.postprocess import segment_rank
+from ..ops.sampler import sample_balanced
+
+
+def rpn_anchor_generator(sizes=(32, 64, 128, 256, 512), ratios=(0.5, 1.0, 2.0), strides=(4, 8, 16, 32, 64),
+                         style: str = "torchvision") -> AnchorGenerator:
+    """The thesis's RPN anchors (sec. 4.4): one area per level, 32^2 on P2 .. 512^2 on P6, 3 aspect ratios."""
+    return AnchorGenerator(list(sizes), [1.0], list(ratios), list(strides), offset=0.0, style=style)
+
+
+class RPNHead(nn.Module):
+    """3x3 conv + ReLU, then 1x1 convs to A objectness logits and 4A deltas; shared across levels.
+
+    Parameter names match torchvision's RPNHead checkpoints (conv, cls_logits, bbox_pred);
+    torchvision's newer in-memory naming conv.0.0.* is accepted when loading.
+    forward(features: L x (B, C, H_l, W_l)) -> objectness (B, N), deltas (B, N, 4), level sizes [H_l W_l A],
+    N = sum_l H_l W_l A in (H, W, A) order, the order of `AnchorGenerator`.
+    """
+
+    def __init__(self, in_channels: int, num_anchors: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, in_channels, 3, padding=1)
+        self.cls_logits = nn.Conv2d(in_channels, num_anchors, 1)
+        self.bbox_pred = nn.Conv2d(in_channels, num_anchors * 4, 1)
+        for layer in (self.conv, self.cls_logits, self.bbox_pred):
+            nn.init.normal_(layer.weight, std=0.01)
+            nn.init.zeros_(layer.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("weight", "bias"):
+            key = f"{prefix}conv.0.0.{name}"
+            if key in state_dict:
+                state_dict[f"{prefix}conv.{name}"] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, features: list) -> tuple:
+        logits, deltas = [], []
+        for x in features:
+            t = F.relu(self.conv(x))
+            b, _, h, w = t.shape
+            logits.append(self.cls_logits(t).permute(0, 2, 3, 1).reshape(b, -1))  # (B, H*W*A)
+            d = self.bbox_pred(t)  # (B, A*4, H, W)
+            deltas.append(d.view(b, -1, 4, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, 4))  # (B, H*W*A, 4)
+        return torch.cat(logits, 1), torch.cat(deltas, 1), [x.shape[1] for x in logits]
+
+
+class RegionProposalNetwork(nn.Module):
+    """Proposals and RPN losses from a feature pyramid.
+
+    Args (keyword, torchvision's defaults for Faster R-CNN with FPN):
+        fg_iou, bg_iou: an anchor is positive with IoU >= fg_iou with a ground-truth box, or when it
+            is a box's best anchor (ties included); negative below bg_iou; otherwise ignored.
+        batch_size_per_image, positive_fraction: anchors sampled per image for the losses.
+        pre_nms_top_n, post_nms_top_n: {"training": n, "testing": n}, chosen by self.training:
+            candidates per level and image before NMS, proposals per image after.
+        nms_thresh: NMS IoU within each level; min_size: proposals with a side below it are dropped;
+        score_thresh: proposals need objectness probability >= it (0: keep all, as torchvision).
+        box_weights, box_clamp: the delta parameterization; smooth_l1_beta: of the box loss;
+        box_loss: "smooth_l1" on the deltas, or "giou" (1 - GIoU of the decoded box).
+        crowd_ioa: anchors covered this much by a crowd box (iscrowd) are ignored, not negatives.
+
+    forward(features: L x (B, C, H_l, W_l), image_size: (H, W) of the padded batch, image_sizes:
+    [(h, w)] of each resized image, targets: optional [{"boxes" (G, 4) xyxy, optional "iscrowd"}])
+    -> (proposals: B x (P_i, 4) xyxy in the batch's pixels, detached, by decreasing objectness;
+        losses: {"rpn_cls", "rpn_box"} when targets are given, else {}).
+    """
+
+    def __init__(self, head: RPNHead, anchor_generator: AnchorGenerator, *, fg_iou: float = 0.7,
+                 bg_iou: float = 0.3, batch_size_per_image: int = 256, positive_fraction: float = 0.5,
+                 pre_nms_top_n=None, post_nms_top_n=None, nms_thresh: float = 0.7, min_size: float = 1e-3,
+                 score_thresh: float = 0.0, box_weights=(1.0, 1.0, 1.0, 1.0), box_clamp: float = math.log(1000.0 / 16),
+                 smooth_l1_beta: float = 1.0 / 9, box_loss: str = "smooth_l1", crowd_ioa: float = 0.7):
+        super().__init__()
+        if box_loss not in ("smooth_l1", "giou"):
+            raise ValueError(f"box_loss must be 'smooth_l1' or 'giou', got '{box_loss}'")
+        self.head = head
+        self.anchor_generator = anchor_generator
+        self.matcher = Matcher(fg_iou, bg_iou, allow_low_quality=True)
+        self.batch_size_per_image, self.positive_fraction = batch_size_per_image, positive_fraction
+        self.pre_nms_top_n = dict(pre_nms_top_n or {"training": 2000, "testing": 1000})
+        self.post_nms_top_n = dict(post_nms_top_n or {"training": 2000, "testing": 1000})
+        self.nms_thresh, self.min_size, self.score_thresh = nms_thresh, min_size, score_thresh
+        self.box_weights, self.box_clamp = tuple(box_weights), box_clamp
+        self.smooth_l1_beta, self.box_loss, self.crowd_ioa = smooth_l1_beta, box_loss, crowd_ioa
+
+    def _mode(self) -> str:
+        return "training" if self.training else "testing"
+
+    def anchors(self, features: list, image_size) -> tuple:
+        """-> anchors (N, 4) xyxy in the padded batch's pixels, level sizes [H_l W_l A]."""
+        levels = self.anchor_generator([f.shape[-2:] for f in features], tuple(image_size), features[0].device)
+        return torch.cat(levels), [a.shape[0] for a in levels]
+
+    def forward(self, features: list, image_size, image_sizes: list, targets=None) -> tuple:
+        objectness, deltas, level_sizes = self.head(features)  # (B, N), (B, N, 4)
+        anchors, anchor_level_sizes = self.anchors(features, image_size)
+        if anchor_level_sizes != level_sizes:
+            raise ValueError(f"the head predicts {level_sizes} anchors per level, the generator makes "
+                             f"{anchor_level_sizes}: num_anchors does not match the generator's")
+        proposals, _ = self.propose(objectness.detach(), deltas.detach(), anchors, level_sizes, image_sizes)
+        losses = {} if targets is None else self.losses(objectness, deltas, anchors, targets)
+        return proposals, losses
+
+    @torch.no_grad()
+    def propose(self, objectness: Tensor, deltas: Tensor, anchors: Tensor, level_sizes: list, image_sizes: list) -> tuple:
+        """objectness (B, N), deltas (B, N, 4), anchors (N, 4) -> (B x (P_i, 4) boxes, B x (P_i,) probabilities).
+
+        Per image and level the pre_nms_top_n best logits; decode; clip to the image (h_i, w_i);
+        drop boxes with a side < min_size and probabilities < score_thresh; NMS within each
+        (image, level); the post_nms_top_n best per image. Batched over images (one NMS call).
+        """
+        b = objectness.shape[0]
+        device = objectness.device
+        pre, post = self.pre_nms_top_n[self._mode()], self.post_nms_top_n[self._mode()]
+        top, lvl, start = [], [], 0
+        for i, n in enumerate(level_sizes):  # torch.topk per level, exactly torchvision's candidate choice
+            idx = objectness[:, start:start + n].topk(min(pre, n), dim=1).indices + start  # (B, k_l)
+            top.append(idx)
+            lvl.append(torch.full_like(idx, i))
+            start += n
+        top, lvl = torch.cat(top, 1), torch.cat(lvl, 1)  # (B, K)
+        img = torch.arange(b, device=device)[:, None].expand_as(top)  # (B, K)
+        boxes = decode(anchors[top], deltas[img, top], self.box_weights, self.box_clamp)  # (B, K, 4)
+        sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=device)  # (B, 2) h, w
+        h, w = sizes[:, 0, None], sizes[:, 1, None]  # (B, 1)
+        boxes = torch.stack([boxes[..., 0].clamp(min=0).minimum(w), boxes[..., 1].clamp(min=0).minimum(h),
+                             boxes[..., 2].clamp(min=0).minimum(w), boxes[..., 3].clamp(min=0).minimum(h)], dim=-1)
+        scores = torch.sigmoid(objectness[img, top].float())  # (B, K)
+        keep = ((boxes[..., 2] - boxes[..., 0] >= self.min_size) & (boxes[..., 3] - boxes[..., 1] >= self.min_size)
+                & (scores >= self.score_thresh))
+        boxes, scores, img, lvl = boxes[keep], scores[keep], img[keep], lvl[keep]  # (M, ...)
+        kept = batched_nms(boxes, scores, img * len(level_sizes) + lvl, self.nms_thresh)  # by decreasing score
+        order, rank = segment_rank(img[kept], scores[kept])
+        kept = kept[order[rank < post]]  # grouped by image, by decreasing score within
+        counts = torch.bincount(img[kept], minlength=b).tolist()
+        return list(boxes[kept].split(counts)), list(scores[kept].split(counts))
+
+    @torch.no_grad()
+    def assign_targets(self, anchors: Tensor, targets: list) -> tuple:
+        """-> labels (B, N) int8 in {-1 ignore, 0 background, 1 foreground}, matched boxes (B, N, 4) xyxy.
+
+        Matching is per image (box counts differ); crowd boxes match nothing, and background anchors
+        they cover (IoA >= crowd_ioa) are ignored. An image without boxes: every anchor background.
+        """
+        labels, matched_boxes = [], []
+        for i, t in enumerate(targets):
+            try:
+                gt, _, crowd = split_crowd(t, anchors.device)
+            except ValueError as e:
+                raise ValueError(f"image {i}: {e}") from None
+            matched, lab = self.matcher.match_boxes(gt, anchors)
+            labels.append(ignore_crowd(lab, anchors, crowd, self.crowd_ioa))
+            matched_boxes.append(gt[matched] if gt.shape[0] else torch.zeros_like(anchors))
+        return torch.stack(labels), torch.stack(matched_boxes)
+
+    def losses(self, objectness: Tensor, deltas: Tensor, anchors: Tensor, targets: list) -> dict:
+        """"rpn_cls": binary cross entropy averaged over the sampled anchors of the batch;
+        "rpn_box": box loss summed over the sampled positives, divided by the number of sampled
+        anchors (as torchvision; both over the whole batch)."""
+        labels, gt_boxes = self.assign_targets(anchors, targets)  # (B, N), (B, N, 4)
+        sampled = sample_balanced(labels, self.batch_size_per_image, self.positive_fraction)  # (B, N)
+        img, idx = torch.nonzero(sampled, as_tuple=True)  # (S,)
+        num_sampled = max(img.numel(), 1)
+        target = (labels[img, idx] == FOREGROUND).to(torch.float32)
+        cls = F.binary_cross_entropy_with_logits(objectness[img, idx].float(), target, reduction="sum") / num_sampled
+        pos = target.bool()
+        img, idx = img[pos], idx[pos]  # (P,) the sampled positives
+        d, a, gt = deltas[img, idx].float(), anchors[idx], gt_boxes[img, idx]
+        if self.box_loss == "giou":
+            box = giou_loss(decode(a, d, self.box_weights, self.box_clamp), gt).sum()
+        else:
+            box = smooth_l1_loss(d, encode(a, gt, self.box_weights), self.smooth_l1_beta).sum()
+        return {"rpn_cls": cls, "rpn_box": box / num_sampled}

@@ -1,0 +1,71 @@
+"""RoI features from a feature pyramid (thesis ch. 4, sec. 4.4; FPN paper eq. (1)).
+
+A RoI of width w and height h (image pixels) is pooled from level
+    k = floor(k0 + log2(sqrt(w h) / 224)),  clamped to [min_level, max_level],
+k0 = 4 (thesis eq. (4.1)): a 224 x 224 RoI, ImageNet's canonical size, reads P4.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .boxes import box_area
+from .roi_align import roi_align, roi_pool
+
+
+def assign_levels(boxes: Tensor, min_level: int = 2, max_level: int = 5, canonical_size: float = 224,
+                  canonical_level: int = 4, eps: float = 1e-6) -> Tensor:
+    """Eq. (4.1): boxes (R, 4) xyxy in image pixels -> (R,) int64 pyramid level k in [min_level, max_level].
+
+    k = floor(canonical_level + log2(sqrt(area) / canonical_size) + eps), in float32 and in that
+    order, as torchvision's LevelMapper computes it: the eps puts a box exactly at a boundary
+    (sqrt(area) = 112, 224, 448) on the upper level despite rounding in log2. Boxes of zero
+    area go to min_level.
+    """
+    scale = torch.sqrt(box_area(boxes.float()))  # (R,)
+    k = torch.floor(canonical_level + torch.log2(scale / canonical_size) + torch.tensor(eps, dtype=torch.float32))
+    return k.clamp(min_level, max_level).to(torch.int64)
+
+
+def boxes_to_rois(boxes: list) -> Tensor:
+    """Per-image boxes [(R_i, 4)] -> (sum R_i, 5) rois [image index, x0, y0, x1, y1]."""
+    ids = torch.cat([torch.full((b.shape[0], 1), float(i), device=b.device) for i, b in enumerate(boxes)])
+    return torch.cat([ids, torch.cat(boxes).float()], dim=1)
+
+
+def pool_pyramid(features: list, boxes: list, strides, output_size=7, sampling_ratio: int = 2, aligned: bool = False,
+                 method: str = "align", canonical_size: float = 224, canonical_level: int = 4) -> Tensor:
+    """RoI features of every image's boxes, each from its eq. (4.1) level.
+
+    features: [(B, C, H_l, W_l)] for the levels P_min..P_max (e.g. P2-P5; strides 4..32);
+    boxes: B tensors (R_i, 4) xyxy in the padded batch's pixels; strides: one per level, powers of 2.
+    Returns (sum R_i, C, h, w), in the order of torch.cat(boxes).
+
+    method "align": RoIAlign (sampling_ratio, aligned as `roi_align`); "pool": RoI max pooling.
+    torchvision's MultiScaleRoIAlign infers each level's scale as 2^round(log2(H_l / max h_i)) from
+    the largest resized image height; when the batch is padded to a multiple of the coarsest
+    stride (32) that is exactly 1 / stride, which is what is used here.
+    """
+    if method not in ("align", "pool"):
+        raise ValueError(f"pooling method must be 'align' or 'pool', got '{method}'")
+    if len(features) != len(strides):
+        raise ValueError(f"{len(features)} feature maps for {len(strides)} strides")
+    levels_of = [int(round(math.log2(s))) for s in strides]
+    if any(2 ** lv != s for lv, s in zip(levels_of, strides)):
+        raise ValueError(f"strides must be powers of 2, got {list(strides)}")
+    rois = boxes_to_rois(boxes).to(features[0].device)  # (R, 5)
+    min_level, max_level = levels_of[0], levels_of[-1]
+    level = assign_levels(rois[:, 1:], min_level, max_level, canonical_size, canonical_level)  # (R,)
+    pieces, order = [], []
+    for feat, lv, stride in zip(features, levels_of, strides):
+        idx = torch.nonzero(level == lv, as_tuple=True)[0]  # (R_l,)
+        if method == "align":
+            pieces.append(roi_align(feat, rois[idx], output_size, 1.0 / stride, sampling_ratio, aligned))
+        else:
+            pieces.append(roi_pool(feat, rois[idx], output_size, 1.0 / stride))
+        order.append(idx)
+    inverse = torch.argsort(torch.cat(order))  # position of each RoI in the concatenated pieces
+    return torch.cat(pieces)[inverse]  # (R, C, h, w)

@@ -1,0 +1,254 @@
+"""RoIAlign (Mask R-CNN, He et al. 2017) and RoI pooling (Fast R-CNN, Girshick 2015) on tensors.
+
+Both follow torchvision.ops.roi_align / roi_pool exactly (same sample points, same boundary
+rules, same rounding), so a model converted from torchvision pools the same features. They are
+vectorized over RoIs: the only Python loops run over the few feature rows x columns one output
+bin reads (3 x 3 or 4 x 4 with sampling_ratio 2 on an FPN level), each step one gather for all
+RoIs at once. Bilinear sampling is separable, so each bin is a weighted sum of those rows x
+columns, with weights summed over its sample points. RoIAlign's gradient is a custom backward
+(index_add_ of the weighted output gradient); RoI pooling's goes through autograd to the maxima.
+
+rois: (R, 5) [batch index, x0, y0, x1, y1] in image pixels; spatial_scale maps them to the
+feature map (1 / stride).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+
+def _pair(size) -> tuple:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _axis_taps(start: Tensor, bin_size: Tensor, grid: Tensor, num_bins: int, max_grid: int, length: int) -> tuple:
+    """The feature rows (or columns) one axis of each bin reads, with their bilinear weights.
+
+    start, bin_size, grid: (R,) RoI start, bin size (feature pixels) and samples per bin (per
+    RoI; samples at index >= grid are masked off). Returns index (R, P, T) int64 and weight
+    (R, P, T): bin p reads rows index[..., t] with weights weight[..., t], the sum over the bin's
+    samples of torchvision's interpolation weights (0 for samples outside [-1, length]). T is
+    the smaller of 2 * max_grid (each sample's two rows) and the most distinct rows a bin
+    touches (consecutive rows first .. first + K - 1, each row's weights summed): the second
+    is smaller for bins under 2 pixels, the first for long thin RoIs.
+    """
+    device, dtype = start.device, start.dtype
+    p = torch.arange(num_bins, device=device, dtype=dtype)  # (P,)
+    i = torch.arange(max_grid, device=device, dtype=dtype)  # (G,)
+    gridf = grid.to(dtype).clamp(min=1)
+    # the sample coordinate, in the order torchvision's kernel evaluates it (same rounding)
+    coord = (start[:, None, None] + p[None, :, None] * bin_size[:, None, None]) \
+        + (i[None, None, :] + 0.5) * bin_size[:, None, None] / gridf[:, None, None]  # (R, P, G)
+    used = (i[None, None, :] < grid[:, None, None]) & (coord >= -1.0) & (coord <= length)
+    coord = coord.clamp(min=0)
+    low = coord.to(torch.int64)  # floor, coord >= 0
+    at_end = low >= length - 1
+    low = torch.where(at_end, torch.full_like(low, length - 1), low)
+    high = torch.where(at_end, low, low + 1)
+    frac = torch.where(at_end, torch.zeros_like(coord), coord - low.to(dtype))  # weight of `high`
+    w_low = torch.where(used, 1.0 - frac, torch.zeros_like(frac))
+    w_high = torch.where(used, frac, torch.zeros_like(frac))
+    first = torch.where(used, low, torch.full_like(low, length)).amin(dim=2)  # (R, P)
+    first = torch.where(first >= length, torch.zeros_like(first), first)  # bins without samples
+    last = torch.where(used, high, torch.full_like(high, -1)).amax(dim=2)
+    k = int((last - first).amax().clamp(min=0)) + 1
+    if k >= 2 * max_grid:
+        return torch.cat([low, high], dim=2), torch.cat([w_low, w_high], dim=2)
+    ks = torch.arange(k, device=device)
+    weight = ((low - first[..., None])[..., None] == ks).to(dtype) * w_low[..., None] \
+        + ((high - first[..., None])[..., None] == ks).to(dtype) * w_high[..., None]  # (R, P, G, K)
+    return (first[..., None] + ks).clamp(max=length - 1), weight.sum(dim=2)
+
+
+class _WeightedGather(torch.autograd.Function):
+    """out[m] = sum_t weight[t, m] * flat[index[t, m]]: flat (N, C), index and weight (T, M) -> (M, C).
+
+    A Function rather than autograd through T gathers: the forward reuses one (M, C) buffer for
+    every gather (fresh ones cost page faults), the backward is T index_add_ calls.
+    """
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, index: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(index, weight)
+        ctx.num_rows = flat.shape[0]
+        out = flat.new_zeros(index.shape[1], flat.shape[1])
+        buf = torch.empty_like(out)
+        for t in range(index.shape[0]):
+            torch.index_select(flat, 0, index[t], out=buf)
+            out.addcmul_(buf, weight[t, :, None])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        index, weight = ctx.saved_tensors
+        grad = grad_out.new_zeros(ctx.num_rows, grad_out.shape[1])
+        for t in range(index.shape[0]):
+            grad.index_add_(0, index[t], grad_out * weight[t, :, None])
+        return grad, None, None
+
+
+def roi_align(features: Tensor, rois: Tensor, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
+              aligned: bool = False) -> Tensor:
+    """RoIAlign: features (B, C, H, W), rois (R, 5) -> (R, C, h, w) with output_size (h, w).
+
+    Each output bin averages grid_h x grid_w bilinear samples at regularly spaced points in the
+    bin; grid = sampling_ratio, or ceil(roi size / output size) per RoI when sampling_ratio <= 0
+    (RoIs are padded to the largest grid of their group and the extra samples masked off).
+    aligned=False is the original RoIAlign (RoIs at least 1 x 1 feature pixel); aligned=True shifts
+    the RoI by -0.5 pixel so that pixel centres line up (detectron2's ROIAlignV2). Samples more than one pixel
+    outside the map count as 0; samples within one pixel of the map are clamped to its border.
+    """
+    out_h, out_w = _pair(output_size)
+    b, c, height, width = features.shape
+    r = rois.shape[0]
+    if r == 0:
+        return features.new_zeros(r, c, out_h, out_w)
+    rois = rois.to(features.dtype if features.is_floating_point() else torch.float32)
+    offset = 0.5 if aligned else 0.0
+    x0, y0 = rois[:, 1] * spatial_scale - offset, rois[:, 2] * spatial_scale - offset
+    x1, y1 = rois[:, 3] * spatial_scale - offset, rois[:, 4] * spatial_scale - offset
+    roi_w, roi_h = x1 - x0, y1 - y0
+    if not aligned:
+        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+    bin_h, bin_w = roi_h / out_h, roi_w / out_w
+    if sampling_ratio > 0:
+        grid_h = torch.full((r,), sampling_ratio, dtype=torch.int64, device=rois.device)
+        grid_w = grid_h
+    else:
+        grid_h = torch.ceil(roi_h / out_h).clamp(min=0).to(torch.int64)
+        grid_w = torch.ceil(roi_w / out_w).clamp(min=0).to(torch.int64)
+    count = (grid_h * grid_w).clamp(min=1).to(rois.dtype)  # (R,)
+    # channels-last rows: one gather fetches the C values of a feature pixel for every (RoI, bin)
+    flat = features.permute(0, 2, 3, 1).reshape(b * height * width, c)  # (B*H*W, C); free if channels_last
+    base = rois[:, 0].to(torch.int64) * (height * width)  # (R,)
+    # RoIs whose bins read very different numbers of rows/columns (a long thin RoI, a large adaptive
+    # grid) go in separate groups, so that the others are not padded to their size: groups by the
+    # power of 2 above the rows (columns) a bin reads, about min(2 grid, bin size + 2).
+    need_y = torch.minimum(2 * grid_h, torch.floor(bin_h).to(torch.int64) + 2).clamp(min=1)  # (R,)
+    need_x = torch.minimum(2 * grid_w, torch.floor(bin_w).to(torch.int64) + 2).clamp(min=1)
+    key = torch.ceil(torch.log2(need_y.double())) * 64 + torch.ceil(torch.log2(need_x.double()))  # (R,)
+    pieces, order = [], []
+    for k in torch.unique(key).tolist():
+        sel = torch.nonzero(key == k, as_tuple=True)[0]  # (R_g,)
+        rows, wy = _axis_taps(y0[sel], bin_h[sel], grid_h[sel], out_h, max(int(grid_h[sel].max()), 1), height)
+        cols, wx = _axis_taps(x0[sel], bin_w[sel], grid_w[sel], out_w, max(int(grid_w[sel].max()), 1), width)
+        wy = (wy / count[sel, None, None]).to(features.dtype)  # (R_g, h, Ty)
+        wx = wx.to(features.dtype)  # (R_g, w, Tx)
+        row_start = base[sel, None, None] + rows * width  # (R_g, h, Ty)
+        idx = row_start[:, :, None, :, None] + cols[:, None, :, None, :]  # (R_g, h, w, Ty, Tx)
+        weight = wy[:, :, None, :, None] * wx[:, None, :, None, :]  # (R_g, h, w, Ty, Tx)
+        m = sel.numel() * out_h * out_w
+        pieces.append(_WeightedGather.apply(flat, idx.reshape(m, -1).t().contiguous(),
+                                            weight.reshape(m, -1).t().contiguous()).view(-1, out_h, out_w, c))
+        order.append(sel)
+    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)[torch.argsort(torch.cat(order))]  # (R, h, w, C)
+    return out.permute(0, 3, 1, 2).contiguous()  # (R, C, h, w)
+
+
+class _MaxGather(torch.autograd.Function):
+    """out[m] = max over t with valid[t, m] of flat[index[t, m]] (0 where no t is valid): flat (N, C),
+    index and valid (T, M) -> (M, C). The first maximum in t order wins, and gets the gradient."""
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, index: Tensor, valid: Tensor) -> Tensor:
+        out = flat.new_full((index.shape[1], flat.shape[1]), float("-inf"))
+        arg = torch.zeros(out.shape, dtype=torch.int64, device=flat.device)  # t of the maximum
+        buf = torch.empty_like(out)
+        better = torch.empty(out.shape, dtype=torch.bool, device=flat.device)
+        for t in range(index.shape[0]):
+            torch.index_select(flat, 0, index[t], out=buf)
+            buf.masked_fill_(~valid[t, :, None], float("-inf"))
+            torch.gt(buf, out, out=better)  # strict: an equal later value does not replace the first
+            torch.where(better, buf, out, out=out)
+            arg.masked_fill_(better, t)
+        empty = ~valid.any(dim=0)  # (M,) bins with no pixel
+        out.masked_fill_(empty[:, None], 0.0)
+        ctx.save_for_backward(index.t().gather(1, arg), empty)  # (M, C) row of each maximum
+        ctx.num_rows = flat.shape[0]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        rows, empty = ctx.saved_tensors
+        c = grad_out.shape[1]
+        grad = grad_out.new_zeros(ctx.num_rows * c)
+        channel = torch.arange(c, device=grad_out.device)
+        grad.index_add_(0, (rows * c + channel).flatten(), grad_out.masked_fill(empty[:, None], 0.0).flatten())
+        return grad.view(ctx.num_rows, c), None, None
+
+
+def _round_half_away(x: Tensor) -> Tensor:
+    """C's round(): halves away from zero (torch.round rounds halves to even)."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+@functools.lru_cache(maxsize=1)
+def torchvision_roi_pool():
+    """torchvision.ops.roi_pool if torchvision imports and its compiled ops run, else None."""
+    try:
+        from torchvision.ops import roi_pool as tv_roi_pool
+
+        tv_roi_pool(torch.zeros(1, 1, 2, 2), torch.zeros(1, 5), 1)
+    except Exception:  # not installed, or its compiled ops do not load with this torch build
+        return None
+    return tv_roi_pool
+
+
+def roi_pool(features: Tensor, rois: Tensor, output_size, spatial_scale: float = 1.0, backend: str = "auto") -> Tensor:
+    """RoI max pooling (Fast R-CNN, sec. 2.1), torchvision.ops.roi_pool's conventions.
+
+    features (B, C, H, W), rois (R, 5) -> (R, C, h, w). The RoI is rounded to feature pixels
+    (corners rounded half away from zero, both ends inclusive, at least 1 x 1); bin (i, j) is the
+    max over rows [floor(i * bin_h), ceil((i + 1) * bin_h)) (offset by the RoI start, clipped to
+    the map) and likewise for columns; an empty bin is 0. The gradient goes to the maximum
+    (the first one in row-major order on ties, as torchvision).
+
+    backend: "auto" uses torchvision's kernel when it is importable (the same values; several
+    times faster on CPU, where a max over each window is a tight loop), "native" our gathers,
+    "torchvision" requires it.
+    """
+    if backend not in ("auto", "native", "torchvision"):
+        raise ValueError(f"unknown roi_pool backend '{backend}'")
+    if backend != "native":
+        tv = torchvision_roi_pool()
+        if tv is not None:
+            return tv(features, rois.to(features.dtype), _pair(output_size), spatial_scale)
+        if backend == "torchvision":
+            raise RuntimeError("torchvision roi_pool requested but torchvision is not importable")
+    out_h, out_w = _pair(output_size)
+    b, c, height, width = features.shape
+    r = rois.shape[0]
+    if r == 0:
+        return features.new_zeros(r, c, out_h, out_w)
+    rois = rois.to(features.dtype)
+    start_x = _round_half_away(rois[:, 1] * spatial_scale).to(torch.int64)
+    start_y = _round_half_away(rois[:, 2] * spatial_scale).to(torch.int64)
+    end_x = _round_half_away(rois[:, 3] * spatial_scale).to(torch.int64)
+    end_y = _round_half_away(rois[:, 4] * spatial_scale).to(torch.int64)
+    roi_w = (end_x - start_x + 1).clamp(min=1).to(features.dtype)
+    roi_h = (end_y - start_y + 1).clamp(min=1).to(features.dtype)
+    bin_w, bin_h = roi_w / out_w, roi_h / out_h  # (R,)
+
+    def bounds(bin_size: Tensor, start: Tensor, n: int, length: int) -> tuple:
+        p = torch.arange(n, device=features.device, dtype=features.dtype)
+        lo = torch.floor(p[None] * bin_size[:, None]).to(torch.int64) + start[:, None]
+        hi = torch.ceil((p[None] + 1) * bin_size[:, None]).to(torch.int64) + start[:, None]
+        return lo.clamp(0, length), hi.clamp(0, length)  # (R, n) each, [lo, hi)
+
+    y_lo, y_hi = bounds(bin_h, start_y, out_h, height)
+    x_lo, x_hi = bounds(bin_w, start_x, out_w, width)
+    flat = features.permute(0, 2, 3, 1).reshape(b * height * width, c)  # (B*H*W, C)
+    base = rois[:, 0].to(torch.int64) * (height * width)
+    dys = torch.arange(max(int((y_hi - y_lo).amax()), 1), device=features.device)  # window rows
+    dxs = torch.arange(max(int((x_hi - x_lo).amax()), 1), device=features.device)
+    rows = y_lo[..., None] + dys  # (R, h, Ty)
+    cols = x_lo[..., None] + dxs  # (R, w, Tx)
+    valid = (rows < y_hi[..., None])[:, :, None, :, None] & (cols < x_hi[..., None])[:, None, :, None, :]
+    idx = (base[:, None, None] + rows.clamp(max=height - 1) * width)[:, :, None, :, None] \
+        + cols.clamp(max=width - 1)[:, None, :, None, :]  # (R, h, w, Ty, Tx), row-major within the window
+    m = r * out_h * out_w
+    out = _MaxGather.apply(flat, idx.reshape(m, -1).t().contiguous(), valid.reshape(m, -1).t().contiguous())
+    return out.view(r, out_h, out_w, c).permute(0, 3, 1, 2).contiguous()

@@ -1,0 +1,223 @@
+"""The Fast R-CNN box head: RoI labels and losses by hand, detections by hand, batched == per image, and
+torchvision's RPN + RoIHeads with the same weights (proposals, detections, losses)."""
+
+import math
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from retinanet.modeling.roi_heads import FastRCNNPredictor, RoIHeads, TwoMLPHead
+from retinanet.modeling.rpn import RPNHead, RegionProposalNetwork, rpn_anchor_generator
+
+try:
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+    from torchvision.models.detection.image_list import ImageList
+    from torchvision.ops import nms
+
+    nms(torch.zeros(1, 4), torch.zeros(1), 0.5)
+except Exception:
+    fasterrcnn_resnet50_fpn = None
+needs_tv = pytest.mark.skipif(fasterrcnn_resnet50_fpn is None, reason="torchvision not importable")
+
+# Boxes: gt0 [0, 0, 10, 10] class 2, gt1 [20, 20, 30, 30] class 0. Proposals and their IoU:
+#   p0 [0, 0, 10, 8]    0.8 with gt0  -> foreground, label 2 + 1 = 3
+#   p1 [0, 0, 10, 4]    0.4 with gt0  -> background (< 0.5)
+#   p2 [20, 20, 30, 26] 0.6 with gt1  -> label 0 + 1 = 1
+#   p3 [50, 50, 60, 60] 0             -> background
+# and the two boxes themselves, appended as proposals: labels 3, 1.
+GT = {"boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]]), "labels": torch.tensor([2, 0])}
+PROPOSALS = torch.tensor([[0.0, 0, 10, 8], [0, 0, 10, 4], [20, 20, 30, 26], [50, 50, 60, 60]])
+
+
+def make_heads(channels=4, num_classes=3, **kwargs):
+    return RoIHeads(TwoMLPHead(channels * 49, 16), FastRCNNPredictor(16, num_classes + 1), num_classes=num_classes,
+                    **kwargs)
+
+
+def test_roi_labels_by_hand():
+    heads = make_heads()
+    rois, labels, matched = heads.sample([PROPOSALS], [GT])
+    assert labels.tolist() == [3, 0, 1, 0, 3, 1]
+    assert torch.equal(rois[0], torch.cat([PROPOSALS, GT["boxes"]]))
+    assert torch.equal(matched[labels > 0], GT["boxes"][[0, 1, 0, 1]])
+    # 4 RoIs per image, at most 25% foreground: 1 foreground, 3 background
+    heads.batch_size_per_image = 4
+    _, labels, _ = heads.sample([PROPOSALS], [GT])
+    assert (labels > 0).sum().item() == 1 and (labels == 0).sum().item() == 2  # only 2 backgrounds exist
+    # a crowd box over p3 makes it ignored; crowd boxes are not added as proposals
+    crowd = {"boxes": torch.cat([GT["boxes"], torch.tensor([[48.0, 48, 62, 62]])]), "labels": torch.tensor([2, 0, 1]),
+             "iscrowd": torch.tensor([0, 0, 1])}
+    heads.batch_size_per_image = 512
+    rois, labels, _ = heads.sample([PROPOSALS], [crowd])
+    assert labels.tolist() == [3, 0, 1, 3, 1] and rois[0].shape[0] == 5
+    with pytest.raises(ValueError, match="image 0: labels must be in 0..2"):
+        heads.sample([PROPOSALS], [{"boxes": GT["boxes"], "labels": torch.tensor([3, 0])}])
+
+
+def test_losses_by_hand():
+    heads = make_heads()
+    rois, labels, matched = heads.sample([PROPOSALS], [GT])
+    k1 = heads.num_classes + 1
+    losses = heads.losses(torch.zeros(6, k1), torch.zeros(6, 4 * k1), torch.cat(rois), labels, matched)
+    assert losses["roi_cls"].item() == pytest.approx(math.log(k1))  # uniform over K + 1 classes
+
+    def sl1(d, beta=1 / 9):
+        return 0.5 * d * d / beta if abs(d) < beta else abs(d) - 0.5 * beta
+
+    # targets with weights (10, 10, 5, 5): p0 -> gt0: dy = 10 (5 - 4) / 8, dh = 5 log(10 / 8);
+    # p2 -> gt1: dy = 10 (25 - 23) / 6, dh = 5 log(10 / 6); the boxes themselves: 0. Over 6 sampled RoIs.
+    box = sl1(10 / 8) + sl1(5 * math.log(10 / 8)) + sl1(20 / 6) + sl1(5 * math.log(10 / 6))
+    assert losses["roi_box"].item() == pytest.approx(box / 6, rel=1e-5)
+    giou = make_heads(box_loss="giou").losses(torch.zeros(6, k1), torch.zeros(6, 4 * k1), torch.cat(rois), labels, matched)
+    assert giou["roi_box"].item() == pytest.approx((0.2 + 0.4) / 6, rel=1e-5)  # 1 - IoU for nested boxes
+
+
+def test_image_without_boxes():
+    heads = make_heads()
+    feats = [torch.randn(2, 4, 64 // s, 64 // s) for s in (4, 8, 16, 32)]
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    losses = heads.forward_train(feats, [PROPOSALS, PROPOSALS[:2]], [empty, empty])
+    assert losses["roi_box"].item() == 0.0 and torch.isfinite(losses["roi_cls"])
+    losses = heads.forward_train(feats, [PROPOSALS, PROPOSALS[:2]], [GT, empty])
+    assert losses["roi_box"].item() > 0 and torch.isfinite(losses["roi_cls"])
+    (losses["roi_cls"] + losses["roi_box"]).backward()
+    assert heads.box_head.fc6.weight.grad.abs().sum() > 0
+    # no proposals and no boxes at all: nothing sampled, both losses 0 (not NaN)
+    losses = heads.forward_train(feats, [torch.zeros(0, 4)] * 2, [empty, empty])
+    assert losses["roi_cls"].item() == 0.0 and losses["roi_box"].item() == 0.0
+
+
+def test_detections_by_hand():
+    heads = make_heads(num_classes=2)
+    proposals = [torch.tensor([[0.0, 0, 10, 10], [1, 1, 11, 11]])]
+    # softmax: roi 0 -> [0.2, 0.6, 0.2], roi 1 -> [0.25, 0.25, 0.5] (background first)
+    logits = torch.tensor([[0.0, math.log(3), 0], [0, 0, math.log(2)]])
+    deltas = torch.zeros(2, 12)  # boxes = proposals, clipped to the 8 x 100 image: [0, 0, 10, 8], [1, 1, 11, 8]
+    # class 0: roi 0 (0.6) suppresses roi 1 (0.25): IoU 63 / 87 = 0.72 > 0.5; class 1: roi 1 (0.5) suppresses roi 0 (0.2)
+    det = heads.postprocess(logits, deltas, proposals, [(8, 100)])[0]
+    assert det["labels"].tolist() == [0, 1]
+    assert torch.allclose(det["scores"], torch.tensor([0.6, 0.5]))
+    assert det["boxes"].tolist() == [[0.0, 0, 10, 8], [1, 1, 11, 8]]
+    assert heads.postprocess(logits, deltas, proposals, [(8, 100)], score_thresh=0.55)[0]["labels"].tolist() == [0]
+    assert heads.postprocess(logits, deltas, proposals, [(8, 100)], detections_per_image=1)[0]["labels"].tolist() == [0]
+    only_1 = heads.postprocess(logits, deltas, proposals, [(8, 100)], keep_classes=torch.tensor([False, True]))[0]
+    assert only_1["labels"].tolist() == [1] and only_1["scores"].tolist() == pytest.approx([0.5])
+    # without NMS overlap (threshold 0.8) all four (roi, class) pairs above 0.05 remain, by score
+    assert heads.postprocess(logits, deltas, proposals, [(8, 100)], nms_thresh=0.8)[0]["scores"].tolist() == \
+        pytest.approx([0.6, 0.5, 0.25, 0.2])
+    # a box regression: dx = 10 * 0.1 moves class 0's box of roi 0 by one width (10 px) to the right
+    deltas[0, 4] = 10.0
+    assert heads.postprocess(logits, deltas, proposals, [(8, 100)])[0]["boxes"][0].tolist() == \
+        pytest.approx([10.0, 0, 20, 8])
+    none = heads.postprocess(torch.zeros(0, 3), torch.zeros(0, 12), [torch.zeros(0, 4)], [(8, 100)])[0]
+    assert none["boxes"].shape == (0, 4)
+
+
+def test_batched_equals_per_image():
+    torch.manual_seed(2)
+    heads = make_heads(channels=4, num_classes=3).eval()
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    feats = [torch.randn(2, 4, 128 // s, 160 // s) for s in (4, 8, 16, 32)]
+    proposals, sizes = [], [(128, 140), (100, 160)]
+    for n in (60, 35):
+        xy = torch.rand(n, 2) * 100
+        proposals.append(torch.cat([xy, xy + torch.rand(n, 2) * 60 + 2], 1))
+    batch = heads.postprocess(*heads.predict(feats, proposals), proposals, sizes)
+    for i in range(2):
+        one = [f[i:i + 1] for f in feats]
+        alone = heads.postprocess(*heads.predict(one, proposals[i:i + 1]), proposals[i:i + 1], sizes[i:i + 1])[0]
+        assert batch[i]["boxes"].shape[0] > 10
+        assert torch.equal(batch[i]["labels"], alone["labels"])
+        assert torch.allclose(batch[i]["boxes"], alone["boxes"], atol=1e-4)
+        assert torch.allclose(batch[i]["scores"], alone["scores"], atol=1e-6)
+
+
+def torchvision_pair(num_classes=5, std=0.05):
+    """torchvision's fasterrcnn_resnet50_fpn RPN and RoI heads (random weights, spread out so that
+    proposals and scores differ) and ours with the same weights, built with our defaults."""
+    tv = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes + 1)
+    for module in (tv.rpn.head, tv.roi_heads.box_head, tv.roi_heads.box_predictor):
+        for p in module.parameters():
+            torch.nn.init.normal_(p, std=std)
+    rpn = RegionProposalNetwork(RPNHead(256, 3), rpn_anchor_generator())
+    rpn.head.load_state_dict(tv.rpn.head.state_dict())
+    heads = RoIHeads(TwoMLPHead(256 * 49, 1024), FastRCNNPredictor(1024, num_classes + 1), num_classes=num_classes)
+    heads.box_head.load_state_dict(tv.roi_heads.box_head.state_dict())
+    heads.box_predictor.load_state_dict(tv.roi_heads.box_predictor.state_dict())
+    return tv, rpn, heads
+
+
+def pyramid(batch, height, width, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 256, height // s, width // s, generator=g) for s in (4, 8, 16, 32, 64)]
+
+
+@needs_tv
+def test_proposals_and_detections_equal_torchvision():
+    torch.manual_seed(0)
+    tv, rpn, heads = torchvision_pair()
+    tv.eval(), rpn.eval(), heads.eval()
+    h, w = 320, 416  # the padded batch (multiples of 32); the resized images are smaller
+    feats, sizes = pyramid(2, h, w, 1), [(320, 400), (290, 416)]
+    named = OrderedDict(zip(["0", "1", "2", "3", "pool"], feats))
+    with torch.no_grad():
+        tv_props, _ = tv.rpn(ImageList(torch.zeros(2, 3, h, w), sizes), named)
+        tv_dets, _ = tv.roi_heads(named, tv_props, sizes)
+        props, _ = rpn(feats, (h, w), sizes)
+        objectness, deltas, level_sizes = rpn.head(feats)
+        _, scores = rpn.propose(objectness, deltas, rpn.anchors(feats, (h, w))[0], level_sizes, sizes)
+        dets = heads.postprocess(*heads.predict(feats, props), props, sizes)
+    worst = {"proposals": 0.0, "boxes": 0.0, "scores": 0.0}
+    for i in range(2):
+        assert props[i].shape == tv_props[i].shape and props[i].shape[0] == 1000
+        # Proposals with exactly equal objectness (float32 sigmoids tie now and then) may come in either
+        # order: torchvision's sort is not stable. Elsewhere the order is the same.
+        diff = (props[i] - tv_props[i]).abs().amax(dim=1)  # (1000,)
+        tied = torch.zeros_like(diff, dtype=torch.bool)
+        tied[1:] |= scores[i][1:] == scores[i][:-1]
+        tied[:-1] |= scores[i][:-1] == scores[i][1:]
+        assert tied.sum() < 20
+        worst["proposals"] = max(worst["proposals"], diff[~tied].max().item())
+        unmatched = (props[i][tied, None] - tv_props[i][None, tied]).abs().amax(-1).amin(1)
+        assert unmatched.max() < 1e-3  # the tied ones are a permutation of each other
+        assert dets[i]["boxes"].shape[0] == tv_dets[i]["boxes"].shape[0] > 20
+        assert torch.equal(dets[i]["labels"] + 1, tv_dets[i]["labels"])  # torchvision's labels count background as 0
+        worst["boxes"] = max(worst["boxes"], (dets[i]["boxes"] - tv_dets[i]["boxes"]).abs().max().item())
+        worst["scores"] = max(worst["scores"], (dets[i]["scores"] - tv_dets[i]["scores"]).abs().max().item())
+    print("max |ours - torchvision|:", {k: f"{v:.1e}" for k, v in worst.items()})
+    assert worst["proposals"] < 1e-3 and worst["boxes"] < 1e-3 and worst["scores"] < 1e-5
+
+
+@needs_tv
+def test_losses_equal_torchvision():
+    # Samples larger than the images: both samplers take everything, so the losses are deterministic.
+    torch.manual_seed(0)
+    tv, rpn, heads = torchvision_pair(std=0.01)
+    tv.rpn.fg_bg_sampler.batch_size_per_image = rpn.batch_size_per_image = 10 ** 7
+    tv.roi_heads.fg_bg_sampler.batch_size_per_image = heads.batch_size_per_image = 10 ** 7
+    tv.train(), rpn.train(), heads.train()
+    h, w = 256, 320
+    feats, sizes = pyramid(2, h, w, 3), [(256, 300), (230, 320)]
+    targets = [{"boxes": torch.tensor([[10.0, 20, 100, 90], [150, 30, 290, 200], [5, 5, 20, 12]]),
+                "labels": torch.tensor([0, 4, 2])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    tv_targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]
+    named = OrderedDict(zip(["0", "1", "2", "3", "pool"], feats))
+    tv_props, tv_rpn_losses = tv.rpn(ImageList(torch.zeros(2, 3, h, w), sizes), named, tv_targets)
+    _, tv_roi_losses = tv.roi_heads(named, tv_props, sizes, tv_targets)
+    props, rpn_losses = rpn(feats, (h, w), sizes, targets)
+    roi_losses = heads.forward_train(feats, props, targets)
+    pairs = [(rpn_losses["rpn_cls"], tv_rpn_losses["loss_objectness"]),
+             (rpn_losses["rpn_box"], tv_rpn_losses["loss_rpn_box_reg"]),
+             (roi_losses["roi_cls"], tv_roi_losses["loss_classifier"]),
+             (roi_losses["roi_box"], tv_roi_losses["loss_box_reg"])]
+    print("losses (ours, torchvision):", [(round(a.item(), 6), round(b.item(), 6)) for a, b in pairs])
+    for ours, ref in pairs:
+        assert ours.item() == pytest.approx(ref.item(), rel=1e-4)
+    ours_total, tv_total = sum(a for a, _ in pairs), sum(b for _, b in pairs)
+    g = torch.autograd.grad(ours_total, [heads.box_predictor.bbox_pred.weight, rpn.head.conv.weight])
+    g_tv = torch.autograd.grad(tv_total, [tv.roi_heads.box_predictor.bbox_pred.weight, tv.rpn.head.conv[0][0].weight])
+    for a, b in zip(g, g_tv):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
