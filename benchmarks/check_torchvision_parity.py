@@ -17,6 +17,9 @@ the project's environment:
      (as under its COCO weights), GroupNorm heads without conv biases, P6 from C5; saved as its
      published file is (current key names, with num_batches_tracked). Converted with no
      --arch and no --bn-eps: the architecture is detected from the keys.
+   - "fasterrcnn": fasterrcnn_resnet50_fpn as torchvision builds it for its COCO weights
+     (FrozenBatchNorm2d, overwrite_eps(model, 0.0)), current key names. Its RPN objectness and
+     box classifier get spread-out random weights so that proposals and scores are not near ties.
    All get random BatchNorm statistics (and random GroupNorm affine parameters), and a
    classification bias that puts 200 to 400 scores per image above the 0.05 threshold (random
    heads rarely pass it otherwise).
@@ -41,7 +44,7 @@ SIZES = [(427, 640), (375, 500)]
 # variant -> (torchvision architecture, BatchNorm eps to convert with (None: the converter's default),
 #             max |box difference| in pixels)
 VARIANTS = {"stock": ("retinanet_resnet50_fpn", 1e-5, 0.5), "coco-like": ("retinanet_resnet50_fpn", 0.0, 0.5),
-            "v2": ("retinanet_resnet50_fpn_v2", None, 1e-3)}
+            "v2": ("retinanet_resnet50_fpn_v2", None, 1e-3), "fasterrcnn": ("fasterrcnn_resnet50_fpn", None, 1e-3)}
 
 
 def make_images(folder: Path) -> list:
@@ -74,7 +77,8 @@ def torchvision_side(workdir: Path) -> None:
     import torchvision
     from PIL import Image
     from torchvision.models import resnet50
-    from torchvision.models.detection import (RetinaNet, RetinaNet_ResNet50_FPN_V2_Weights, RetinaNet_ResNet50_FPN_Weights,
+    from torchvision.models.detection import (FasterRCNN, FasterRCNN_ResNet50_FPN_Weights, RetinaNet,
+                                              RetinaNet_ResNet50_FPN_V2_Weights, RetinaNet_ResNet50_FPN_Weights,
                                               retinanet_resnet50_fpn, retinanet_resnet50_fpn_v2)
     from torchvision.models.detection._utils import overwrite_eps
     from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
@@ -87,13 +91,18 @@ def torchvision_side(workdir: Path) -> None:
     report = {"torch": torch.__version__, "torchvision": torchvision.__version__,
               "categories": RetinaNet_ResNet50_FPN_Weights.COCO_V1.meta["categories"],
               "num_params": {"retinanet_resnet50_fpn": RetinaNet_ResNet50_FPN_Weights.COCO_V1.meta["num_params"],
-                             "retinanet_resnet50_fpn_v2": RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1.meta["num_params"]},
+                             "retinanet_resnet50_fpn_v2": RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1.meta["num_params"],
+                             "fasterrcnn_resnet50_fpn": FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["num_params"]},
               "variants": {}}
     for variant in VARIANTS:
         if variant == "stock":
             model = retinanet_resnet50_fpn(weights=None, weights_backbone=None)
         elif variant == "v2":
             model = retinanet_resnet50_fpn_v2(weights=None, weights_backbone=None)
+        elif variant == "fasterrcnn":  # what fasterrcnn_resnet50_fpn(weights=COCO_V1) builds before loading
+            body = resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+            model = FasterRCNN(_resnet_fpn_extractor(body, 3), 91)
+            overwrite_eps(model, 0.0)
         else:  # what retinanet_resnet50_fpn(weights=COCO_V1) builds before loading the file
             body = resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
             backbone = _resnet_fpn_extractor(body, 3, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
@@ -107,6 +116,10 @@ def torchvision_side(workdir: Path) -> None:
                     m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0)
                 elif isinstance(m, torch.nn.GroupNorm):
                     m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+            if variant == "fasterrcnn":
+                _spread_faster_rcnn(model)
+                _save_and_run(model, variant, images, workdir, report)
+                continue
             # 200 to 400 (anchor, class) scores per image above 0.05: under the per-level top-1000 and
             # the 300 cap, so float noise between torch versions cannot reorder what is kept.
             cls = model.head.classification_head.cls_logits
@@ -118,15 +131,32 @@ def torchvision_side(workdir: Path) -> None:
             lo = 200 * len(images)
             gap = int((top[lo - 1:-1] - top[lo:]).argmax()) + lo  # threshold in the widest gap: float noise cannot cross it
             cls.bias.fill_(math.log(0.05 / 0.95) - float(top[gap - 1] + top[gap]) / 2)
-        state = model.state_dict()
-        if variant == "coco-like":  # the published file's older names
-            state = {_v1_name(k): v for k, v in state.items()}
-        torch.save(state, workdir / f"{variant}.pth")
-        with torch.no_grad():
-            detections = model(images)
-        report["variants"][variant] = [{k: v.tolist() for k, v in d.items()} for d in detections]
-        print(f"torchvision {variant}: " + ", ".join(f"{len(d['scores'])} detections" for d in detections), flush=True)
+        _save_and_run(model, variant, images, workdir, report)
     (workdir / "torchvision.json").write_text(json.dumps(report))
+
+
+def _spread_faster_rcnn(model) -> None:
+    """Random heads whose RPN objectness and class scores are spread out (few near ties), so that the
+    proposals kept and the (box, class) scores above 0.05 do not depend on float noise."""
+    import torch
+
+    model.rpn.head.cls_logits.weight.normal_(std=0.3)
+    model.roi_heads.box_predictor.cls_score.weight.normal_(std=0.05)
+    model.roi_heads.box_predictor.cls_score.bias.copy_(torch.linspace(-3.0, 3.0, 91)[torch.randperm(91)])
+    model.roi_heads.box_predictor.bbox_pred.weight.normal_(std=0.01)
+
+
+def _save_and_run(model, variant: str, images: list, workdir: Path, report: dict) -> None:
+    import torch
+
+    state = model.state_dict()
+    if variant == "coco-like":  # the published file's older names
+        state = {_v1_name(k): v for k, v in state.items()}
+    torch.save(state, workdir / f"{variant}.pth")
+    with torch.no_grad():
+        detections = model(images)
+    report["variants"][variant] = [{k: v.tolist() for k, v in d.items()} for d in detections]
+    print(f"torchvision {variant}: " + ", ".join(f"{len(d['scores'])} detections" for d in detections), flush=True)
 
 
 def _v1_name(key: str) -> str:
@@ -156,7 +186,9 @@ def compare(workdir: Path) -> bool:
         ckpt = workdir / f"{variant}.pt"
         eps_flag = [] if eps is None else ["--bn-eps", str(eps)]
         assert cli(["convert", "--from", "torchvision", str(workdir / f"{variant}.pth"), str(ckpt), *eps_flag]) == 0
-        predictor = Predictor.from_checkpoint(str(ckpt), device="cpu", classes=list(range(91)), batch_size=len(images))
+        predictor = Predictor.from_checkpoint(str(ckpt), device="cpu", batch_size=len(images),
+                                              classes=[c["id"] for c in Predictor.from_checkpoint(
+                                                  str(ckpt), device="cpu").categories])  # every slot
         if sum(p.numel() for p in predictor.model.parameters()) != tv["num_params"][arch]:
             print(f"{variant}: parameter count differs from torchvision's {arch}")
             ok = False
@@ -164,7 +196,7 @@ def compare(workdir: Path) -> bool:
             labels = np.array(theirs["labels"])
             boxes = np.array(theirs["boxes"], dtype=np.float32).reshape(-1, 4)
             scores = np.array(theirs["scores"], dtype=np.float32)
-            same = len(ours) == len(labels) and np.array_equal(ours.labels, labels)
+            same = len(ours) == len(labels) and np.array_equal(ours.category_ids, labels)  # torchvision's label = id
             line = f"  {variant:9s} {path.name}: {len(labels)} torchvision, {len(ours)} ours, labels {'identical' if same else 'DIFFER'}"
             if same and len(labels):
                 box_diff = float(np.abs(ours.boxes - boxes).max())

@@ -84,6 +84,7 @@ PLACEHOLDER_NAMES = ("__background__", "N/A")
 
 
 TORCHVISION_ARCHS = ("retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2")
+TORCHVISION_TWO_STAGE = "fasterrcnn_resnet50_fpn"
 
 
 def torchvision_retinanet_config(num_classes: int = 91, bn_eps: Optional[float] = None,
@@ -123,6 +124,37 @@ def torchvision_retinanet_config(num_classes: int = 91, bn_eps: Optional[float] 
         # Conv2dNormActivation(norm_layer=partial(nn.GroupNorm, 32)): conv without bias, GroupNorm(32), ReLU
         m.head_norm, m.head_bias = "gn", False
         cfg.loss.box = "giou"  # head.regression_head._loss_type = "giou" (decoded boxes, BoxCoder weights 1, 1, 1, 1)
+    return cfg
+
+
+def torchvision_faster_rcnn_config(num_classes: int = 91, bn_eps: float = 0.0):
+    """The config under which our Faster R-CNN computes what torchvision's fasterrcnn_resnet50_fpn (v1) computes.
+
+    num_classes: torchvision's count, background included (91 for COCO); ours is one less (our
+    label l is torchvision's l + 1). bn_eps: 0.0 for torchvision's COCO weights (it sets
+    FrozenBatchNorm eps to 0 when it loads them), 1e-5 for a model built without them.
+    """
+    from .config import Config
+
+    cfg = Config()
+    m = cfg.model
+    m.arch, m.num_classes = "faster_rcnn", num_classes - 1
+    m.backbone, m.backbone_width, m.backbone_norm, m.backbone_norm_eps = "resnet50", 64, "frozen_bn", bn_eps
+    m.frozen_stages = 2  # trainable_backbone_layers=3: conv1 and layer1 frozen
+    m.min_level, m.max_level, m.fpn_channels, m.p6_from = 2, 6, 256, "pool"  # LastLevelMaxPool: P6 from P5
+    m.anchor_sizes = [32.0, 64.0, 128.0, 256.0, 512.0]  # ((32,), (64,), ...), aspect ratios (0.5, 1, 2) per level
+    m.anchor_scales, m.anchor_ratios = [1.0], [0.5, 1.0, 2.0]
+    m.anchor_offset, m.anchor_style = 0.0, "torchvision"
+    m.rpn_fg_iou, m.rpn_bg_iou, m.rpn_batch_per_image, m.rpn_positive_fraction = 0.7, 0.3, 256, 0.5
+    m.rpn_pre_nms_top_n, m.rpn_post_nms_top_n, m.rpn_nms_thresh = [2000, 1000], [2000, 1000], 0.7
+    m.roi_min_level, m.roi_max_level, m.roi_pooler = 2, 5, "align"  # MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    m.roi_output_size, m.roi_sampling_ratio, m.roi_aligned, m.roi_head_dim = 7, 2, False, 1024
+    m.roi_fg_iou, m.roi_bg_iou, m.roi_batch_per_image, m.roi_positive_fraction = 0.5, 0.5, 512, 0.25
+    m.roi_box_weights, m.box_clamp = [10.0, 10.0, 5.0, 5.0], math.log(1000.0 / 16)
+    m.score_thresh, m.nms_thresh, m.detections_per_image = 0.05, 0.5, 100
+    m.min_size, m.max_size, m.resize_rounding, m.size_divisibility = 800, 1333, "floor", 32
+    m.pixel_mean, m.pixel_std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    cfg.loss.smooth_l1_beta = 1.0 / 9  # torchvision's RPN and box-head losses
     return cfg
 
 
@@ -167,6 +199,10 @@ _OURS_TO_TORCHVISION = [
     (r"head\.(cls_subnet|box_subnet)\.tower\.(\d+)\.(weight|bias)", _tower_layer),
     (r"head\.cls_subnet\.predictor\.(weight|bias)", lambda m: f"head.classification_head.cls_logits.{m[1]}"),
     (r"head\.box_subnet\.predictor\.(weight|bias)", lambda m: f"head.regression_head.bbox_reg.{m[1]}"),
+    # Faster R-CNN: torchvision's current RPNHead wraps its conv as conv.0.0 (Conv2dNormActivation)
+    (r"rpn\.head\.conv\.(weight|bias)", lambda m: f"rpn.head.conv.0.0.{m[1]}"),
+    (r"(rpn\.head\.(?:cls_logits|bbox_pred)\.(?:weight|bias))", lambda m: m[1]),
+    (r"(roi_heads\.box_(?:head\.fc[67]|predictor\.(?:cls_score|bbox_pred))\.(?:weight|bias))", lambda m: m[1]),
 ]
 
 
@@ -195,6 +231,7 @@ def normalize_torchvision_keys(state: dict) -> dict:
         if key.endswith("num_batches_tracked"):
             continue
         key = re.sub(r"^(backbone\.fpn\.(?:inner|layer)_blocks\.\d+)\.(weight|bias)$", r"\1.0.\2", key)
+        key = re.sub(r"^rpn\.head\.conv\.(weight|bias)$", r"rpn.head.conv.0.0.\1", key)  # torchvision < 0.13
         m = re.fullmatch(r"(head\.(?:classification|regression)_head\.conv)\.(\d+)\.(weight|bias)", key)
         if m and int(m[2]) % 2 == 0:  # v1 head: Sequential(conv, relu, conv, relu, ...)
             key = f"{m[1]}.{int(m[2]) // 2}.0.{m[3]}"
@@ -223,7 +260,8 @@ def from_torchvision_state_dict(state: dict, reference: dict) -> dict:
     unexpected = sorted(k for k in tv if k not in ours_of)
     missing = sorted(k for k in ours_of if k not in tv)
     if unexpected or missing:
-        raise ValueError("not a torchvision retinanet_resnet50_fpn state dict: "
+        what = TORCHVISION_TWO_STAGE if any(k.startswith("rpn.") for k in reference) else "retinanet_resnet50_fpn"
+        raise ValueError(f"not a torchvision {what} state dict: "
                          + (f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:5])}) " if unexpected else "")
                          + (f"{len(missing)} missing keys ({', '.join(missing[:5])})" if missing else ""))
     out = dict(counters)
@@ -236,11 +274,14 @@ def from_torchvision_state_dict(state: dict, reference: dict) -> dict:
 
 
 def detect_torchvision_arch(state: dict) -> str:
-    """"retinanet_resnet50_fpn" or "retinanet_resnet50_fpn_v2" from a (normalized) torchvision state dict.
+    """"retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2" or "fasterrcnn_resnet50_fpn" from a
+    (normalized) torchvision state dict.
 
     v2 has GroupNorm in its heads (`head.classification_head.conv.0.1.weight`) and computes P6 from
     C5 (`backbone.fpn.extra_blocks.p6.weight` takes 2048 channels, v1's takes P5's 256).
     """
+    if "roi_heads.box_predictor.cls_score.weight" in state:
+        return TORCHVISION_TWO_STAGE
     gn = "head.classification_head.conv.0.1.weight" in state
     p6 = state.get("backbone.fpn.extra_blocks.p6.weight")
     if p6 is None:
@@ -264,6 +305,10 @@ def convert_torchvision_retinanet(src: str, dst: str, bn_eps: Optional[float] = 
     from .modeling import build_model
 
     state = normalize_torchvision_keys(read_state_dict(src))
+    if "roi_heads.box_predictor.cls_score.weight" in state or arch == TORCHVISION_TWO_STAGE:
+        if arch not in ("auto", TORCHVISION_TWO_STAGE):
+            raise ValueError(f"{src}: --arch {arch}, but the weights are {TORCHVISION_TWO_STAGE}'s (RPN and RoI heads)")
+        return _convert_torchvision_faster_rcnn(src, dst, state, 0.0 if bn_eps is None else bn_eps)
     cls_bias = state.get("head.classification_head.cls_logits.bias")
     if cls_bias is None:
         raise ValueError(f"{src}: no 'head.classification_head.cls_logits.bias'; "
@@ -287,5 +332,30 @@ def convert_torchvision_retinanet(src: str, dst: str, bn_eps: Optional[float] = 
         raise ValueError(f"{src}: {e}") from None
     ckpt = make_checkpoint(model, cfg, torchvision_categories(num_classes),
                            converted_from=f"torchvision {found}: {Path(src).name}")
+    save_atomic(ckpt, dst)
+    return ckpt
+
+
+def _convert_torchvision_faster_rcnn(src: str, dst: str, state: dict, bn_eps: float) -> dict:
+    """torchvision fasterrcnn_resnet50_fpn (v1) weights (normalized keys) -> a checkpoint of ours at `dst`.
+
+    torchvision's label 0 is the background; its labels 1..K are our 0..K-1, with category ids and
+    names from its COCO list (placeholders for "N/A").
+    """
+    from .checkpoint import make_checkpoint, save_atomic
+    from .modeling import build_model
+
+    cls_bias = state.get("roi_heads.box_predictor.cls_score.bias")
+    if cls_bias is None:
+        raise ValueError(f"{src}: no 'roi_heads.box_predictor.cls_score.bias'; is this torchvision's "
+                         f"{TORCHVISION_TWO_STAGE}?")
+    cfg = torchvision_faster_rcnn_config(num_classes=cls_bias.numel(), bn_eps=bn_eps)
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(from_torchvision_state_dict(state, model.state_dict()))
+    except ValueError as e:
+        raise ValueError(f"{src}: {e}") from None
+    categories = torchvision_categories(cls_bias.numel())[1:]  # without the background slot
+    ckpt = make_checkpoint(model, cfg, categories, converted_from=f"torchvision {TORCHVISION_TWO_STAGE}: {Path(src).name}")
     save_atomic(ckpt, dst)
     return ckpt

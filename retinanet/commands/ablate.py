@@ -6,9 +6,10 @@ from __future__ import annotations
 def register(sub) -> None:
     p = sub.add_parser("ablate", help="rerun a paper ablation (a sweep of settings x seeds) and tabulate COCO AP",
                        description=__doc__)
-    p.add_argument("sweep", help="a sweep YAML file, or the name of a shipped sweep "
-                                 "(table1a_alpha_ce, table1b_gamma, table1c_anchors, table1d_ohem, table2_fl_star, "
-                                 "iou_table2_components, iou_table3_eta, iou_table4_lambda)")
+    from ..ablate import SWEEPS_DIR
+
+    shipped = ", ".join(sorted(path.stem for path in SWEEPS_DIR.glob("*.yaml")))
+    p.add_argument("sweep", help=f"a sweep YAML file, or the name of a shipped sweep ({shipped})")
     p.add_argument("--output", required=True, metavar="DIR",
                    help="folder for the runs and results.md/results.json; rerun with the same folder to resume")
     p.add_argument("--profile", default="small", help="small (2-core CPU, minutes per run; default) or paper (GPUs)")
