@@ -57,6 +57,8 @@ def export_onnx(model, config: Config, categories: list, path: str, *, exporter:
 
     if exporter not in ("dynamo", "torchscript"):
         raise ValueError(f"exporter must be 'dynamo' or 'torchscript', got '{exporter}'")
+    if model.onnx_unsupported:
+        raise ValueError(f"model.arch {config.model.arch}: {model.onnx_unsupported}")
     graph = NetworkGraph(model).eval()
     names = list(model.output_names)
     inputs = list(model.network_inputs)

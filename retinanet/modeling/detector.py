@@ -61,6 +61,7 @@ class Detector(nn.Module):
 
     network_inputs: tuple = ("images",)  # what `network` takes (ONNX inputs): images, and image_sizes if named
     output_names: tuple = ()  # names of `network`'s outputs (ONNX)
+    onnx_unsupported: Optional[str] = None  # why `network` cannot be exported to ONNX, if it cannot
 
     def __init__(self, *, min_size: int, max_size: int, resize_rounding: str = "round", size_divisibility: int = 32,
                  pixel_mean=(0.485, 0.456, 0.406), pixel_std=(0.229, 0.224, 0.225)):

@@ -32,6 +32,9 @@ class FasterRCNN(Detector):
 
     network_inputs = ("images", "image_sizes")
     output_names = ("class_logits", "box_regression", "proposals", "proposal_image")
+    # The proposal stage (per-level top-k, NMS, data-dependent counts) and the RoI pooling are not yet
+    # written in a form the ONNX exporters trace (ONNX's TopK, NonMaxSuppression and RoiAlign).
+    onnx_unsupported = "the two-stage network's proposal stage and RoI pooling do not export to ONNX yet"
 
     def __init__(self, backbone: ResNet, fpn: FPN, rpn: RegionProposalNetwork, roi_heads: RoIHeads, *,
                  num_classes: int, score_thresh: float = 0.05, nms_thresh: float = 0.5,
