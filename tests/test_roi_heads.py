@@ -37,6 +37,7 @@ def make_heads(channels=4, num_classes=3, **kwargs):
 
 def test_roi_labels_by_hand():
     heads = make_heads()
+    assert (heads.min_level, heads.max_level) == (2, 5)  # strides 4..32
     rois, labels, matched = heads.sample([PROPOSALS], [GT])
     assert labels.tolist() == [3, 0, 1, 0, 3, 1]
     assert torch.equal(rois[0], torch.cat([PROPOSALS, GT["boxes"]]))

@@ -94,6 +94,16 @@ class RoIHeads(nn.Module):
         self.smooth_l1_beta, self.box_loss, self.crowd_ioa = smooth_l1_beta, box_loss, crowd_ioa
         self.score_thresh, self.nms_thresh, self.detections_per_image = score_thresh, nms_thresh, detections_per_image
 
+    @property
+    def min_level(self) -> int:
+        """The finest pyramid level pooled from (2 for strides 4..32)."""
+        return int(round(math.log2(self.strides[0])))
+
+    @property
+    def max_level(self) -> int:
+        """The coarsest pyramid level pooled from (5 for strides 4..32)."""
+        return int(round(math.log2(self.strides[-1])))
+
     # ------------------------------------------------------------------ features and predictions
     def pool(self, features: list, proposals: list) -> Tensor:
         """-> (sum P_i, C, 7, 7) pooled features, in the order of the concatenated proposals."""
