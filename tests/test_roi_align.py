@@ -121,6 +121,24 @@ def test_roi_align_equals_torchvision_on_a_pyramid(aligned, sampling_ratio):
 
 
 @needs_tv
+def test_torchvision_backend_is_torchvision_kernel():
+    g = torch.Generator().manual_seed(9)
+    feat = torch.randn(2, 3, 25, 34, generator=g)
+    rois = pyramid_rois(100, 10)
+    assert torch.equal(roi_align(feat, rois, 7, 1 / 32, 2, backend="torchvision"), tv_roi_align(feat, rois, 7, 1 / 32, 2))
+
+
+def test_backend_names():
+    with pytest.raises(ValueError, match="backend"):
+        roi_align(ramp(), torch.zeros(1, 5), 1, backend="cuda")
+    with pytest.raises(ValueError, match="backend"):
+        roi_pool(ramp(), torch.zeros(1, 5), 1, backend="cuda")
+    if tv_roi_align is None:
+        with pytest.raises(RuntimeError, match="not importable"):
+            roi_align(ramp(), torch.zeros(1, 5), 1, backend="torchvision")
+
+
+@needs_tv
 @pytest.mark.parametrize("aligned,sampling_ratio", [(False, 2), (True, 0)])
 def test_roi_align_gradient_equals_torchvision(aligned, sampling_ratio):
     g = torch.Generator().manual_seed(3)

@@ -37,6 +37,7 @@ def make_heads(channels=4, num_classes=3, **kwargs):
 
 def test_roi_labels_by_hand():
     heads = make_heads()
+    assert (heads.min_level, heads.max_level) == (2, 5)  # strides 4..32
     rois, labels, matched = heads.sample([PROPOSALS], [GT])
     assert labels.tolist() == [3, 0, 1, 0, 3, 1]
     assert torch.equal(rois[0], torch.cat([PROPOSALS, GT["boxes"]]))
@@ -134,7 +135,7 @@ def test_batched_equals_per_image():
         assert torch.allclose(batch[i]["scores"], alone["scores"], atol=1e-6)
 
 
-def torchvision_pair(num_classes=5, std=0.05):
+def torchvision_pair(num_classes=5, std=0.05, pool_backend=None):
     """torchvision's fasterrcnn_resnet50_fpn RPN and RoI heads (random weights, spread out so that
     proposals and scores differ) and ours with the same weights, built with our defaults."""
     tv = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes + 1)
@@ -143,7 +144,8 @@ def torchvision_pair(num_classes=5, std=0.05):
             torch.nn.init.normal_(p, std=std)
     rpn = RegionProposalNetwork(RPNHead(256, 3), rpn_anchor_generator())
     rpn.head.load_state_dict(tv.rpn.head.state_dict())
-    heads = RoIHeads(TwoMLPHead(256 * 49, 1024), FastRCNNPredictor(1024, num_classes + 1), num_classes=num_classes)
+    heads = RoIHeads(TwoMLPHead(256 * 49, 1024), FastRCNNPredictor(1024, num_classes + 1), num_classes=num_classes,
+                     pool_backend=pool_backend)
     heads.box_head.load_state_dict(tv.roi_heads.box_head.state_dict())
     heads.box_predictor.load_state_dict(tv.roi_heads.box_predictor.state_dict())
     return tv, rpn, heads
@@ -155,9 +157,12 @@ def pyramid(batch, height, width, seed):
 
 
 @needs_tv
-def test_proposals_and_detections_equal_torchvision():
+@pytest.mark.parametrize("pool_backend", [None, "torchvision"])
+def test_proposals_and_detections_equal_torchvision(pool_backend):
+    # Our RoIAlign sums in another order than torchvision's kernel (differences ~1e-7, grown by the
+    # MLP); with torchvision's kernel for the pooling the detections are bitwise torchvision's.
     torch.manual_seed(0)
-    tv, rpn, heads = torchvision_pair()
+    tv, rpn, heads = torchvision_pair(pool_backend=pool_backend)
     tv.eval(), rpn.eval(), heads.eval()
     h, w = 320, 416  # the padded batch (multiples of 32); the resized images are smaller
     feats, sizes = pyramid(2, h, w, 1), [(320, 400), (290, 416)]
@@ -186,8 +191,11 @@ def test_proposals_and_detections_equal_torchvision():
         assert torch.equal(dets[i]["labels"] + 1, tv_dets[i]["labels"])  # torchvision's labels count background as 0
         worst["boxes"] = max(worst["boxes"], (dets[i]["boxes"] - tv_dets[i]["boxes"]).abs().max().item())
         worst["scores"] = max(worst["scores"], (dets[i]["scores"] - tv_dets[i]["scores"]).abs().max().item())
-    print("max |ours - torchvision|:", {k: f"{v:.1e}" for k, v in worst.items()})
-    assert worst["proposals"] < 1e-3 and worst["boxes"] < 1e-3 and worst["scores"] < 1e-5
+    print(f"pool_backend {pool_backend}: max |ours - torchvision|:", {k: f"{v:.1e}" for k, v in worst.items()})
+    assert worst["proposals"] == 0.0  # the RPN's arithmetic is torchvision's, op for op
+    if pool_backend == "torchvision":
+        assert worst["boxes"] == 0.0 and worst["scores"] == 0.0
+    assert worst["boxes"] < 1e-3 and worst["scores"] < 1e-5
 
 
 @needs_tv

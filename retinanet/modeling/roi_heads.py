@@ -65,6 +65,8 @@ class RoIHeads(nn.Module):
             box loss; box_loss: "smooth_l1" on the deltas or "giou" (1 - GIoU of the decoded box).
         score_thresh, nms_thresh, detections_per_image: inference.
         crowd_ioa: background proposals covered this much by a crowd box (iscrowd) are ignored.
+        pool_backend: the RoIAlign / RoI pooling kernel (`pool_pyramid`'s backend; None: the defaults;
+            "torchvision" reproduces torchvision's pooled features bitwise, for parity checks).
 
     Training: forward_train(features, proposals, targets) -> {"roi_cls", "roi_box"}.
     Inference: postprocess(*predict(features, proposals), proposals, image_sizes) -> detections.
@@ -78,7 +80,7 @@ class RoIHeads(nn.Module):
                  positive_fraction: float = 0.25, box_weights=(10.0, 10.0, 5.0, 5.0),
                  box_clamp: float = math.log(1000.0 / 16), smooth_l1_beta: float = 1.0 / 9,
                  box_loss: str = "smooth_l1", score_thresh: float = 0.05, nms_thresh: float = 0.5,
-                 detections_per_image: int = 100, crowd_ioa: float = 0.7):
+                 detections_per_image: int = 100, crowd_ioa: float = 0.7, pool_backend: Optional[str] = None):
         super().__init__()
         if pooler not in ("align", "pool"):
             raise ValueError(f"pooler must be 'align' or 'pool', got '{pooler}'")
@@ -87,18 +89,28 @@ class RoIHeads(nn.Module):
         self.box_head, self.box_predictor = box_head, box_predictor
         self.num_classes = num_classes
         self.strides, self.output_size = tuple(strides), output_size
-        self.sampling_ratio, self.aligned, self.pooler = sampling_ratio, aligned, pooler
+        self.sampling_ratio, self.aligned, self.pooler, self.pool_backend = sampling_ratio, aligned, pooler, pool_backend
         self.matcher = Matcher(fg_iou, bg_iou, allow_low_quality=False)
         self.batch_size_per_image, self.positive_fraction = batch_size_per_image, positive_fraction
         self.box_weights, self.box_clamp = tuple(box_weights), box_clamp
         self.smooth_l1_beta, self.box_loss, self.crowd_ioa = smooth_l1_beta, box_loss, crowd_ioa
         self.score_thresh, self.nms_thresh, self.detections_per_image = score_thresh, nms_thresh, detections_per_image
 
+    @property
+    def min_level(self) -> int:
+        """The finest pyramid level pooled from (2 for strides 4..32)."""
+        return int(round(math.log2(self.strides[0])))
+
+    @property
+    def max_level(self) -> int:
+        """The coarsest pyramid level pooled from (5 for strides 4..32)."""
+        return int(round(math.log2(self.strides[-1])))
+
     # ------------------------------------------------------------------ features and predictions
     def pool(self, features: list, proposals: list) -> Tensor:
         """-> (sum P_i, C, 7, 7) pooled features, in the order of the concatenated proposals."""
         return pool_pyramid(features[:len(self.strides)], proposals, self.strides, self.output_size,
-                            self.sampling_ratio, self.aligned, self.pooler)
+                            self.sampling_ratio, self.aligned, self.pooler, backend=self.pool_backend)
 
     def predict(self, features: list, proposals: list) -> tuple:
         """-> class_logits (R, K + 1), box_regression (R, 4 (K + 1)) for the R = sum P_i proposals."""

@@ -70,6 +70,14 @@ def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
     return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
 
 
+def _centre_size(boxes: Tensor) -> Tensor:
+    """(..., 4) xyxy -> (..., 4) cx, cy, w, h with cx = x0 + 0.5 w, the rounding torchvision's BoxCoder
+    uses (not (x0 + x1) / 2, which can differ in the last bit), so decoded boxes match it bitwise."""
+    w = boxes[..., 2] - boxes[..., 0]
+    h = boxes[..., 3] - boxes[..., 1]
+    return torch.stack([boxes[..., 0] + 0.5 * w, boxes[..., 1] + 0.5 * h, w, h], dim=-1)
+
+
 def encode(anchors: Tensor, boxes: Tensor, weights=(1.0, 1.0, 1.0, 1.0)) -> Tensor:
     """R-CNN box parameterization (Girshick et al.): the deltas that take `anchors` to `boxes`.
 
@@ -77,8 +85,8 @@ def encode(anchors: Tensor, boxes: Tensor, weights=(1.0, 1.0, 1.0, 1.0)) -> Tens
     dx = wx * (x - xa) / wa, dw = ww * log(w / wa), and the same for y, h.
     """
     wx, wy, ww, wh = weights
-    a = xyxy_to_cxcywh(anchors)
-    b = xyxy_to_cxcywh(boxes)
+    a = _centre_size(anchors)
+    b = _centre_size(boxes)
     dx = wx * (b[..., 0] - a[..., 0]) / a[..., 2]
     dy = wy * (b[..., 1] - a[..., 1]) / a[..., 3]
     dw = ww * torch.log(b[..., 2] / a[..., 2])
@@ -95,7 +103,7 @@ def decode(anchors: Tensor, deltas: Tensor, weights=(1.0, 1.0, 1.0, 1.0), clamp:
     deltas = deltas.float()
     anchors = anchors.float()
     wx, wy, ww, wh = weights
-    a = xyxy_to_cxcywh(anchors)
+    a = _centre_size(anchors)
     dx = deltas[..., 0] / wx
     dy = deltas[..., 1] / wy
     dw = (deltas[..., 2] / ww).clamp(max=clamp)

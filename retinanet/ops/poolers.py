@@ -8,6 +8,7 @@ k0 = 4 (thesis eq. (4.1)): a 224 x 224 RoI, ImageNet's canonical size, reads P4.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -37,7 +38,8 @@ def boxes_to_rois(boxes: list) -> Tensor:
 
 
 def pool_pyramid(features: list, boxes: list, strides, output_size=7, sampling_ratio: int = 2, aligned: bool = False,
-                 method: str = "align", canonical_size: float = 224, canonical_level: int = 4) -> Tensor:
+                 method: str = "align", canonical_size: float = 224, canonical_level: int = 4,
+                 backend: Optional[str] = None) -> Tensor:
     """RoI features of every image's boxes, each from its eq. (4.1) level.
 
     features: [(B, C, H_l, W_l)] for the levels P_min..P_max (e.g. P2-P5; strides 4..32);
@@ -45,6 +47,8 @@ def pool_pyramid(features: list, boxes: list, strides, output_size=7, sampling_r
     Returns (sum R_i, C, h, w), in the order of torch.cat(boxes).
 
     method "align": RoIAlign (sampling_ratio, aligned as `roi_align`); "pool": RoI max pooling.
+    backend: passed to `roi_align` / `roi_pool` (None: their defaults, ours for RoIAlign and
+    torchvision's kernel, when importable, for RoI pooling).
     torchvision's MultiScaleRoIAlign infers each level's scale as 2^round(log2(H_l / max h_i)) from
     the largest resized image height; when the batch is padded to a multiple of the coarsest
     stride (32) that is exactly 1 / stride, which is what is used here.
@@ -63,9 +67,11 @@ def pool_pyramid(features: list, boxes: list, strides, output_size=7, sampling_r
     for feat, lv, stride in zip(features, levels_of, strides):
         idx = torch.nonzero(level == lv, as_tuple=True)[0]  # (R_l,)
         if method == "align":
-            pieces.append(roi_align(feat, rois[idx], output_size, 1.0 / stride, sampling_ratio, aligned))
+            kwargs = {} if backend is None else {"backend": backend}
+            pieces.append(roi_align(feat, rois[idx], output_size, 1.0 / stride, sampling_ratio, aligned, **kwargs))
         else:
-            pieces.append(roi_pool(feat, rois[idx], output_size, 1.0 / stride))
+            kwargs = {} if backend is None else {"backend": backend}
+            pieces.append(roi_pool(feat, rois[idx], output_size, 1.0 / stride, **kwargs))
         order.append(idx)
     inverse = torch.argsort(torch.cat(order))  # position of each RoI in the concatenated pieces
     return torch.cat(pieces)[inverse]  # (R, C, h, w)

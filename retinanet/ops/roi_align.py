@@ -90,8 +90,20 @@ class _WeightedGather(torch.autograd.Function):
         return grad, None, None
 
 
+@functools.lru_cache(maxsize=1)
+def torchvision_roi_align():
+    """torchvision.ops.roi_align if torchvision imports and its compiled ops run, else None."""
+    try:
+        from torchvision.ops import roi_align as tv_roi_align
+
+        tv_roi_align(torch.zeros(1, 1, 2, 2), torch.zeros(1, 5), 1)
+    except Exception:  # not installed, or its compiled ops do not load with this torch build
+        return None
+    return tv_roi_align
+
+
 def roi_align(features: Tensor, rois: Tensor, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
-              aligned: bool = False) -> Tensor:
+              aligned: bool = False, backend: str = "native") -> Tensor:
     """RoIAlign: features (B, C, H, W), rois (R, 5) -> (R, C, h, w) with output_size (h, w).
 
     Each output bin averages grid_h x grid_w bilinear samples at regularly spaced points in the
@@ -100,7 +112,20 @@ def roi_align(features: Tensor, rois: Tensor, output_size, spatial_scale: float 
     aligned=False is the original RoIAlign (RoIs at least 1 x 1 feature pixel); aligned=True shifts
     the RoI by -0.5 pixel so that pixel centres line up (detectron2's ROIAlignV2). Samples more than one pixel
     outside the map count as 0; samples within one pixel of the map are clamped to its border.
+
+    backend "native" (ours; on CPU about as fast as torchvision's kernel forward and faster
+    forward + backward) or "torchvision" (its kernel: the same values up to float rounding, and
+    bitwise torchvision's, for parity checks of converted models); "auto" is torchvision's when
+    importable.
     """
+    if backend not in ("auto", "native", "torchvision"):
+        raise ValueError(f"unknown roi_align backend '{backend}'")
+    if backend != "native":
+        tv = torchvision_roi_align()
+        if tv is not None:
+            return tv(features, rois.to(features.dtype), _pair(output_size), spatial_scale, sampling_ratio, aligned)
+        if backend == "torchvision":
+            raise RuntimeError("torchvision roi_align requested but torchvision is not importable")
     out_h, out_w = _pair(output_size)
     b, c, height, width = features.shape
     r = rois.shape[0]
