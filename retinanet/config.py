@@ -39,7 +39,7 @@ class ModelConfig:
     min_level: int = 3
     max_level: int = 7
     fpn_channels: int = 256
-    p6_from: str = "c5"  # c5 (paper) | p5 (torchvision)
+    p6_from: str = "c5"  # c5 (paper) | p5 (torchvision RetinaNet) | pool (FPN Faster R-CNN: P5 subsampled by 2)
     # Anchors (sec. 4, "Anchors"): one base size per level, times octave scales, times ratios (h/w)
     anchor_sizes: list = field(default_factory=lambda: [32.0, 64.0, 128.0, 256.0, 512.0])
     anchor_scales: list = field(default_factory=lambda: [1.0, 2 ** (1 / 3), 2 ** (2 / 3)])
