@@ -90,16 +90,21 @@ class _WeightedGather(torch.autograd.Function):
         return grad, None, None
 
 
-@functools.lru_cache(maxsize=1)
-def torchvision_roi_align():
-    """torchvision.ops.roi_align if torchvision imports and its compiled ops run, else None."""
+@functools.lru_cache(maxsize=None)
+def _torchvision_op(name: str):
+    """torchvision.ops.<name> (roi_align or roi_pool) if torchvision imports and its compiled ops run, else None."""
     try:
-        from torchvision.ops import roi_align as tv_roi_align
+        import torchvision.ops
 
-        tv_roi_align(torch.zeros(1, 1, 2, 2), torch.zeros(1, 5), 1)
+        op = getattr(torchvision.ops, name)
+        op(torch.zeros(1, 1, 2, 2), torch.zeros(1, 5), 1)
     except Exception:  # not installed, or its compiled ops do not load with this torch build
         return None
-    return tv_roi_align
+    return op
+
+
+def torchvision_roi_align():
+    return _torchvision_op("roi_align")
 
 
 def roi_align(features: Tensor, rois: Tensor, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
@@ -210,16 +215,8 @@ def _round_half_away(x: Tensor) -> Tensor:
     return torch.sign(x) * torch.floor(x.abs() + 0.5)
 
 
-@functools.lru_cache(maxsize=1)
 def torchvision_roi_pool():
-    """torchvision.ops.roi_pool if torchvision imports and its compiled ops run, else None."""
-    try:
-        from torchvision.ops import roi_pool as tv_roi_pool
-
-        tv_roi_pool(torch.zeros(1, 1, 2, 2), torch.zeros(1, 5), 1)
-    except Exception:  # not installed, or its compiled ops do not load with this torch build
-        return None
-    return tv_roi_pool
+    return _torchvision_op("roi_pool")
 
 
 def roi_pool(features: Tensor, rois: Tensor, output_size, spatial_scale: float = 1.0, backend: str = "auto") -> Tensor:
