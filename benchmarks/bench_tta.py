@@ -38,7 +38,10 @@ def main() -> int:
     p.add_argument("--vote-iou", type=float, default=0.8, help="box voting's IoU threshold (Detectron: 0.8)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=0, help="only the first N images (0: all)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     print(machine_report("cpu"))
     model, cfg, categories = load_model(args.checkpoint, device="cpu")

@@ -1,5 +1,6 @@
 """Test-time augmentation (retinanet/tta.py): flips mapped back by hand, one unflipped pass == the model,
-the merge == class-aware NMS over every pass, Predictor(tta=...) and `retinanet predict --tta`."""
+the merge == class-aware NMS over every pass (then box voting, worked by hand), Predictor(tta=...) and
+`retinanet predict --tta`."""
 
 import json
 
@@ -73,7 +74,7 @@ def test_merge_is_class_aware_nms_over_every_pass():
          "labels": torch.tensor([0, 1])}
     b = {"boxes": torch.tensor([[1.0, 0.0, 11.0, 10.0], [1.0, 0.0, 11.0, 10.0]]), "scores": torch.tensor([0.8, 0.7]),
          "labels": torch.tensor([0, 2])}
-    merged = merge_detections([a, b], nms_thresh=0.5, max_detections=10)
+    merged = merge_detections([a, b], nms_thresh=0.5, max_detections=10, vote_iou=None)
     # [1, 0, 11, 10] overlaps [0, 0, 10, 10] with IoU 9/11 > 0.5: suppressed in class 0, kept in class 2
     assert merged["scores"].tolist() == pytest.approx([0.9, 0.7, 0.3])
     assert merged["labels"].tolist() == [0, 2, 1]
@@ -82,7 +83,10 @@ def test_merge_is_class_aware_nms_over_every_pass():
     labels = torch.cat([a["labels"], b["labels"]])
     assert sorted(reference_nms(boxes, scores, labels, 0.5).tolist()) == [0, 1, 3]
     assert len(merge_detections([a, b], nms_thresh=0.5, max_detections=2)["scores"]) == 2
-    assert merge_detections([a, b], 0.5, 10, class_agnostic=True)["labels"].tolist() == [0, 1]
+    assert merge_detections([a, b], 0.5, 10, class_agnostic=True, vote_iou=None)["labels"].tolist() == [0, 1]
+    # the default votes: [0, 0, 10, 10] (0.9) and [1, 0, 11, 10] (0.8), IoU 0.82 >= 0.8: x = 0.8 / 1.7 = 0.47
+    voted = merge_detections([a, b], nms_thresh=0.5, max_detections=10)
+    assert voted["boxes"][0].tolist() == pytest.approx([0.8 / 1.7, 0.0, 10 + 0.8 / 1.7, 10.0])
 
 
 def test_box_voting_by_hand():
@@ -97,7 +101,7 @@ def test_box_voting_by_hand():
     voted = merge_detections([a, b], nms_thresh=0.5, max_detections=10, vote_iou=0.8)
     assert voted["scores"].tolist() == pytest.approx([0.6, 0.5]) and voted["labels"].tolist() == [0, 1]
     assert torch.allclose(voted["boxes"], torch.tensor([[0.0, 0, 10, 9.6 / 0.9], [0.0, 0, 10, 12]]))
-    plain = merge_detections([a, b], nms_thresh=0.5, max_detections=10)
+    plain = merge_detections([a, b], nms_thresh=0.5, max_detections=10, vote_iou=None)
     assert torch.equal(plain["boxes"], torch.tensor([[0.0, 0, 10, 10], [0.0, 0, 10, 12]]))
     agnostic = merge_detections([a, b], 0.5, 10, class_agnostic=True, vote_iou=0.8)
     assert agnostic["labels"].tolist() == [0]

@@ -45,7 +45,7 @@ def register(sub) -> None:
     p.add_argument("--bf16", action="store_true", help="with --checkpoint: bfloat16 autocast for the network")
     p.add_argument("--tta", action="store_true",
                    help="with --checkpoint: test-time augmentation (retinanet/tta.py): shorter side 0.75x, 1x, 1.25x "
-                        "the model's, each plain and flipped, merged by class-aware NMS")
+                        "the model's, each plain and flipped, merged by class-aware NMS with box voting")
     p.add_argument("--tta-scales", type=float, nargs="+", metavar="S",
                    help="with --tta: other scales (factors of the model's size), e.g. --tta-scales 1 (flip only)")
     p.add_argument("--output", metavar="metrics.json", help="write the metrics as JSON here")
