@@ -200,6 +200,11 @@ class DataConfig:
     train_sizes: list = field(default_factory=list)
     train_size_sampling: str = "choice"  # choice: any of train_sizes | range: an int in [train_sizes[0], train_sizes[1]]
     train_max_size: Optional[int] = None  # the longer side at most; None: the model's max_size
+    # Large-scale jitter instead of the shorter-side resize (retinanet/data/transforms.py ScaleJitterCrop; Ghiasi
+    # et al. 2021, detectron2's LSJ): [min, max] factors of a crop_size x crop_size square to resize into, then a
+    # random crop_size square crop (zero-mean padding). Empty: off. The LSJ papers use [0.1, 2.0] at 1024.
+    scale_jitter: list = field(default_factory=list)
+    crop_size: Optional[int] = None  # the square crop's side in pixels; needed by scale_jitter, used only by it
     flip_prob: float = 0.5  # horizontal flip, the paper's only augmentation (sec. 4.1)
     batch_size: int = 16  # images per iteration, all processes together (sec. 4.1: 16)
     num_workers: int = 2  # DataLoader worker processes per training process; 0 loads in the main process
@@ -268,6 +273,7 @@ class Config:
 
     def validate(self) -> None:
         """Reject an unknown arch and loss options that do not apply to it (on load and in build_model)."""
+        self._validate_scale_jitter()
         arch = self.model.arch
         if arch not in self.ARCHS:
             raise ConfigError(f"config key 'model.arch': unknown detector '{arch}'{_closest(str(arch), self.ARCHS)}; "
@@ -288,6 +294,24 @@ class Config:
             if self.model.roi_pooler not in ("align", "pool"):
                 raise ConfigError(f"config key 'model.roi_pooler' must be 'align' or 'pool', got "
                                   f"'{self.model.roi_pooler}'")
+
+
+    def _validate_scale_jitter(self) -> None:
+        jitter, crop = self.data.scale_jitter, self.data.crop_size
+        if not jitter:
+            if crop is not None:
+                raise ConfigError(f"config key 'data.crop_size' ({crop}) is used only with data.scale_jitter: "
+                                  f"set data.scale_jitter=[min, max] too, or leave crop_size out")
+            return
+        if (len(jitter) != 2 or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in jitter)
+                or not 0 < jitter[0] <= jitter[1]):
+            raise ConfigError(f"config key 'data.scale_jitter' must be [min, max] with 0 < min <= max, got {jitter}")
+        if crop is None or crop <= 0:
+            raise ConfigError(f"config key 'data.scale_jitter' needs data.crop_size, a positive side of the square "
+                              f"crop in pixels (e.g. the model's max_size), got {crop}")
+        if self.data.train_sizes or self.data.train_max_size is not None:
+            raise ConfigError("config keys 'data.train_sizes' / 'data.train_max_size' are the shorter-side resize, "
+                              "which data.scale_jitter replaces: set one or the other")
 
 
 class ConfigError(ValueError):

@@ -197,3 +197,48 @@ def test_eval_checkpoint_runs_the_model_over_a_dataset(tmp_path):
     assert max(abs(a["score"] - b["score"]) for a, b in zip(results, expected)) < 1e-5
     assert metrics["AP"] == pytest.approx(evaluate_coco(str(paths.val_json), results)["AP"], abs=1e-9)
     assert main(["eval", "--checkpoint", str(tmp_path / "m.pt"), "--json", str(paths.val_json)]) == 1  # no --images
+
+
+def test_eval_checkpoint_with_tta_equals_tta_detections(tmp_path, capsys):
+    """`eval --checkpoint --tta --tta-scales 1 1.5` gives exactly `tta_detections` on the same images (batched
+    by the CLI, one by one here); without --tta-scales the default scales; --tta without --checkpoint fails."""
+    import torch
+
+    from conftest import tiny_config
+    from retinanet.checkpoint import load_model, make_checkpoint, save_atomic
+    from retinanet.data.coco import CocoDataset
+    from retinanet.data.synthetic import make_shapes_dataset
+    from retinanet.evaluate import detections_to_coco_results
+    from retinanet.modeling import build_model
+    from retinanet.tta import tta_detections
+
+    paths = make_shapes_dataset(str(tmp_path / "shapes"), num_train=2, num_val=3, image_size=64, seed=1)
+    cfg = tiny_config(num_classes=4, score_thresh=0.0)
+    cats = [{"id": i + 1, "name": n} for i, n in enumerate(["rectangle", "ellipse", "triangle", "cross"])]
+    save_atomic(make_checkpoint(build_model(cfg), cfg, cats), str(tmp_path / "m.pt"))
+    model, _, _ = load_model(str(tmp_path / "m.pt"))
+    dataset = CocoDataset(paths.val_json, paths.val_images)
+    base = ["eval", "--checkpoint", str(tmp_path / "m.pt"), "--json", str(paths.val_json), "--images",
+            str(paths.val_images), "--batch-size", "2", "--workers", "0", "--device", "cpu"]
+    for extra, scales in ((["--tta-scales", "1", "1.5"], (1.0, 1.5)), ([], (0.75, 1.0, 1.25))):
+        saved = tmp_path / f"dt{len(scales)}.json"
+        assert main(base + ["--tta", *extra, "--save-results", str(saved)]) == 0
+        assert f"with TTA at scales {list(scales)} x flip" in capsys.readouterr().err
+        results = json.loads(saved.read_text())
+        expected = []
+        with torch.no_grad():
+            for i in range(len(dataset)):
+                image, target = dataset[i]
+                expected += detections_to_coco_results(tta_detections(model, [image], scales=scales),
+                                                       [target["image_id"]], [c["id"] for c in cats])
+        assert len(results) == len(expected) == 3 * 100
+        assert [(r["image_id"], r["category_id"]) for r in results] == [(r["image_id"], r["category_id"])
+                                                                       for r in expected]
+        assert max(abs(a["score"] - b["score"]) for a, b in zip(results, expected)) < 1e-5
+        assert max(abs(u - v) for a, b in zip(results, expected) for u, v in zip(a["bbox"], b["bbox"])) < 1e-3
+    # plain eval differs from TTA: the merged passes change the detections
+    plain = tmp_path / "plain.json"
+    assert main(base + ["--save-results", str(plain)]) == 0
+    assert json.loads(plain.read_text()) != json.loads((tmp_path / "dt3.json").read_text())
+    assert main(base + ["--tta-scales", "1"]) == 1  # --tta-scales without --tta
+    assert main(["eval", "--gt", str(paths.val_json), "--results", str(plain), "--tta"]) == 1

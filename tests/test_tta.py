@@ -1,5 +1,6 @@
 """Test-time augmentation (retinanet/tta.py): flips mapped back by hand, one unflipped pass == the model,
-the merge == class-aware NMS over every pass, Predictor(tta=...) and `retinanet predict --tta`."""
+the merge == class-aware NMS over every pass (then box voting, worked by hand), Predictor(tta=...) and
+`retinanet predict --tta`."""
 
 import json
 
@@ -73,7 +74,7 @@ def test_merge_is_class_aware_nms_over_every_pass():
          "labels": torch.tensor([0, 1])}
     b = {"boxes": torch.tensor([[1.0, 0.0, 11.0, 10.0], [1.0, 0.0, 11.0, 10.0]]), "scores": torch.tensor([0.8, 0.7]),
          "labels": torch.tensor([0, 2])}
-    merged = merge_detections([a, b], nms_thresh=0.5, max_detections=10)
+    merged = merge_detections([a, b], nms_thresh=0.5, max_detections=10, vote_iou=None)
     # [1, 0, 11, 10] overlaps [0, 0, 10, 10] with IoU 9/11 > 0.5: suppressed in class 0, kept in class 2
     assert merged["scores"].tolist() == pytest.approx([0.9, 0.7, 0.3])
     assert merged["labels"].tolist() == [0, 2, 1]
@@ -82,7 +83,33 @@ def test_merge_is_class_aware_nms_over_every_pass():
     labels = torch.cat([a["labels"], b["labels"]])
     assert sorted(reference_nms(boxes, scores, labels, 0.5).tolist()) == [0, 1, 3]
     assert len(merge_detections([a, b], nms_thresh=0.5, max_detections=2)["scores"]) == 2
-    assert merge_detections([a, b], 0.5, 10, class_agnostic=True)["labels"].tolist() == [0, 1]
+    assert merge_detections([a, b], 0.5, 10, class_agnostic=True, vote_iou=None)["labels"].tolist() == [0, 1]
+    # the default votes: [0, 0, 10, 10] (0.9) and [1, 0, 11, 10] (0.8), IoU 0.82 >= 0.8: x = 0.8 / 1.7 = 0.47
+    voted = merge_detections([a, b], nms_thresh=0.5, max_detections=10)
+    assert voted["boxes"][0].tolist() == pytest.approx([0.8 / 1.7, 0.0, 10 + 0.8 / 1.7, 10.0])
+
+
+def test_box_voting_by_hand():
+    """Survivor S = [0, 0, 10, 10] (0.6, class 0). V = [0, 0, 10, 12] (0.3, class 0): IoU 100/120 = 0.83 >= 0.8,
+    votes. W = [2, 0, 12, 10] (0.2, class 0): IoU 80/120 = 0.67, suppressed by NMS but no vote. X = V's box
+    in class 1 (0.5): its own survivor. S's y2 becomes (0.6 * 10 + 0.3 * 12) / 0.9 = 10.667; X keeps its box.
+    Across classes X is suppressed by S and votes too: y2 = (6 + 3.6 + 0.5 * 12) / 1.4 = 11.143."""
+    a = {"boxes": torch.tensor([[0.0, 0, 10, 10], [2.0, 0, 12, 10]]), "scores": torch.tensor([0.6, 0.2]),
+         "labels": torch.tensor([0, 0])}
+    b = {"boxes": torch.tensor([[0.0, 0, 10, 12], [0.0, 0, 10, 12]]), "scores": torch.tensor([0.3, 0.5]),
+         "labels": torch.tensor([0, 1])}
+    voted = merge_detections([a, b], nms_thresh=0.5, max_detections=10, vote_iou=0.8)
+    assert voted["scores"].tolist() == pytest.approx([0.6, 0.5]) and voted["labels"].tolist() == [0, 1]
+    assert torch.allclose(voted["boxes"], torch.tensor([[0.0, 0, 10, 9.6 / 0.9], [0.0, 0, 10, 12]]))
+    plain = merge_detections([a, b], nms_thresh=0.5, max_detections=10, vote_iou=None)
+    assert torch.equal(plain["boxes"], torch.tensor([[0.0, 0, 10, 10], [0.0, 0, 10, 12]]))
+    agnostic = merge_detections([a, b], 0.5, 10, class_agnostic=True, vote_iou=0.8)
+    assert agnostic["labels"].tolist() == [0]
+    assert torch.allclose(agnostic["boxes"], torch.tensor([[0.0, 0, 10, 15.6 / 1.4]]))
+    flat = {"boxes": torch.tensor([[5.0, 5, 5, 9]]), "scores": torch.tensor([0.4]), "labels": torch.tensor([2])}
+    assert torch.equal(merge_detections([flat, a], 0.5, 10, vote_iou=0.8)["boxes"][1], flat["boxes"][0])  # no area
+    empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
+    assert merge_detections([empty, empty], 0.5, 10, vote_iou=0.8)["boxes"].shape == (0, 4)
 
 
 def test_predictor_and_cli_tta(tmp_path):

@@ -4,7 +4,8 @@ truth file, or of a model on a dataset.
     retinanet eval --gt instances_val2017.json --results detections.json [--iou-type bbox|segm|bbox,segm] \
         [--proposals] [--output metrics.json] [--backend hotcoco|faster-coco-eval|pycocotools] [--plots DIR]
     retinanet eval --checkpoint model.pt --json instances_val2017.json --images val2017/ \
-        [--save-results detections.json] [--output metrics.json] [--batch-size 8] [--device cpu] [--bf16]
+        [--save-results detections.json] [--output metrics.json] [--batch-size 8] [--device cpu] [--bf16] \
+        [--tta [--tta-scales 0.75 1 1.25]]
 
 Prints pycocotools' 12 summary lines, AP at IoU .60/.70/.80/.90 and a per-category AP table;
 --output writes them as JSON (keys: AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl,
@@ -42,6 +43,11 @@ def register(sub) -> None:
     p.add_argument("--workers", type=int, default=2, help="with --checkpoint: image-loading worker processes (default 2)")
     p.add_argument("--device", default="auto", help="with --checkpoint: auto | cpu | cuda | cuda:N")
     p.add_argument("--bf16", action="store_true", help="with --checkpoint: bfloat16 autocast for the network")
+    p.add_argument("--tta", action="store_true",
+                   help="with --checkpoint: test-time augmentation (retinanet/tta.py): shorter side 0.75x, 1x, 1.25x "
+                        "the model's, each plain and flipped, merged by class-aware NMS with box voting")
+    p.add_argument("--tta-scales", type=float, nargs="+", metavar="S",
+                   help="with --tta: other scales (factors of the model's size), e.g. --tta-scales 1 (flip only)")
     p.add_argument("--output", metavar="metrics.json", help="write the metrics as JSON here")
     p.add_argument("--iou-type", default="bbox", type=_iou_types, metavar="TYPES",
                    help="what to score: bbox (default), segm (the results' RLE masks) or both, comma-separated: "
@@ -83,11 +89,17 @@ def run(args) -> int:
             raise ValueError("give either --gt and --results, or --checkpoint with --json and --images")
         if not (args.json and args.images):
             raise ValueError("--checkpoint needs --json J and --images D")
+        if args.tta_scales and not args.tta:
+            raise ValueError("--tta-scales needs --tta")
+        if args.tta_scales and min(args.tta_scales) <= 0:
+            raise ValueError(f"--tta-scales must be positive, got {args.tta_scales}")
         if "segm" in args.iou_type:
             raise ValueError("--iou-type segm needs masks, which a RetinaNet checkpoint does not predict; "
                              "evaluate a results file with segmentations (--gt, --results) instead")
         gt, results, protect = args.json, run_model(args), [args.checkpoint]
     else:
+        if args.tta:
+            raise ValueError("--tta runs a model: it needs --checkpoint")
         if not (args.gt and args.results):
             raise ValueError("give --gt GT.json and --results DT.json (or --checkpoint with --json and --images)")
         gt, results, protect = args.gt, args.results, []
@@ -102,8 +114,11 @@ def run(args) -> int:
 
 
 def run_model(args) -> list:
-    """COCO results of the checkpoint's model on every image of --json/--images (batched, progress bar)."""
+    """COCO results of the checkpoint's model on every image of --json/--images (batched, progress bar);
+    with --tta, of `tta_detections` (the same function as `Predictor(tta=...)`). Prints the model's
+    time per image (loading, conversion to results and the first batch's warm-up left out)."""
     import contextlib
+    import time
 
     import torch
     from tqdm import tqdm
@@ -113,6 +128,7 @@ def run_model(args) -> list:
     from ..data.loader import build_test_loader
     from ..engine import resolve_device
     from ..evaluate import detections_to_coco_results
+    from ..tta import DEFAULT_SCALES, tta_detections
 
     device = resolve_device(args.device)
     model, _, categories = load_model(args.checkpoint, device=str(device))
@@ -124,14 +140,23 @@ def run_model(args) -> list:
     label_to_cat = [c["id"] for c in categories]
     placeholders = {c["id"] for c in categories if c.get("placeholder")}  # e.g. torchvision's unused slots
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
-    results = []
+    scales = tuple(args.tta_scales or DEFAULT_SCALES) if args.tta else ()
+    results, timed_images, timed_seconds = [], 0, 0.0
     loader = build_test_loader(dataset, batch_size=args.batch_size, num_workers=args.workers)
     with torch.inference_mode(), amp:
-        for images, targets in tqdm(loader, desc="eval", unit="batch", file=sys.stderr):
-            detections = model([image.to(device) for image in images])
+        for step, (images, targets) in enumerate(tqdm(loader, desc="eval", unit="batch", file=sys.stderr)):
+            images = [image.to(device) for image in images]
+            start = time.perf_counter()
+            detections = tta_detections(model, images, scales=scales, device=device) if scales else model(images)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if step > 0:  # the first batch warms up (allocations, kernel choice)
+                timed_images, timed_seconds = timed_images + len(images), timed_seconds + time.perf_counter() - start
             results += detections_to_coco_results(detections, [t["image_id"] for t in targets], label_to_cat)
     results = [r for r in results if r["category_id"] not in placeholders]
-    print(f"{len(results)} detections on {len(dataset)} images", file=sys.stderr)
+    per_image = f", {1000 * timed_seconds / timed_images:.1f} ms per image" if timed_images else ""
+    how = f" with TTA at scales {list(scales)} x flip" if scales else ""
+    print(f"{len(results)} detections on {len(dataset)} images{how}{per_image}", file=sys.stderr)
     if args.save_results:
         _write_json_atomic(results, Path(args.save_results))
         print(f"results written to {args.save_results}")

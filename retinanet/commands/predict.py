@@ -38,7 +38,7 @@ def register(sub) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: shorter side 0.75x, 1x, 1.25x the model's, each plain and flipped, "
-                        "merged by class-aware NMS (about 6x the time)")
+                        "merged by class-aware NMS with box voting (about 6-8x the time)")
     p.add_argument("--tta-scales", type=float, nargs="+", metavar="S",
                    help="with --tta: other scales (factors of the model's size), e.g. --tta-scales 1 1.5")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the network (CPU with AVX512-BF16/AMX, or GPU)")

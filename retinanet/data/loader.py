@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from ..config import Config
 from .coco import CocoDataset
-from .transforms import Compose, RandomHorizontalFlip, ResizeShortestSide
+from .transforms import Compose, RandomHorizontalFlip, ResizeShortestSide, ScaleJitterCrop
 
 
 def collate(batch: list) -> tuple:
@@ -123,8 +123,12 @@ class InferenceSampler(Sampler):
 
 
 def build_train_transforms(cfg: Config) -> Compose:
-    """Shorter-side resize (data.train_sizes, default the model's min_size) and horizontal flip."""
+    """Shorter-side resize (data.train_sizes, default the model's min_size), or with data.scale_jitter the
+    large-scale jitter crop (padded with the model's pixel mean), then horizontal flip."""
     d, m = cfg.data, cfg.model
+    if d.scale_jitter:
+        return Compose([ScaleJitterCrop(d.crop_size, d.scale_jitter, fill=m.pixel_mean),
+                        RandomHorizontalFlip(d.flip_prob)])
     sizes = d.train_sizes or [m.min_size]
     max_size = d.train_max_size if d.train_max_size is not None else m.max_size
     return Compose([ResizeShortestSide(sizes, max_size, sampling=d.train_size_sampling, rounding=m.resize_rounding),
@@ -160,11 +164,13 @@ def build_train_loader(cfg: Config, dataset: CocoDataset, *, seed: int, rank: in
     """Endless training batches (images, targets) of data.batch_size / world_size images for this process.
 
     seed: the same on every process. start_iteration: batches already trained on (resume).
+    With data.scale_jitter every image is a crop_size square, so aspect grouping is skipped (one group).
     """
     if cfg.data.batch_size % world_size:
         raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by the {world_size} processes")
     sampler = TrainBatchSampler(len(dataset), cfg.data.batch_size // world_size, seed=seed,
-                                groups=dataset.aspect_groups() if cfg.data.aspect_grouping else None,
+                                groups=dataset.aspect_groups() if cfg.data.aspect_grouping and not cfg.data.scale_jitter
+                                else None,
                                 rank=rank, world_size=world_size, start_iteration=start_iteration)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers, collate_fn=collate,
                       pin_memory=pin_memory)

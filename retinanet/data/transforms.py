@@ -1,4 +1,5 @@
-"""Training transforms on (image, target) pairs: shorter-side resize with scale jitter, horizontal flip.
+"""Training transforms on (image, target) pairs: shorter-side resize with scale jitter, large-scale
+jitter (resize by a random factor, then a fixed-size square crop), horizontal flip.
 
 Each transform takes `image` (3, H, W) float in [0, 1], `target` {"boxes": (G, 4) xyxy absolute
 pixels, ..., optional "masks": (G, H, W) uint8 bit masks} and a `torch.Generator` (None: torch's
@@ -95,3 +96,68 @@ class RandomHorizontalFlip:
         if "masks" in target:
             target["masks"] = flip_masks(target["masks"])
         return image.flip(-1), target
+
+
+class ScaleJitterCrop:
+    """Large-scale jitter (Ghiasi et al. 2021, "Simple Copy-Paste", sec. 3; detectron2's LSJ recipe
+    `ResizeScale` + `FixedSizeCrop`, torchvision's reference `ScaleJitter` + `FixedSizeCrop`): resize so
+    the image fits in a crop_size x crop_size square times a factor drawn uniformly from `scale_range`,
+    then take a random crop_size x crop_size window, padding at the bottom and right where the image is
+    smaller. Every output is crop_size x crop_size.
+
+    Resize: r = factor * min(crop_size / H, crop_size / W), new size (round(H r), round(W r)) (the
+    references' rule; torchvision truncates, detectron2 rounds); bilinear as `ResizeShortestSide`.
+    Crop: top and left drawn independently and uniformly from 0..max(new - crop_size, 0) (the
+    references draw one fraction for both). Padding: `fill` per channel (e.g. the model's pixel mean,
+    so it normalizes to 0 like the model's own batch padding); masks pad with 0.
+    Boxes: shifted by the crop and clipped to the image pixels inside the window; a box (crowd or not)
+    left with no area is dropped with its label, crowd flag and mask, like detectron2 and torchvision
+    (no minimum fraction of the original area). An image may be left with no boxes: a negative.
+    """
+
+    def __init__(self, crop_size: int, scale_range: Sequence[float], fill: Sequence[float] = (0.0, 0.0, 0.0)):
+        lo, hi = (float(x) for x in scale_range)
+        if crop_size <= 0 or not 0 < lo <= hi:
+            raise ValueError(f"scale jitter needs crop_size > 0 and 0 < min <= max, got {crop_size}, {[lo, hi]}")
+        self.crop_size, self.scale_range, self.fill = int(crop_size), (lo, hi), tuple(float(f) for f in fill)
+
+    def draw(self, height: int, width: int, generator: Optional[torch.Generator] = None) -> tuple:
+        """(new height, new width, top, left) for one image; exactly three draws from the generator."""
+        lo, hi = self.scale_range
+        factor = lo + (hi - lo) * float(torch.rand((), generator=generator))
+        r = factor * min(self.crop_size / height, self.crop_size / width)
+        new_h, new_w = max(1, round(height * r)), max(1, round(width * r))
+        top = int(torch.randint(max(new_h - self.crop_size, 0) + 1, (1,), generator=generator))
+        left = int(torch.randint(max(new_w - self.crop_size, 0) + 1, (1,), generator=generator))
+        return new_h, new_w, top, left
+
+    def apply(self, image: Tensor, target: dict, new_h: int, new_w: int, top: int, left: int) -> tuple:
+        """Resize to (new_h, new_w), crop the window at (top, left), pad to crop_size (see the class)."""
+        height, width = image.shape[-2:]
+        size = self.crop_size
+        boxes = target["boxes"]  # (G, 4) xyxy
+        masks = target.get("masks")  # (G, H, W) uint8 or None
+        if (new_h, new_w) != (height, width):
+            image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
+            boxes = boxes * torch.tensor([new_w / width, new_h / height, new_w / width, new_h / height])
+            if masks is not None:
+                masks = resize_masks(masks, new_h, new_w)
+        window_h, window_w = min(size, new_h - top), min(size, new_w - left)  # image pixels inside the crop
+        out = torch.tensor(self.fill, dtype=image.dtype).view(-1, 1, 1).repeat(1, size, size)  # (3, size, size)
+        out[:, :window_h, :window_w] = image[:, top:top + window_h, left:left + window_w]
+        boxes = boxes - torch.tensor([left, top, left, top], dtype=boxes.dtype)
+        limit = torch.tensor([window_w, window_h, window_w, window_h], dtype=boxes.dtype)
+        boxes = torch.minimum(boxes.clamp(min=0), limit)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # (G,) some area left
+        target = {**target, "boxes": boxes[keep]}
+        for key in ("labels", "iscrowd"):
+            if key in target:
+                target[key] = target[key][keep]
+        if masks is not None:
+            cropped = masks.new_zeros((int(keep.sum()), size, size))  # (G', size, size)
+            cropped[:, :window_h, :window_w] = masks[keep][:, top:top + window_h, left:left + window_w]
+            target["masks"] = cropped
+        return out, target
+
+    def __call__(self, image: Tensor, target: dict, generator: Optional[torch.Generator] = None) -> tuple:
+        return self.apply(image, target, *self.draw(*image.shape[-2:], generator=generator))
