@@ -47,8 +47,7 @@ def pool_pyramid(features: list, boxes: list, strides, output_size=7, sampling_r
     Returns (sum R_i, C, h, w), in the order of torch.cat(boxes).
 
     method "align": RoIAlign (sampling_ratio, aligned as `roi_align`); "pool": RoI max pooling.
-    backend: passed to `roi_align` / `roi_pool` (None: their defaults, ours for RoIAlign and
-    torchvision's kernel, when importable, for RoI pooling).
+    backend: passed to `roi_align` / `roi_pool` (None: their default, torchvision's kernel when importable, else ours).
     torchvision's MultiScaleRoIAlign infers each level's scale as 2^round(log2(H_l / max h_i)) from
     the largest resized image height; when the batch is padded to a multiple of the coarsest
     stride (32) that is exactly 1 / stride, which is what is used here.
