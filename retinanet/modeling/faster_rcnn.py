@@ -7,7 +7,6 @@ Training is approximate joint training: no gradient flows through the proposals.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -52,8 +51,8 @@ class FasterRCNN(Detector):
 
     def _roi_features(self, features: list) -> list:
         """The pyramid levels the RoI heads pool from (P2..P5 of P2..P6), finest first."""
-        first = round(math.log2(self.roi_heads.strides[0])) - self.fpn.min_level
-        return features[first:first + len(self.roi_heads.strides)]
+        first = self.roi_heads.min_level - self.fpn.min_level
+        return features[first:first + self.roi_heads.max_level - self.roi_heads.min_level + 1]
 
     # ------------------------------------------------------------------ the Detector contract
     def network(self, images: Tensor, image_sizes: Optional[Tensor] = None) -> tuple:
