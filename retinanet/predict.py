@@ -222,7 +222,8 @@ class Predictor:
             labels = det["labels"].cpu().numpy().astype(np.int64)
             out.append(Detections(boxes=det["boxes"].float().cpu().numpy(), scores=det["scores"].float().cpu().numpy(),
                                   labels=labels, category_ids=self._ids[labels], names=[self._names[i] for i in labels],
-                                  image_size=tuple(array.shape[:2])))
+                                  image_size=tuple(array.shape[:2]),
+                                  masks=det["masks"].bool().cpu().numpy() if det.get("masks") is not None else None))
         return out
 
 

@@ -83,9 +83,6 @@ def run(args) -> int:
             raise ValueError("give either --gt and --results, or --checkpoint with --json and --images")
         if not (args.json and args.images):
             raise ValueError("--checkpoint needs --json J and --images D")
-        if "segm" in args.iou_type:
-            raise ValueError("--iou-type segm needs masks, which a RetinaNet checkpoint does not predict; "
-                             "evaluate a results file with segmentations (--gt, --results) instead")
         gt, results, protect = args.json, run_model(args), [args.checkpoint]
     else:
         if not (args.gt and args.results):
@@ -129,6 +126,10 @@ def run_model(args) -> list:
     with torch.inference_mode(), amp:
         for images, targets in tqdm(loader, desc="eval", unit="batch", file=sys.stderr):
             detections = model([image.to(device) for image in images])
+            if "segm" in args.iou_type and "masks" not in detections[0]:
+                raise ValueError("--iou-type segm needs masks, which this checkpoint's model does not predict (a "
+                                 "mask model, e.g. model.arch deepmask, sharpmask or fpn_masks, does); evaluate a "
+                                 "results file with segmentations (--gt, --results) instead")
             results += detections_to_coco_results(detections, [t["image_id"] for t in targets], label_to_cat)
     results = [r for r in results if r["category_id"] not in placeholders]
     print(f"{len(results)} detections on {len(dataset)} images", file=sys.stderr)
