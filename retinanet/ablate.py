@@ -307,8 +307,9 @@ def aggregate(records: list, settings: list, metrics: list) -> list:
 
 
 def _points(metric: str) -> float:
-    """AP and AR metrics are fractions shown in points (x100); others (ms_per_image) as they are."""
-    return 100.0 if metric.startswith(("AP", "AR")) else 1.0
+    """AP, AR and AUC metrics (also box_AR...) are fractions shown in points (x100); others (ms_per_image) as
+    they are."""
+    return 100.0 if metric.removeprefix("box_").startswith(("AP", "AR", "AUC")) else 1.0
 
 
 def format_table(rows: list, metrics: list) -> str:

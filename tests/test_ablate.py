@@ -181,6 +181,9 @@ def test_tables_show_ap_in_points_and_times_as_they_are():
                      ["a"], ["AP", "ms_per_image"])
     table = format_table(rows, ["AP", "ms_per_image"])
     assert "| a | 50.0 | 12.5 |" in table
+    metrics = {"AR@100": 0.5, "AUC": 0.25, "box_AR@1000": 0.75, "ms_per_image": 12.5}
+    rows = aggregate([{"setting": "a", "seed": 0, "status": "ok", "metrics": metrics}], ["a"], list(metrics))
+    assert "| a | 50.0 | 25.0 | 75.0 | 12.5 |" in format_table(rows, list(metrics))  # proposal recall too
 
 
 def test_a_setting_may_start_from_an_earlier_settings_run(tmp_path):
