@@ -164,6 +164,8 @@ class Predictor:
                              class_agnostic=class_agnostic)
         self.batch_size = batch_size
         self.tta_scales = tuple(DEFAULT_SCALES) if tta is True else tuple(float(x) for x in tta) if tta else ()
+        if self.tta_scales and getattr(model, "class_agnostic_proposals", False):
+            raise ValueError("test-time augmentation merges boxes, not masks: it does not apply to segment proposals")
         if classes is None:
             self.labels = [i for i, c in enumerate(self.categories) if not c.get("placeholder")]
         else:

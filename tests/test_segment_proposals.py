@@ -305,6 +305,8 @@ def test_train_eval_predict_export_a_deepmask(shapes, tmp_path, capsys):
     det = predictor(image)
     assert det.masks is not None and det.masks.shape == (len(det), 64, 80) and det.names[0] == "object"
     assert "segmentation" in det.to_coco(1)[0]
+    with pytest.raises(ValueError, match="does not apply to segment proposals"):
+        Predictor.from_checkpoint(str(out / "final.pt"), device="cpu", tta=True)
 
     onnx_path = tmp_path / "model.onnx"
     assert main(["export", "--checkpoint", str(out / "final.pt"), "--format", "onnx", "--output", str(onnx_path),

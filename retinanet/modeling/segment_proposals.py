@@ -157,9 +157,8 @@ class DeepMask(SegmentProposer):
     sec. 3.5.2), 0 for DeepMask; refine_after: feedforward training steps before the refinement stage.
 
     Example:
-        >>> model = build_model(Config(model=ModelConfig(arch="deepmask", backbone="resnet18", min_size=192,
-        ...                                              max_size=192))).eval()
-        >>> model([torch.rand(3, 192, 192)])[0]["masks"].shape   # (D, 192, 192)
+        >>> model = build_model(load_config("retinanet/configs/segprop_deepmask_shapes.yaml")).eval()
+        >>> model([torch.rand(3, 192, 192)])[0]["masks"].shape   # (D, 192, 192), D <= 1000
     """
 
     def __init__(self, trunk: ResNet, *, window: int = 160, context: int = 16, features: int = 128,
