@@ -329,3 +329,25 @@ def test_eval_refuses_segm_for_a_box_checkpoint(shapes, tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "retinanet.pt"), "--json", str(shapes.val_json), "--images",
                  str(shapes.val_images), "--iou-type", "segm", "--device", "cpu"]) == 1
     assert "needs masks, which this checkpoint's model does not predict" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch, exporter", [("deepmask", "dynamo"), ("fpn_masks", "dynamo"),
+                                            ("sharpmask", "torchscript")])
+def test_onnx_network_gives_pytorchs_proposals(arch, exporter, tmp_path):
+    """The exported network (torch.onnx, run by onnxruntime) + our postprocess == PyTorch, at two image sizes.
+    SharpMask exports with the torchscript exporter only (the dynamo exporter fails on its refinement's
+    data-dependent gathers)."""
+    from retinanet.export import OnnxDetector, export_onnx
+    from retinanet.predict import Predictor
+
+    cfg = tiny(arch)
+    model = build_model(cfg).eval()
+    categories = [{"id": 1, "name": "object"}]
+    path = tmp_path / "model.onnx"
+    export_onnx(model, cfg, categories, str(path), exporter=exporter)
+    onnx = OnnxDetector(str(path))
+    for size in [(64, 64), (96, 64)]:
+        image = np.random.default_rng(size[0]).integers(0, 256, (*size, 3), dtype=np.uint8)
+        a, b = Predictor(model, categories, device="cpu")(image), onnx(image)
+        assert len(a) == len(b) > 0 and np.abs(a.scores - b.scores).max() < 1e-4
+        assert (a.masks != b.masks).mean() < 1e-3
