@@ -19,7 +19,9 @@ a seed list:
 (retinanet/configs/NAME.yaml, e.g. faster_rcnn_shapes) is that config; any other value is a YAML
 path. A setting may carry its own `base` (one value, or one per profile: {small: ..., paper: ...}),
 which replaces the profile's for that setting (the profile's overrides still apply): that is how
-`one_vs_two_stage` compares two detectors.
+`one_vs_two_stage` compares two detectors. A setting with `init_from: NAME` starts each seed's run
+from the final weights of the same seed's run of the earlier setting NAME (`retinanet train
+--weights`): a second training stage, as SharpMask's refinement on top of DeepMask.
 Data paths come from the base or from `--data KEY=VALUE` overrides (data.train_json=...).
 
 Each (setting, seed) is one run in DIR/runs/<setting>-seed<k>/, with its checkpoints and a
@@ -134,6 +136,9 @@ def expand_sweep(sweep_path: str, profile: str = "small", extra_overrides: Optio
             raise ConfigError(f"{path}: setting {i} needs a name")
         if slug(setting["name"]) in seen:
             raise ConfigError(f"{path}: two settings are named '{setting['name']}'")
+        if setting.get("init_from") is not None and slug(str(setting["init_from"])) not in seen:
+            raise ConfigError(f"{path}: setting '{setting['name']}' starts from '{setting['init_from']}', which is "
+                              f"not a setting before it")
         seen.add(slug(setting["name"]))
         own_base = setting.get("base")
         if isinstance(own_base, dict):
@@ -148,8 +153,11 @@ def expand_sweep(sweep_path: str, profile: str = "small", extra_overrides: Optio
                 data_seed = copy.deepcopy(data)
                 apply_override(data_seed, f"train.seed={int(seed)}")
                 cfg = config_from_dict(data_seed)
-                runs.append({"setting": setting["name"], "seed": int(seed),
-                             "run_id": f"{slug(setting['name'])}-seed{int(seed)}", "config": cfg})
+                run = {"setting": setting["name"], "seed": int(seed),
+                       "run_id": f"{slug(setting['name'])}-seed{int(seed)}", "config": cfg}
+                if setting.get("init_from") is not None:
+                    run["init_from"] = f"{slug(str(setting['init_from']))}-seed{int(seed)}"
+                runs.append(run)
         except ConfigError as e:
             raise ConfigError(f"{path}: setting '{setting['name']}': {e}") from None
     return runs
@@ -161,11 +169,12 @@ def sweep_info(sweep_path: str) -> dict:
             "metrics": list(sweep.get("metrics", DEFAULT_METRICS)), "notes": sweep.get("notes", "")}
 
 
-def _default_train(cfg, run_dir: str) -> dict:
-    """Train with the engine (resuming a run that was cut off) and return its validation metrics."""
+def _default_train(cfg, run_dir: str, weights: Optional[str] = None) -> dict:
+    """Train with the engine (resuming a run that was cut off; from `weights` if given) and return its
+    validation metrics."""
     from .engine import train
 
-    summary = train(cfg, run_dir, resume="auto", progress=False)
+    summary = train(cfg, run_dir, resume="auto", weights=weights, progress=False)
     return summary.get("val") or {}
 
 
@@ -212,7 +221,14 @@ def run_sweep(sweep_path: str, output: str, *, profile: str = "small", extra_ove
         log(f"[{n}/{len(runs)}] {run['run_id']}: training ...")
         started = time.perf_counter()
         try:
-            metrics = train_fn(cfg, str(run_dir))
+            if run.get("init_from"):  # a second training stage: the same seed's run of an earlier setting
+                weights = out / "runs" / run["init_from"] / "final.pt"
+                if not weights.is_file():
+                    raise FileNotFoundError(f"{weights}: run {run['init_from']}, which this run starts from, has not "
+                                            f"finished")
+                metrics = train_fn(cfg, str(run_dir), weights=str(weights))
+            else:
+                metrics = train_fn(cfg, str(run_dir))
             record.update(status="ok", metrics={k: v for k, v in metrics.items() if k != "per_category"})
         except NonFiniteLossError as e:
             record.update(status="diverged", error=str(e))
@@ -291,8 +307,9 @@ def aggregate(records: list, settings: list, metrics: list) -> list:
 
 
 def _points(metric: str) -> float:
-    """AP and AR metrics are fractions shown in points (x100); others (ms_per_image) as they are."""
-    return 100.0 if metric.startswith(("AP", "AR")) else 1.0
+    """AP, AR and AUC metrics (also box_AR...) are fractions shown in points (x100); others (ms_per_image) as
+    they are."""
+    return 100.0 if metric.removeprefix("box_").startswith(("AP", "AR", "AUC")) else 1.0
 
 
 def format_table(rows: list, metrics: list) -> str:

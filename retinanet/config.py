@@ -23,10 +23,12 @@ class ModelConfig:
     Defaults are the Focal Loss paper's RetinaNet (sec. 4) with Detectron's inference settings.
     `arch: faster_rcnn` is the FPN two-stage detector (thesis ch. 4); it uses the shared keys
     (backbone, FPN, anchors, inference, pre-processing) and the rpn_* and roi_* keys; see
-    retinanet/configs/faster_rcnn_paper.yaml for its values.
+    retinanet/configs/faster_rcnn_paper.yaml for its values. `arch: deepmask | sharpmask | fpn_masks` are
+    class-agnostic segment proposals (thesis ch. 3 and sec. 4.6; retinanet/modeling/segment_proposals.py):
+    the shared backbone, FPN and inference keys and the segprop_* keys (retinanet/configs/segprop_*.yaml).
     """
 
-    arch: str = "retinanet"  # retinanet | faster_rcnn
+    arch: str = "retinanet"  # retinanet | faster_rcnn | deepmask | sharpmask | fpn_masks
     num_classes: int = 80
     # Backbone (sec. 4: ResNet + FPN). resnet18 | resnet34 | resnet50 | resnet101 | resnext101_32x8d
     backbone: str = "resnet50"
@@ -87,6 +89,27 @@ class ModelConfig:
     roi_batch_per_image: int = 512
     roi_positive_fraction: float = 0.25
     roi_box_weights: list = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
+    # Segment proposals (arch deepmask | sharpmask | fpn_masks). Defaults: the thesis's DeepMask-ours and
+    # SharpMask (sec. 3.4-3.5, released code: facebookresearch/deepmask) and FPN proposals (sec. 4.6).
+    segprop_object_ratio: float = 128 / 224  # canonical object size / window size (sec. 3.4: 128 of 224)
+    segprop_shift: float = 0.1  # positive: object centre within +-0.1 window (released code: 16 of 160 px)
+    segprop_neg_shift: float = 0.3  # negative: every object centre >= 0.3 window away (48 of 160 px) or an octave off
+    segprop_top_n: int = 1000  # windows kept (and refined by SharpMask) per image, so AR@1000 is meaningful
+    segprop_mask_thresh: float = 0.2  # mask probabilities binarized at 0.2 (sec. 3.5, following DeepMask)
+    # DeepMask / SharpMask: ResNet cut after conv4 (stride 16), trained on sampled patches
+    segprop_window: int = 160  # W, the input window in px (Table 3.1: W 160); a multiple of 16
+    segprop_context: int = 16  # px of image around each training window, each side (sec. 3.5: 32 in all)
+    segprop_features: int = 128  # F, the 1x1 reduction (Table 3.1)
+    segprop_head_dim: int = 512  # the shared vector of head C (sec. 3.4.2)
+    segprop_mask_size: int = 56  # the coarse mask, m x m over the window (DeepMask: 56)
+    segprop_scales: list = field(default_factory=lambda: [-2.5, 0.5, 0.5])  # pyramid 2^{min:step:max} as [min, max, step] (released 160 px code)
+    segprop_windows_per_image: int = 32  # training windows per image, half centred on objects
+    segprop_refine_k: int = 32  # SharpMask's k, schedule (b): k_m^i = k_s^i = k / 2^(i-1) (sec. 3.5.2)
+    segprop_refine_after: int = 0  # SharpMask: feedforward training steps before the refinement stage (sec. 3.3.3)
+    # FPN mask proposals: an MLP on k x k windows per level (5; 5 and 7 for half octaves), 14 x 14 masks
+    segprop_mlp_windows: list = field(default_factory=lambda: [5, 7])
+    segprop_mlp_hidden: int = 512
+    segprop_fpn_mask_size: int = 14
     # Pre-processing (sec. 4.1: shorter side 800 px; Detectron caps the longer side at 1333)
     min_size: int = 800
     max_size: int = 1333
@@ -266,7 +289,13 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    ARCHS = ("retinanet", "faster_rcnn")
+    ARCHS = ("retinanet", "faster_rcnn", "deepmask", "sharpmask", "fpn_masks")
+    PROPOSAL_ARCHS = ("deepmask", "sharpmask", "fpn_masks")  # class-agnostic segment proposals, one class
+    # segprop_* keys that only some proposal models use
+    _SEGPROP_ONLY = {"deepmask": ("window", "context", "features", "head_dim", "mask_size", "scales",
+                                  "windows_per_image"),
+                     "sharpmask": ("refine_k", "refine_after"),
+                     "fpn_masks": ("mlp_windows", "mlp_hidden", "fpn_mask_size")}
 
     def __post_init__(self):
         self.validate()
@@ -278,6 +307,7 @@ class Config:
         if arch not in self.ARCHS:
             raise ConfigError(f"config key 'model.arch': unknown detector '{arch}'{_closest(str(arch), self.ARCHS)}; "
                               f"choose one of {', '.join(self.ARCHS)}")
+        self._validate_segprop()
         if arch == "faster_rcnn":
             default = LossConfig()
             why = {"cls": "Fast R-CNN trains its classifier with softmax cross entropy over K + 1 classes and the "
@@ -312,6 +342,47 @@ class Config:
         if self.data.train_sizes or self.data.train_max_size is not None:
             raise ConfigError("config keys 'data.train_sizes' / 'data.train_max_size' are the shorter-side resize, "
                               "which data.scale_jitter replaces: set one or the other")
+
+    def _validate_segprop(self) -> None:
+        """segprop_* keys only for the proposal models that use them; other models' keys refused for those."""
+        arch, m, default = self.model.arch, self.model, ModelConfig()
+        users = {"deepmask": ("deepmask",), "sharpmask": ("deepmask", "sharpmask"), "fpn_masks": ("fpn_masks",)}
+        own = set()
+        for group in users.get(arch, ()):
+            own.update(self._SEGPROP_ONLY[group])
+        for group, keys in self._SEGPROP_ONLY.items():
+            for key in keys:
+                if key not in own and getattr(m, f"segprop_{key}") != getattr(default, f"segprop_{key}"):
+                    raise ConfigError(f"config key 'model.segprop_{key}' does not apply to model.arch={arch}")
+        common = ("object_ratio", "shift", "neg_shift", "top_n", "mask_thresh")
+        if arch not in self.PROPOSAL_ARCHS:
+            for key in common:
+                if getattr(m, f"segprop_{key}") != getattr(default, f"segprop_{key}"):
+                    raise ConfigError(f"config key 'model.segprop_{key}' does not apply to model.arch={arch}")
+            return
+        foreign = [f.name for f in dataclasses.fields(ModelConfig)
+                   if f.name.startswith(("rpn_", "roi_", "anchor_", "head_", "box_", "fg_", "bg_", "allow_", "crowd_",
+                                         "prior_", "topk_")) and getattr(m, f.name) != getattr(default, f.name)]
+        if foreign:
+            raise ConfigError(f"config key 'model.{foreign[0]}' does not apply to model.arch={arch} (segment "
+                              f"proposals have no anchors or box heads)")
+        losses = [f.name for f in dataclasses.fields(LossConfig) if getattr(self.loss, f.name) != getattr(LossConfig(), f.name)]
+        if losses:
+            raise ConfigError(f"config key 'loss.{losses[0]}' does not apply to model.arch={arch}: segment proposals "
+                              f"train with binary cross entropy on objectness and masks (thesis sec. 3.3.3)")
+        checks = [("segprop_object_ratio", 0 < m.segprop_object_ratio <= 1), ("segprop_shift", m.segprop_shift >= 0),
+                  ("segprop_neg_shift", m.segprop_neg_shift > m.segprop_shift), ("segprop_top_n", m.segprop_top_n >= 1),
+                  ("segprop_mask_thresh", 0 < m.segprop_mask_thresh < 1),
+                  ("segprop_window", m.segprop_window > 0 and m.segprop_window % 16 == 0),
+                  ("segprop_context", m.segprop_context >= 0 and m.segprop_context % 16 == 0),
+                  ("segprop_scales", len(m.segprop_scales) == 3 and m.segprop_scales[0] <= m.segprop_scales[1]
+                   and m.segprop_scales[2] > 0),
+                  ("segprop_refine_k", arch != "sharpmask" or m.segprop_refine_k >= 8),
+                  ("segprop_mlp_windows", len(m.segprop_mlp_windows) >= 1
+                   and all(int(k) % 2 == 1 for k in m.segprop_mlp_windows))]
+        for key, ok in checks:
+            if not ok:
+                raise ConfigError(f"config key 'model.{key}' is out of range: {getattr(m, key)!r} (see retinanet/config.py)")
 
 
 class ConfigError(ValueError):

@@ -240,7 +240,9 @@ def evaluate_model(model: nn.Module, dataset, env: DistEnv, batch_size: int = 8)
     """COCO bbox metrics (retinanet.evaluate.evaluate_coco) of `model` on a validation CocoDataset.
 
     Each process runs float32 inference on its shard of the images; rank 0 gathers the detections
-    and scores them against the dataset's JSON. Returns the metrics on rank 0, None elsewhere, with
+    and scores them against the dataset's JSON. A model that predicts masks is also scored on them
+    (segm_AP, ...); class-agnostic segment proposals (model.arch deepmask, sharpmask, fpn_masks) are
+    scored by proposal recall instead: segment AR@10/100/1000, ARs/m/l, AUC, and box_AR... for boxes. Returns the metrics on rank 0, None elsewhere, with
     `ms_per_image`: rank 0's time in the model's forward pass (pre-processing to detections, not
     image loading) per image, batches of `batch_size`.
     """
@@ -268,9 +270,26 @@ def evaluate_model(model: nn.Module, dataset, env: DistEnv, batch_size: int = 8)
         results = [r for shard in shards for r in shard] if env.is_main else None
     if not env.is_main:
         return None
-    metrics = evaluate_coco(dataset.json_path, results)
+    if getattr(model, "class_agnostic_proposals", False):  # segment proposals: recall, masks and boxes
+        from .evaluate import proposal_recall
+
+        metrics = proposal_recall(dataset.json_path, results, "segm")
+        metrics.update({f"box_{k}": v for k, v in proposal_recall(dataset.json_path, results, "bbox").items()})
+    else:
+        metrics = evaluate_coco(dataset.json_path, results)
+        if results and "segmentation" in results[0]:  # a mask detector: mask AP too
+            metrics.update({f"segm_{k}": v for k, v in evaluate_coco(dataset.json_path, results, iou_type="segm").items()
+                            if not isinstance(v, dict)})
     metrics["ms_per_image"] = 1000.0 * seconds / max(count, 1)
     return metrics
+
+
+def headline_metrics(metrics: dict) -> tuple:
+    """The metric that picks best.pt and the ones printed after an evaluation: AP (detectors) or the
+    segment AR@100 (proposal models, which have no AP)."""
+    if "AR@100" in metrics and "AP" not in metrics:
+        return "AR@100", ("AR@10", "AR@100", "AR@1000")
+    return "AP", ("AP", "AP50", "AP75")
 
 
 def _synchronize(device: torch.device) -> None:
@@ -287,7 +306,7 @@ def plot_loss_curve(metrics_path: Path, out_path: Path) -> None:
 
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train = [r for r in records if "loss" in r]
-    val = [r for r in records if "val" in r and r["val"].get("AP") is not None]
+    val = [r for r in records if "val" in r and r["val"].get(headline_metrics(r["val"])[0]) is not None]
     parts = [k for k in train[0] if k not in ("iteration", "loss", "lr", "images_per_s", "time_s")] if train else []
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     for i, key in enumerate(["loss"] + parts):
@@ -300,10 +319,10 @@ def plot_loss_curve(metrics_path: Path, out_path: Path) -> None:
     handles, labels = ax.get_legend_handles_labels()
     if val:
         ax2 = ax.twinx()
-        for key, marker in (("AP", "o"), ("AP50", "s")):
+        for key, marker in zip(headline_metrics(val[0]["val"])[1][:2], "os"):
             ax2.plot([r["iteration"] for r in val], [r["val"][key] for r in val], marker + "-", color=f"C{3 + len(ax2.lines)}",
                      label=f"val {key}")
-        ax2.set_ylabel("validation AP")
+        ax2.set_ylabel(f"validation {headline_metrics(val[0]['val'])[0][:2]}")
         ax2.set_ylim(0, 1)
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
@@ -378,7 +397,11 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
         finally:
             if env.is_main:
                 _barrier(env)
-        if cfg.model.num_classes != dataset.num_classes:
+        categories = dataset.categories
+        if cfg.model.arch in Config.PROPOSAL_ARCHS:  # class-agnostic: one class, whatever the dataset's
+            categories = [{"id": 1, "name": "object"}]
+            cfg.model.num_classes = 1
+        elif cfg.model.num_classes != dataset.num_classes:
             log(f"model.num_classes: {cfg.model.num_classes} -> {dataset.num_classes} (the training set's categories)")
             cfg.model.num_classes = dataset.num_classes
         if ckpt is not None:
@@ -440,7 +463,6 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
             output.mkdir(parents=True, exist_ok=True)
             save_config(cfg, str(output / "config.yaml"))
             _truncate_metrics(metrics_path, start)
-        categories = dataset.categories
 
         def weights_checkpoint(**extra) -> dict:
             """A checkpoint of the weights to use (the EMA's when on, with the trained ones beside them)."""
@@ -528,9 +550,10 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
                     _append_jsonl(metrics_path, {"iteration": done, "val": val_metrics,
                                                  "time_s": time.perf_counter() - run_start,
                                                  "train_s": eval_start - run_start - eval_seconds})
-                    ap = val_metrics["AP"]
+                    primary, shown = headline_metrics(val_metrics)
+                    ap = val_metrics[primary]
                     bar.write(f"iteration {done}: validation " + "  ".join(
-                        f"{k} {val_metrics[k]:.3f}" for k in ("AP", "AP50", "AP75") if val_metrics[k] is not None))
+                        f"{k} {val_metrics[k]:.3f}" for k in shown if val_metrics[k] is not None))
                     if ap is not None and (best_ap is None or ap > best_ap):
                         best_ap = ap
                         save_atomic(weights_checkpoint(iteration=done, val=val_metrics), str(output / "best.pt"))

@@ -662,7 +662,9 @@ def detections_to_coco_results(detections: Sequence[Mapping], image_ids: Sequenc
     "labels": (D,) contiguous class indices} (torch tensors or numpy arrays); image_ids: the COCO
     image id of each; label_to_cat_id: label -> COCO category id (a sequence indexed by label, e.g.
     [c["id"] for c in checkpoint["categories"]], or a dict).
-    Returns [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}], image by image in input order.
+    Returns [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}], image by image in input order;
+    where a detection dict has "masks" ((D, H, W) bit masks in the original image's pixels), each entry
+    also has "segmentation", its mask as compressed RLE (for iou_type "segm").
     Values keep full precision: float32 model outputs are widened to float64 before w = x2 - x1,
     which is then exact, so x2 = x + w recovers the model's box bit for bit.
     """
@@ -684,8 +686,17 @@ def detections_to_coco_results(detections: Sequence[Mapping], image_ids: Sequenc
             raise ValueError(f"image id {image_id}: labels {unknown} have no category id in label_to_cat_id")
         xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)  # (D, 4)
         cats = [lookup[label] for label in labels.tolist()]
-        out.extend({"image_id": int(image_id), "category_id": int(c), "bbox": b, "score": s}
-                   for c, b, s in zip(cats, xywh.tolist(), scores.tolist()))
+        entries = [{"image_id": int(image_id), "category_id": int(c), "bbox": b, "score": s}
+                   for c, b, s in zip(cats, xywh.tolist(), scores.tolist())]
+        if det.get("masks") is not None:  # a mask detector: each result also carries its mask as RLE
+            from .ops.masks import encode_masks
+
+            rles = encode_masks(det["masks"])
+            if len(rles) != len(entries):
+                raise ValueError(f"image id {image_id}: {len(rles)} masks for {len(entries)} boxes")
+            for entry, rle in zip(entries, rles):
+                entry["segmentation"] = rle
+        out.extend(entries)
     return out
 
 

@@ -164,6 +164,8 @@ class Predictor:
                              class_agnostic=class_agnostic)
         self.batch_size = batch_size
         self.tta_scales = tuple(DEFAULT_SCALES) if tta is True else tuple(float(x) for x in tta) if tta else ()
+        if self.tta_scales and getattr(model, "class_agnostic_proposals", False):
+            raise ValueError("test-time augmentation merges boxes, not masks: it does not apply to segment proposals")
         if classes is None:
             self.labels = [i for i, c in enumerate(self.categories) if not c.get("placeholder")]
         else:
@@ -222,7 +224,8 @@ class Predictor:
             labels = det["labels"].cpu().numpy().astype(np.int64)
             out.append(Detections(boxes=det["boxes"].float().cpu().numpy(), scores=det["scores"].float().cpu().numpy(),
                                   labels=labels, category_ids=self._ids[labels], names=[self._names[i] for i in labels],
-                                  image_size=tuple(array.shape[:2])))
+                                  image_size=tuple(array.shape[:2]),
+                                  masks=det["masks"].bool().cpu().numpy() if det.get("masks") is not None else None))
         return out
 
 

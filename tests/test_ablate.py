@@ -181,3 +181,38 @@ def test_tables_show_ap_in_points_and_times_as_they_are():
                      ["a"], ["AP", "ms_per_image"])
     table = format_table(rows, ["AP", "ms_per_image"])
     assert "| a | 50.0 | 12.5 |" in table
+    metrics = {"AR@100": 0.5, "AUC": 0.25, "box_AR@1000": 0.75, "ms_per_image": 12.5}
+    rows = aggregate([{"setting": "a", "seed": 0, "status": "ok", "metrics": metrics}], ["a"], list(metrics))
+    assert "| a | 50.0 | 25.0 | 75.0 | 12.5 |" in format_table(rows, list(metrics))  # proposal recall too
+
+
+def test_a_setting_may_start_from_an_earlier_settings_run(tmp_path):
+    path = tmp_path / "stages.yaml"
+    path.write_text("""
+name: stages
+profiles:
+  small: {base: demo, overrides: {}}
+seeds: [0, 1]
+settings:
+  - {name: first}
+  - {name: second, init_from: first}
+""")
+    runs = expand_sweep(str(path))
+    assert [r.get("init_from") for r in runs] == [None, None, "first-seed0", "first-seed1"]
+    calls = []
+
+    def fake_train(cfg, run_dir, weights=None):
+        calls.append((run_dir.rsplit("/", 1)[-1], weights))
+        if "first" in run_dir and cfg.train.seed == 0:
+            (tmp_path / "out" / "runs" / "first-seed0" / "final.pt").write_bytes(b"weights")
+        return {"AP": 0.5}
+
+    result = run_sweep(str(path), str(tmp_path / "out"), train_fn=fake_train, log=lambda *a: None)
+    assert calls == [("first-seed0", None), ("first-seed1", None),
+                     ("second-seed0", str(tmp_path / "out" / "runs" / "first-seed0" / "final.pt"))]
+    failed = json.loads((tmp_path / "out" / "runs" / "second-seed1" / "result.json").read_text())
+    assert failed["status"] == "failed" and "first-seed1, which this run starts from" in failed["error"]
+    assert result is not None
+    path.write_text(path.read_text().replace("init_from: first", "init_from: third"))
+    with pytest.raises(ConfigError, match="starts from 'third', which is not a setting before it"):
+        expand_sweep(str(path))

@@ -93,9 +93,6 @@ def run(args) -> int:
             raise ValueError("--tta-scales needs --tta")
         if args.tta_scales and min(args.tta_scales) <= 0:
             raise ValueError(f"--tta-scales must be positive, got {args.tta_scales}")
-        if "segm" in args.iou_type:
-            raise ValueError("--iou-type segm needs masks, which a RetinaNet checkpoint does not predict; "
-                             "evaluate a results file with segmentations (--gt, --results) instead")
         gt, results, protect = args.json, run_model(args), [args.checkpoint]
     else:
         if args.tta:
@@ -152,6 +149,10 @@ def run_model(args) -> list:
                 torch.cuda.synchronize(device)
             if step > 0:  # the first batch warms up (allocations, kernel choice)
                 timed_images, timed_seconds = timed_images + len(images), timed_seconds + time.perf_counter() - start
+            if "segm" in args.iou_type and "masks" not in detections[0]:
+                raise ValueError("--iou-type segm needs masks, which this checkpoint's model does not predict (a "
+                                 "mask model, e.g. model.arch deepmask, sharpmask or fpn_masks, does); evaluate a "
+                                 "results file with segmentations (--gt, --results) instead")
             results += detections_to_coco_results(detections, [t["image_id"] for t in targets], label_to_cat)
     results = [r for r in results if r["category_id"] not in placeholders]
     per_image = f", {1000 * timed_seconds / timed_images:.1f} ms per image" if timed_images else ""

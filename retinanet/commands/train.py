@@ -73,6 +73,11 @@ def run(args) -> int:
     if summary:
         line = f"done: {summary['iterations']} iterations in {summary['seconds']:.0f} s; weights in {summary['final']}"
         if summary["val"]:
-            line += f"; validation AP {summary['val']['AP']:.3f} (best {summary['best_ap']:.3f}, best.pt)"
+            from ..engine import headline_metrics
+
+            primary, _ = headline_metrics(summary["val"])
+            if summary["val"][primary] is not None:
+                line += (f"; validation {primary} {summary['val'][primary]:.3f} (best {summary['best_ap']:.3f}, "
+                         f"best.pt)")
         print(line)
     return 0

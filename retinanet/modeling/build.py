@@ -23,7 +23,11 @@ def build_model(config: Config) -> Detector:
         from ..convert import load_backbone_weights
 
         load_backbone_weights(backbone, m.backbone_weights)
+    if m.arch in ("deepmask", "sharpmask"):
+        return _segment_proposals(config, backbone, None)
     fpn = FPN(backbone.out_channels, m.fpn_channels, m.min_level, m.max_level, m.p6_from)
+    if m.arch == "fpn_masks":
+        return _segment_proposals(config, backbone, fpn)
     num_levels = m.max_level - m.min_level + 1
     if len(m.anchor_sizes) != num_levels:
         raise ValueError(f"model.anchor_sizes has {len(m.anchor_sizes)} sizes for {num_levels} levels "
@@ -70,3 +74,24 @@ def _faster_rcnn(config: Config, backbone: ResNet, fpn: FPN, anchors: AnchorGene
         box_loss=loss.box, score_thresh=m.score_thresh, nms_thresh=m.nms_thresh,
         detections_per_image=m.detections_per_image)
     return FasterRCNN(backbone, fpn, rpn, roi_heads, num_classes=m.num_classes, **shared)
+
+
+def _segment_proposals(config: Config, backbone: ResNet, fpn) -> Detector:
+    from ..ops.segprop import pyramid_scales
+    from .segment_proposals import DeepMask, FPNMaskProposals
+
+    m = config.model
+    common = dict(object_ratio=m.segprop_object_ratio, shift=m.segprop_shift, neg_shift=m.segprop_neg_shift,
+                  top_n=m.segprop_top_n, mask_thresh=m.segprop_mask_thresh, score_thresh=m.score_thresh,
+                  nms_thresh=m.nms_thresh, detections_per_image=m.detections_per_image, min_size=m.min_size,
+                  max_size=m.max_size, resize_rounding=m.resize_rounding, size_divisibility=m.size_divisibility,
+                  pixel_mean=m.pixel_mean, pixel_std=m.pixel_std)
+    if m.arch == "fpn_masks":
+        return FPNMaskProposals(backbone, fpn, mlp_windows=tuple(int(k) for k in m.segprop_mlp_windows),
+                                hidden=m.segprop_mlp_hidden, mask_size=m.segprop_fpn_mask_size, **common)
+    lo, hi, step = m.segprop_scales
+    return DeepMask(backbone, window=m.segprop_window, context=m.segprop_context, features=m.segprop_features,
+                    head_dim=m.segprop_head_dim, mask_size=m.segprop_mask_size, scales=pyramid_scales(lo, hi, step),
+                    windows_per_image=m.segprop_windows_per_image, scale_tol=step / 2,
+                    refine_k=m.segprop_refine_k if m.arch == "sharpmask" else 0,
+                    refine_after=m.segprop_refine_after, **common)

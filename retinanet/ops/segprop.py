@@ -1,0 +1,149 @@
+"""Segment proposals' window geometry: pyramid scales, window boxes, patch labels, crops and mask pasting.
+
+A *window* is a square image region in which a proposal model predicts one mask (m x m, covering the
+window) and one objectness score: DeepMask's input window W (thesis sec. 3.4), or the image region of
+an FPN mask MLP (thesis sec. 4.6, Fig. 4.4). A window expects an object of `canonical` px (DeepMask:
+128 of 224, sec. 3.4; the released code's 92 of 160) centred in it. Windows are xyxy boxes in
+continuous pixel coordinates (pixel column i spans [i, i + 1)), as everywhere in the package.
+
+Labels follow the released DeepMask code's sampling rules (facebookresearch/deepmask DataSampler):
+a window is positive for an object centred within +-`shift` window px of its centre (both axes) whose
+size max(w, h) is within 2^(+-scale_tol) of the canonical size; negative when every object's centre
+is at least `neg_shift` window px away or its size is an octave or more off; ignored otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def pyramid_scales(min_exp: float, max_exp: float, step: float) -> list:
+    """Image scales 2^min_exp, 2^(min_exp + step), ..., 2^max_exp (ends included).
+
+    Example: pyramid_scales(-2, 1, 0.5) is the thesis's 2^{-2:0.5:1} (sec. 3.5), seven scales
+    [0.25, 0.354, 0.5, 0.707, 1, 1.414, 2].
+    """
+    if step <= 0 or max_exp < min_exp:
+        raise ValueError(f"pyramid exponents need min <= max and step > 0, got {min_exp}, {max_exp}, {step}")
+    count = int(math.floor((max_exp - min_exp) / step + 1e-6)) + 1
+    return [2.0 ** (min_exp + i * step) for i in range(count)]
+
+
+def grid_windows(grid_h: int, grid_w: int, *, stride: float, window: float, offset: float, scale: float = 1.0,
+                 device=None) -> Tensor:
+    """The windows of a convolutional grid, in the unscaled image's pixels: (grid_h * grid_w, 4) xyxy, row-major.
+
+    Output (i, j) of a sliding-window model on an image scaled by `scale` (and shifted by `offset` px
+    of padding) sees the scaled image's square [j * stride - offset, j * stride - offset + window)
+    (x; y alike with i); in the original image that is the same square divided by `scale`.
+    Example: stride 16, window 80, offset 40, scale 2: output (0, 1) -> (-12, -20, 28, 20).
+    """
+    ys = torch.arange(grid_h, dtype=torch.float32, device=device) * stride - offset
+    xs = torch.arange(grid_w, dtype=torch.float32, device=device) * stride - offset
+    y0, x0 = torch.meshgrid(ys, xs, indexing="ij")  # (grid_h, grid_w) each
+    boxes = torch.stack([x0, y0, x0 + window, y0 + window], dim=-1).reshape(-1, 4)  # (grid_h * grid_w, 4)
+    return boxes / scale
+
+
+def label_windows(windows: Tensor, gt_boxes: Tensor, *, object_ratio: float, shift: float, neg_shift: float,
+                  scale_tol: float) -> tuple:
+    """Label square windows against one image's objects (the released DeepMask code's rules; module docstring).
+
+    windows (P, 4) xyxy squares; gt_boxes (G, 4) xyxy. object_ratio: canonical object size / window
+    size; shift, neg_shift: centre distances as fractions of the window side; scale_tol: log2
+    tolerance of the size for positives.
+    Returns (labels (P,) int64 in {1 positive, 0 negative, -1 ignored}, matched (P,) int64: the
+    positive's object (the closest centre among qualifying ones), 0 elsewhere).
+
+    Example: window (0, 0, 100, 100), object_ratio 0.5, shift 0.1, neg_shift 0.3, scale_tol 0.25;
+    object (30, 30, 80, 80) (centre 55, size 50): centre 5 px off, size exact -> positive;
+    object (60, 60, 110, 110) (centre 85): 35 px off >= 30 -> negative.
+    """
+    side = windows[:, 2] - windows[:, 0]  # (P,)
+    centre = (windows[:, :2] + windows[:, 2:]) / 2  # (P, 2)
+    if gt_boxes.shape[0] == 0:
+        zeros = torch.zeros(windows.shape[0], dtype=torch.int64, device=windows.device)
+        return zeros, zeros.clone()
+    gt_centre = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2  # (G, 2)
+    gt_size = (gt_boxes[:, 2:] - gt_boxes[:, :2]).amax(dim=1).clamp(min=1e-6)  # (G,)
+    dist = (gt_centre[None] - centre[:, None]).abs().amax(dim=2) / side[:, None]  # (P, G) Chebyshev, window units
+    log_ratio = torch.log2(gt_size[None] / (object_ratio * side[:, None])).abs()  # (P, G)
+    eps = 1e-6
+    qualifies = (dist <= shift + eps) & (log_ratio <= scale_tol + eps)  # (P, G)
+    near = (dist < neg_shift - eps) & (log_ratio < 1.0 - eps)  # (P, G): rules out a negative
+    labels = torch.where(qualifies.any(1), 1, torch.where(near.any(1), -1, 0))
+    matched = torch.where(qualifies, dist, torch.full_like(dist, float("inf"))).argmin(dim=1)
+    return labels.to(torch.int64), torch.where(labels == 1, matched, torch.zeros_like(matched))
+
+
+def _affine_grid(windows: Tensor, out_h: int, out_w: int, height: int, width: int) -> Tensor:
+    """grid_sample coordinates (align_corners=False) of an out_h x out_w sampling of each window of an
+    image tensor of height x width: (P, out_h, out_w, 2)."""
+    t = (torch.arange(out_w, dtype=torch.float32, device=windows.device) + 0.5) / out_w  # (out_w,) in (0, 1)
+    s = (torch.arange(out_h, dtype=torch.float32, device=windows.device) + 0.5) / out_h  # (out_h,)
+    x = windows[:, 0, None] + t[None] * (windows[:, 2] - windows[:, 0])[:, None]  # (P, out_w) pixel coordinates
+    y = windows[:, 1, None] + s[None] * (windows[:, 3] - windows[:, 1])[:, None]  # (P, out_h)
+    gx = (2 * x / width - 1)[:, None, :].expand(-1, out_h, -1)
+    gy = (2 * y / height - 1)[:, :, None].expand(-1, -1, out_w)
+    return torch.stack([gx, gy], dim=-1)
+
+
+def crop_windows(images: Tensor, windows: Tensor, size: int, padding_mode: str = "reflection") -> Tensor:
+    """Resample square windows of a batch: images (B, C, H, W), windows (B, n, 4) xyxy in its pixels ->
+    (B * n, C, size, size), image b's windows first; bilinear, reflection outside the image (sec. 3.5)."""
+    b, n = windows.shape[:2]
+    h, w = images.shape[-2:]
+    grid = _affine_grid(windows.reshape(-1, 4), size, size, h, w)  # (B * n, size, size, 2)
+    grid = grid.reshape(b, n * size, size, 2)  # the n crops of an image stacked vertically
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+    return out.reshape(b, images.shape[1], n, size, size).transpose(1, 2).reshape(b * n, images.shape[1], size, size)
+
+
+def mask_targets(masks: Tensor, windows: Tensor, size: int) -> Tensor:
+    """Each window's object mask on a size x size grid over the window: masks (P, H, W) (each window's own
+    object), windows (P, 4) -> (P, size, size) float in {0, 1} (bilinear, >= 0.5; 0 outside the image)."""
+    if masks.shape[0] == 0:
+        return masks.new_zeros((0, size, size), dtype=torch.float32)
+    h, w = masks.shape[-2:]
+    grid = _affine_grid(windows, size, size, h, w)
+    sampled = F.grid_sample(masks[:, None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return (sampled[:, 0] >= 0.5).float()
+
+
+def _interpolation_matrix(lo: Tensor, hi: Tensor, size: int, m: int) -> Tensor:
+    """Bilinear weights from m samples over [lo, hi) to the pixel centres 0.5 .. size - 0.5: (N, size, m).
+
+    Row p holds the two taps of pixel p (grid_sample's align_corners=False convention, border-clamped);
+    rows of pixels outside [lo, hi) are zero."""
+    centres = torch.arange(size, dtype=torch.float32, device=lo.device) + 0.5  # (size,)
+    u = (centres[None] - lo[:, None]) / (hi - lo)[:, None]  # (N, size) position in the window, 0..1
+    src = u * m - 0.5  # (N, size) continuous index of the m samples
+    i0 = src.floor()
+    frac = src - i0
+    i0 = i0.long()
+    weights = torch.zeros((lo.shape[0], size, m), dtype=torch.float32, device=lo.device)
+    weights.scatter_add_(2, i0.clamp(0, m - 1)[..., None], (1 - frac)[..., None])
+    weights.scatter_add_(2, (i0 + 1).clamp(0, m - 1)[..., None], frac[..., None])
+    inside = (u >= 0) & (u <= 1)
+    return weights * inside[..., None]
+
+
+def paste_masks(masks: Tensor, windows: Tensor, height: int, width: int, threshold: float) -> Tensor:
+    """Window masks into image pixels: masks (N, m, m) probabilities over windows (N, 4) xyxy -> (N, height,
+    width) bool, pixel (y, x) taking the bilinear value at its centre (x + 0.5, y + 0.5) >= threshold (the
+    mask's values clamped at its border); pixels outside a window are False.
+
+    Bilinear interpolation is separable, so each paste is two small matrix products, Wy (height, m) @ mask
+    (m, m) @ Wx^T (m, width), batched over the masks (grid_sample over every image pixel is ~10x slower)."""
+    n, m = masks.shape[0], masks.shape[-1]
+    if n == 0:
+        return torch.zeros((0, height, width), dtype=torch.bool, device=masks.device)
+    wy = _interpolation_matrix(windows[:, 1].float(), windows[:, 3].float(), height, m)  # (N, height, m)
+    wx = _interpolation_matrix(windows[:, 0].float(), windows[:, 2].float(), width, m)  # (N, width, m)
+    inside = (wy.sum(2) > 0)[:, :, None] & (wx.sum(2) > 0)[:, None, :]  # (N, height, width)
+    values = wy @ masks.float() @ wx.transpose(1, 2)  # (N, height, width)
+    return (values >= threshold) & inside

@@ -1,0 +1,353 @@
+"""Segment proposals (thesis ch. 3, sec. 4.6): window geometry by hand, the three models' contract, training,
+batched == per-image, and the shared commands (train, eval, predict, export)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from retinanet.config import Config, ConfigError, config_from_dict
+from retinanet.modeling import build_model
+from retinanet.modeling.detector import ImageBatch
+from retinanet.modeling.segment_proposals import RefinementModule, crop_grid
+from retinanet.ops.segprop import (crop_windows, grid_windows, label_windows, mask_targets, paste_masks,
+                                   pyramid_scales)
+
+MODELS = {
+    "deepmask": dict(arch="deepmask", segprop_window=32, segprop_context=16, segprop_features=8, segprop_head_dim=16,
+                     segprop_mask_size=8, segprop_scales=[-1.0, 0.0, 1.0], segprop_windows_per_image=4),
+    "sharpmask": dict(arch="sharpmask", segprop_window=32, segprop_context=16, segprop_features=8,
+                      segprop_head_dim=16, segprop_mask_size=8, segprop_scales=[-1.0, 0.0, 1.0],
+                      segprop_windows_per_image=4, segprop_refine_k=8, segprop_refine_after=2),
+    "fpn_masks": dict(arch="fpn_masks", min_level=2, max_level=5, fpn_channels=8, segprop_mlp_windows=[5, 7],
+                      segprop_mlp_hidden=16, segprop_fpn_mask_size=6),
+}
+
+
+def tiny(arch: str, **extra) -> Config:
+    model = dict(backbone="resnet18", backbone_width=8, backbone_norm="bn", frozen_stages=0, min_size=64,
+                 max_size=64, segprop_top_n=50, score_thresh=0.0, nms_thresh=1.0, detections_per_image=50,
+                 **{**MODELS[arch], **extra})
+    return config_from_dict({"model": model, "data": {"masks": True}})
+
+
+def two_objects():
+    """A 64 x 64 image's targets: a 20 x 16 rectangle and a 12 x 12 square (exact masks)."""
+    masks = torch.zeros(2, 64, 64, dtype=torch.uint8)
+    masks[0, 10:26, 8:28] = 1
+    masks[1, 40:52, 36:48] = 1
+    return {"boxes": torch.tensor([[8.0, 10, 28, 26], [36, 40, 48, 52]]), "labels": torch.tensor([0, 0]),
+            "masks": masks}
+
+
+# ------------------------------------------------------------------------------------------ geometry
+def test_pyramid_scales_are_the_thesis_and_released_lists():
+    assert pyramid_scales(-2, 1, 0.5) == pytest.approx([2 ** e for e in (-2, -1.5, -1, -0.5, 0, 0.5, 1)])  # sec. 3.5
+    assert pyramid_scales(-2.5, 0.5, 0.5) == pytest.approx([2 ** e for e in (-2.5, -2, -1.5, -1, -0.5, 0, 0.5)])
+    assert len(pyramid_scales(-2, 1.5, 0.5)) == 8 and pyramid_scales(0, 0, 1) == [1.0]
+    with pytest.raises(ValueError):
+        pyramid_scales(1, 0, 0.5)
+
+
+def test_grid_windows_map_outputs_to_image_pixels():
+    # stride 16, window 80, 40 px of padding, image scaled by 2: output (0, 1) sees scaled pixels
+    # [-24, 56) x [-40, 40), i.e. (-12, -20, 28, 20) in the original image
+    w = grid_windows(2, 3, stride=16, window=80, offset=40, scale=2.0)
+    assert w.shape == (6, 4)
+    assert w[1].tolist() == [-12.0, -20.0, 28.0, 20.0]
+    assert w[5].tolist() == [-4.0, -12.0, 36.0, 28.0]  # output (1, 2): x0 = (32 - 40) / 2, y0 = (16 - 40) / 2
+
+
+def test_label_windows_by_hand():
+    window = torch.tensor([[0.0, 0, 100, 100]])  # canonical object 50 px (ratio 0.5)
+    rules = dict(object_ratio=0.5, shift=0.1, neg_shift=0.3, scale_tol=0.25)
+
+    def label(*boxes):
+        labels, matched = label_windows(window, torch.tensor(boxes, dtype=torch.float32), **rules)
+        return labels.item(), matched.item()
+
+    assert label([30, 30, 80, 80]) == (1, 0)  # centre 5 px off (0.05), size 50: positive
+    assert label([60, 60, 110, 110]) == (0, 0)  # centre 35 px off >= 30: negative
+    assert label([45, 45, 95, 95]) == (-1, 0)  # 20 px off: neither
+    assert label([-50, -50, 150, 150]) == (0, 0)  # centred but 200 px, two octaves off: negative
+    assert label([20, 20, 80, 80]) == (-1, 0)  # centred, 60 px: log2(1.2) = 0.26 > 0.25, not an octave off
+    assert label([60, 60, 110, 110], [30, 30, 80, 80], [27, 27, 77, 77]) == (1, 2)  # the closer centre wins
+    labels, matched = label_windows(window, torch.zeros(0, 4), **rules)  # no objects: all negative
+    assert labels.tolist() == [0] and matched.tolist() == [0]
+
+
+def test_paste_a_known_window_mask():
+    # a 2 x 2 mask [[1, 0], [0, 0]] over the window (0, 0, 4, 4): per axis, the bilinear values at the pixel
+    # centres 0.5 .. 3.5 are [1, 0.75, 0.25, 0] (border-clamped), so the 2-D values are their outer product
+    mask = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    pasted = paste_masks(mask, torch.tensor([[0.0, 0, 4, 4]]), 4, 4, threshold=0.5)[0]
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    expected[:2, :2] = True  # 1, 0.75, 0.75, 0.5625 >= 0.5; 0.25 * 1 < 0.5
+    assert torch.equal(pasted, expected)
+    shifted = paste_masks(mask, torch.tensor([[3.0, 0, 7, 4]]), 4, 8, threshold=0.5)[0]  # 3 px right
+    assert torch.equal(shifted[:, 3:7], expected) and not shifted[:, :3].any() and not shifted[:, 7:].any()
+    assert not paste_masks(mask, torch.tensor([[0.0, 0, 4, 4]]), 4, 4, threshold=1.01).any()
+
+
+def test_paste_equals_grid_sample():
+    torch.manual_seed(0)
+    masks = torch.rand(30, 7, 7)
+    x0, y0, side = torch.rand(30) * 60 - 20, torch.rand(30) * 60 - 20, torch.rand(30) * 50 + 3
+    windows = torch.stack([x0, y0, x0 + side, y0 + side], 1)
+    ours = paste_masks(masks, windows, 40, 48, 0.3)
+    ys, xs = torch.arange(40) + 0.5, torch.arange(48) + 0.5
+    gx = 2 * (xs[None] - windows[:, 0, None]) / side[:, None] - 1
+    gy = 2 * (ys[None] - windows[:, 1, None]) / side[:, None] - 1
+    grid = torch.stack([gx[:, None, :].expand(-1, 40, -1), gy[:, :, None].expand(-1, -1, 48)], -1)
+    values = F.grid_sample(masks[:, None], grid, padding_mode="border", align_corners=False)[:, 0]
+    inside = (gx.abs() <= 1)[:, None, :] & (gy.abs() <= 1)[:, :, None]
+    assert torch.equal(ours, (values >= 0.3) & inside)
+
+
+def test_crop_windows_and_mask_targets_by_hand():
+    image = torch.arange(8.0)[None, None, None, :].expand(1, 1, 8, 8).clone()  # value = x coordinate
+    crops = crop_windows(image, torch.tensor([[[2.0, 1, 6, 5], [-2, 0, 2, 4]]]), size=4)
+    assert crops.shape == (2, 1, 4, 4)
+    assert crops[0, 0, 0].tolist() == [2, 3, 4, 5]  # pixel centres 2.5 .. 5.5 read columns 2 .. 5
+    assert crops[1, 0, 0].tolist() == [1, 0, 0, 1]  # reflection across the left edge (sec. 3.5)
+    mask = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    mask[0, 2:4, 2:6] = 1
+    target = mask_targets(mask, torch.tensor([[2.0, 2, 6, 6]]), 2)  # 2 x 2 over a 4 x 4 window: top half
+    assert target.tolist() == [[[1.0, 1.0], [0.0, 0.0]]]
+
+
+def test_refinement_module_doubles_the_resolution():
+    module = RefinementModule(feature_channels=10, skip_channels=4, mask_channels=6, out_channels=3)
+    features = torch.rand(2, 10, 5, 5)
+    skip = module.skip(features)
+    assert skip.shape == (2, 4, 5, 5)  # S^i: two 3x3 convs, to 64 then to k_s (sec. 3.5.2)
+    assert module(torch.rand(2, 6, 5, 5), skip).shape == (2, 3, 10, 10)
+
+
+def test_crop_grid_takes_each_windows_cells():
+    features = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6)
+    crops = crop_grid(features, torch.tensor([1, 0]), torch.tensor([2, 0]), torch.tensor([1, 3]), 3)
+    assert torch.equal(crops[0], features[1, :, 2:5, 1:4]) and torch.equal(crops[1], features[0, :, 0:3, 3:6])
+
+
+def test_sharpmask_refines_to_8k_with_schedule_b():
+    model = build_model(tiny("sharpmask")).eval()  # W = 32: k = 2 cells; k = 8: 8, 4, 2, 1 channels
+    assert [m.merge.out_channels for m in model.refinement] == [4, 2, 1]
+    assert [m.skip[2].out_channels for m in model.refinement] == [8, 4, 2]
+    with torch.no_grad():
+        scores, masks, windows = model.network(torch.rand(1, 3, 64, 64))
+    # scales 2^-1, 2^0 ([min, max, step] = [-1, 0, 1]): 32 + 2 x 16 px of padding -> 4 x 4 C4 cells -> 3 x 3
+    # windows; 64 + 32 -> 6 x 6 -> 5 x 5: 34 windows in all, fewer than top_n = 50: 16 fillers of score -1e4
+    assert masks.shape == (1, 50, 16, 16)  # 2 cells x 2^3 over the 32 px window: stride 2
+    inside = (scores > -1e4).sum().item()  # centres inside the 64 px image: 0, 32 (scale 1/2); 0..48 (scale 1)
+    assert inside == 2 * 2 + 4 * 4
+
+
+def test_fpn_mlp_window_size_per_level():
+    model = build_model(tiny("fpn_masks"))
+    windows = model.windows_per_level([(1, 1)] * 4)  # one cell per level P2..P5, MLPs 5 x 5 and 7 x 7
+    # level l, MLP k: a window of k 2^l px centred on cell 0's centre 2^(l-1)
+    expected = [[-8, -8, 12, 12], [-12, -12, 16, 16], [-16, -16, 24, 24], [-24, -24, 32, 32],
+                [-32, -32, 48, 48], [-48, -48, 64, 64], [-64, -64, 96, 96], [-96, -96, 128, 128]]
+    assert [w[0].tolist() for w in windows] == expected
+    assert model.scale_tol == 0.25  # two MLPs: half octaves
+    assert build_model(tiny("fpn_masks", segprop_mlp_windows=[5])).scale_tol == 0.5
+
+
+# ------------------------------------------------------------------------------------------ contract
+def test_postprocess_pastes_into_the_original_image():
+    model = build_model(tiny("fpn_masks")).eval()
+    # two windows of a 4 x 4 resized image whose original is 8 x 8; the second scores below 0.5
+    scores = torch.tensor([[2.0, -2.0]])
+    masks = torch.full((1, 2, 2, 2), -10.0)
+    masks[0, :, 0, 0] = 10.0  # top-left quarter
+    windows = torch.tensor([[[0.0, 0, 4, 4], [0, 0, 4, 4]]])
+    batch = ImageBatch(torch.zeros(1, 3, 4, 4), [(4, 4)], [(8, 8)])
+    model.mask_thresh = 0.5
+    det = model.postprocess((scores, masks, windows), batch, score_thresh=0.5)[0]
+    assert det["masks"].shape == (1, 8, 8) and det["masks"].dtype == torch.bool
+    # The window is (0, 0, 8, 8) in original pixels. Per axis, the mask [1, 0] (sigmoid(+-10)) at the pixel
+    # centres 0.5 .. 7.5 is [1, 1, 0.875, 0.625, 0.375, 0.125, 0, 0]; pixels whose product is >= 0.5:
+    # rows and columns 0-3 except (3, 3) (0.625^2 = 0.39)
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[:4, :4] = True
+    expected[3, 3] = False
+    assert torch.equal(det["masks"][0], expected)
+    assert det["boxes"].tolist() == [[0.0, 0.0, 4.0, 4.0]] and det["labels"].tolist() == [0]
+    assert det["scores"].tolist() == pytest.approx([torch.tensor(2.0).sigmoid().item()])
+
+
+@pytest.mark.parametrize("arch", ["deepmask", "sharpmask", "fpn_masks"])
+def test_batched_equals_per_image(arch):
+    model = build_model(tiny(arch)).eval()
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
+    with torch.no_grad():
+        together = model(images)
+        apart = [model([image])[0] for image in images]
+    for a, b in zip(together, apart):
+        assert len(a["scores"]) == len(b["scores"]) > 0
+        assert torch.allclose(a["scores"], b["scores"], atol=1e-5)
+        assert torch.equal(a["masks"], b["masks"]) and torch.equal(a["boxes"], b["boxes"])
+        assert a["masks"].shape[1:] == (64, 64) and (a["labels"] == 0).all()
+
+
+@pytest.mark.parametrize("arch", ["deepmask", "sharpmask", "fpn_masks"])
+def test_losses_are_named_scalars_that_train(arch):
+    model = build_model(tiny(arch)).train()
+    images, targets = [torch.rand(3, 64, 64)] * 2, [two_objects(), two_objects()]
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    history = []
+    for _ in range(6):
+        torch.manual_seed(1)  # the same sampled windows every step
+        losses = model(images, targets)
+        assert set(losses) == ({"score", "mask", "refine"} if arch == "sharpmask" else {"score", "mask"})
+        assert all(v.dim() == 0 and math.isfinite(v.item()) for v in losses.values())
+        total = sum(v for v in losses.values() if v.requires_grad)
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        history.append(total.item())
+    assert history[-1] < history[0]
+
+
+def test_deepmask_samples_positives_around_objects():
+    model = build_model(tiny("deepmask", segprop_windows_per_image=8))
+    torch.manual_seed(3)
+    target = two_objects()
+    windows = model.sample_windows([target], [(64, 64)], "cpu")[0]  # (8, 4)
+    labels, _ = label_windows(windows, target["boxes"], object_ratio=model.object_ratio, shift=model.shift,
+                              neg_shift=model.neg_shift, scale_tol=model.scale_tol)
+    assert (labels[:4] == 1).all()  # the first half is centred on objects within the tolerances
+    sides = windows[:, 2] - windows[:, 0]
+    assert torch.allclose(windows[:, 3] - windows[:, 1], sides)  # squares
+
+
+def test_sharpmask_trains_in_two_stages():
+    model = build_model(tiny("sharpmask", segprop_refine_after=1)).train()
+    images, targets = [torch.rand(3, 64, 64)] * 2, [two_objects(), two_objects()]
+    for stage in ("feedforward", "refinement"):
+        model.zero_grad(set_to_none=True)
+        losses = model(images, targets)
+        sum(losses.values()).backward()
+        trunk_grad = model.trunk.conv1.weight.grad is not None
+        refine_grad = model.refinement[0].merge.weight.grad is not None
+        assert (trunk_grad, refine_grad) == ((True, False) if stage == "feedforward" else (False, True))
+    assert int(model.train_steps) == 2 and not model.trunk.training  # frozen: BatchNorm statistics fixed
+
+
+def test_config_refuses_options_of_other_models():
+    with pytest.raises(ConfigError, match="segprop_mlp_windows' does not apply to model.arch=deepmask"):
+        config_from_dict({"model": {"arch": "deepmask", "segprop_mlp_windows": [5]}})
+    with pytest.raises(ConfigError, match="segprop_refine_after' does not apply to model.arch=deepmask"):
+        config_from_dict({"model": {"arch": "deepmask", "segprop_refine_after": 10}})
+    with pytest.raises(ConfigError, match="segprop_window' does not apply to model.arch=retinanet"):
+        config_from_dict({"model": {"segprop_window": 96}})
+    with pytest.raises(ConfigError, match="anchor_sizes' does not apply to model.arch=fpn_masks"):
+        config_from_dict({"model": {"arch": "fpn_masks", "anchor_sizes": [16, 32, 64, 128]}})
+    with pytest.raises(ConfigError, match="loss.gamma' does not apply"):
+        config_from_dict({"model": {"arch": "sharpmask"}, "loss": {"gamma": 1.0}})
+    with pytest.raises(ConfigError, match="did you mean 'sharpmask'"):
+        config_from_dict({"model": {"arch": "sharpmsk"}})
+    with pytest.raises(ConfigError, match="segprop_window"):
+        config_from_dict({"model": {"arch": "deepmask", "segprop_window": 100}})  # not a multiple of 16
+
+
+def test_shipped_configs_build():
+    from retinanet.config import load_config
+
+    for name in ("deepmask", "sharpmask", "fpn"):
+        cfg = load_config(f"retinanet/configs/segprop_{name}_shapes.yaml")
+        assert build_model(cfg).num_classes == 1
+
+
+# ------------------------------------------------------------------------------------------ commands
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    from retinanet.data.synthetic import make_shapes_dataset
+
+    return make_shapes_dataset(str(tmp_path_factory.mktemp("shapes") / "data"), num_train=4, num_val=2,
+                               image_size=64, seed=1)
+
+
+def test_train_eval_predict_export_a_deepmask(shapes, tmp_path, capsys):
+    from retinanet.cli import main
+    from retinanet.export import OnnxDetector
+    from retinanet.predict import Predictor
+
+    cfg = {"model": {**MODELS["deepmask"], "backbone": "resnet18", "backbone_width": 8, "backbone_norm": "bn",
+                     "frozen_stages": 0, "min_size": 64, "max_size": 64, "segprop_top_n": 40, "score_thresh": 0.0,
+                     "nms_thresh": 1.0, "detections_per_image": 40},
+           "data": {"masks": True, "batch_size": 2, "num_workers": 0, "train_json": str(shapes.train_json),
+                    "train_images": str(shapes.train_images), "val_json": str(shapes.val_json),
+                    "val_images": str(shapes.val_images)},
+           "train": {"device": "cpu", "iterations": 2, "warmup_iters": 1, "checkpoint_every": 2, "log_every": 1}}
+    config = tmp_path / "deepmask.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    assert main(["train", str(config), "--output", str(out), "--no-progress"]) == 0
+    assert "validation AR@10" in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val"] for r in records if "val" in r][-1]
+    assert 0 <= val["AR@100"] <= 1 and 0 <= val["box_AR@100"] <= 1 and "AUC" in val
+
+    metrics = tmp_path / "metrics.json"
+    assert main(["eval", "--checkpoint", str(out / "final.pt"), "--json", str(shapes.val_json), "--images",
+                 str(shapes.val_images), "--proposals", "--iou-type", "segm", "--output", str(metrics),
+                 "--device", "cpu"]) == 0
+    assert json.loads(metrics.read_text())["AR@100"] == pytest.approx(val["AR@100"])
+
+    image = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    predictor = Predictor.from_checkpoint(str(out / "final.pt"), device="cpu")
+    det = predictor(image)
+    assert det.masks is not None and det.masks.shape == (len(det), 64, 80) and det.names[0] == "object"
+    assert "segmentation" in det.to_coco(1)[0]
+    with pytest.raises(ValueError, match="does not apply to segment proposals"):
+        Predictor.from_checkpoint(str(out / "final.pt"), device="cpu", tta=True)
+
+    onnx_path = tmp_path / "model.onnx"
+    assert main(["export", "--checkpoint", str(out / "final.pt"), "--format", "onnx", "--output", str(onnx_path),
+                 "--no-verify", "--exporter", "torchscript"]) == 0
+    square = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    a, b = predictor(square), OnnxDetector(str(onnx_path))(square)
+    assert len(a) == len(b) > 0 and np.abs(a.scores - b.scores).max() < 1e-4
+    assert (a.masks != b.masks).mean() < 1e-3  # masks binarized at 0.2: a pixel may flip at the threshold
+
+
+def test_eval_refuses_segm_for_a_box_checkpoint(shapes, tmp_path, capsys):
+    from retinanet.checkpoint import make_checkpoint, save_atomic
+    from retinanet.cli import main
+
+    from conftest import tiny_config
+
+    cfg = tiny_config(num_classes=4)
+    categories = [{"id": i + 1, "name": n} for i, n in enumerate(["rectangle", "ellipse", "triangle", "cross"])]
+    save_atomic(make_checkpoint(build_model(cfg), cfg, categories), str(tmp_path / "retinanet.pt"))
+    assert main(["eval", "--checkpoint", str(tmp_path / "retinanet.pt"), "--json", str(shapes.val_json), "--images",
+                 str(shapes.val_images), "--iou-type", "segm", "--device", "cpu"]) == 1
+    assert "needs masks, which this checkpoint's model does not predict" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch, exporter", [("deepmask", "dynamo"), ("fpn_masks", "dynamo"),
+                                            ("sharpmask", "torchscript")])
+def test_onnx_network_gives_pytorchs_proposals(arch, exporter, tmp_path):
+    """The exported network (torch.onnx, run by onnxruntime) + our postprocess == PyTorch, at two image sizes.
+    SharpMask exports with the torchscript exporter only (the dynamo exporter fails on its refinement's
+    data-dependent gathers)."""
+    from retinanet.export import OnnxDetector, export_onnx
+    from retinanet.predict import Predictor
+
+    cfg = tiny(arch)
+    model = build_model(cfg).eval()
+    categories = [{"id": 1, "name": "object"}]
+    path = tmp_path / "model.onnx"
+    export_onnx(model, cfg, categories, str(path), exporter=exporter)
+    onnx = OnnxDetector(str(path))
+    for size in [(64, 64), (96, 64)]:
+        image = np.random.default_rng(size[0]).integers(0, 256, (*size, 3), dtype=np.uint8)
+        a, b = Predictor(model, categories, device="cpu")(image), onnx(image)
+        assert len(a) == len(b) > 0 and np.abs(a.scores - b.scores).max() < 1e-4
+        assert (a.masks != b.masks).mean() < 1e-3
