@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retinanet.convert import from_torchvision_state_dict, torchvision_faster_rcnn_config  # noqa: E402
 from retinanet.modeling import build_model  # noqa: E402
-from retinanet.optimize import optimize_for_inference  # noqa: E402
+from retinanet.optimize import optimize_for_inference, to_channels_last  # noqa: E402
 
 
 def torchvision_model():
@@ -118,9 +118,11 @@ def main() -> int:
         sum(losses.values()).backward()
         model.zero_grad(set_to_none=True)
 
+    nhwc = to_channels_last(_copy(ours, cfg, device)).train()
     report("training step, 2 images of 512 x 512 (forward + backward)",
            rounds({"torchvision fasterrcnn_resnet50_fpn": lambda: step(tv, targets),
-                   "ours": lambda: step(ours, ours_targets)}, repeats, device))
+                   "ours": lambda: step(ours, ours_targets),
+                   "ours, channels_last (train.channels_last)": lambda: step(nhwc, ours_targets)}, repeats, device))
     return 0
 
 
