@@ -103,8 +103,15 @@ def _torchvision_op(name: str):
     return op
 
 
-def torchvision_roi_align():
-    return _torchvision_op("roi_align")
+def _kernel(name: str, backend: str):
+    """torchvision's kernel for `name` if `backend` asks for it ("torchvision") or allows it ("auto") and
+    it is importable; None for ours ("native", or "auto" without torchvision)."""
+    if backend not in ("auto", "native", "torchvision"):
+        raise ValueError(f"unknown {name} backend '{backend}'")
+    op = None if backend == "native" else _torchvision_op(name)
+    if op is None and backend == "torchvision":
+        raise RuntimeError(f"torchvision {name} requested but torchvision is not importable")
+    return op
 
 
 def roi_align(features: Tensor, rois: Tensor, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
@@ -123,14 +130,9 @@ def roi_align(features: Tensor, rois: Tensor, output_size, spatial_scale: float 
     of an 800 px image on 2 busy cores) or "torchvision" (its kernel: the same values up to float
     rounding, bitwise torchvision's); "auto" (default) is torchvision's when importable, else ours.
     """
-    if backend not in ("auto", "native", "torchvision"):
-        raise ValueError(f"unknown roi_align backend '{backend}'")
-    if backend != "native":
-        tv = torchvision_roi_align()
-        if tv is not None:
-            return tv(features, rois.to(features.dtype), _pair(output_size), spatial_scale, sampling_ratio, aligned)
-        if backend == "torchvision":
-            raise RuntimeError("torchvision roi_align requested but torchvision is not importable")
+    tv = _kernel("roi_align", backend)
+    if tv is not None:
+        return tv(features, rois.to(features.dtype), _pair(output_size), spatial_scale, sampling_ratio, aligned)
     out_h, out_w = _pair(output_size)
     b, c, height, width = features.shape
     r = rois.shape[0]
@@ -215,10 +217,6 @@ def _round_half_away(x: Tensor) -> Tensor:
     return torch.sign(x) * torch.floor(x.abs() + 0.5)
 
 
-def torchvision_roi_pool():
-    return _torchvision_op("roi_pool")
-
-
 def roi_pool(features: Tensor, rois: Tensor, output_size, spatial_scale: float = 1.0, backend: str = "auto") -> Tensor:
     """RoI max pooling (Fast R-CNN, sec. 2.1), torchvision.ops.roi_pool's conventions.
 
@@ -232,14 +230,9 @@ def roi_pool(features: Tensor, rois: Tensor, output_size, spatial_scale: float =
     times faster on CPU, where a max over each window is a tight loop), "native" our gathers,
     "torchvision" requires it.
     """
-    if backend not in ("auto", "native", "torchvision"):
-        raise ValueError(f"unknown roi_pool backend '{backend}'")
-    if backend != "native":
-        tv = torchvision_roi_pool()
-        if tv is not None:
-            return tv(features, rois.to(features.dtype), _pair(output_size), spatial_scale)
-        if backend == "torchvision":
-            raise RuntimeError("torchvision roi_pool requested but torchvision is not importable")
+    tv = _kernel("roi_pool", backend)
+    if tv is not None:
+        return tv(features, rois.to(features.dtype), _pair(output_size), spatial_scale)
     out_h, out_w = _pair(output_size)
     b, c, height, width = features.shape
     r = rois.shape[0]
