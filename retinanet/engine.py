@@ -243,8 +243,8 @@ def evaluate_model(model: nn.Module, dataset, env: DistEnv, batch_size: int = 8)
     and scores them against the dataset's JSON. A model that predicts masks is also scored on them
     (segm_AP, ...); class-agnostic segment proposals (model.arch deepmask, sharpmask, fpn_masks) are
     scored by proposal recall instead: segment AR@10/100/1000, ARs/m/l, AUC, and box_AR... for boxes.
-    Returns the metrics on rank 0, None elsewhere, with `ms_per_image`: rank 0's time in the model's forward pass (pre-processing to detections, not
-    image loading) per image, batches of `batch_size`.
+    Returns the metrics on rank 0, None elsewhere, with `ms_per_image`: rank 0's time in the model's
+    forward pass (pre-processing to detections, not image loading) per image, batches of `batch_size`.
     """
     from .data.loader import build_test_loader
     from .evaluate import detections_to_coco_results, evaluate_coco
