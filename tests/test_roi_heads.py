@@ -9,6 +9,7 @@ import torch
 
 from retinanet.modeling.roi_heads import FastRCNNPredictor, RoIHeads, TwoMLPHead
 from retinanet.modeling.rpn import RPNHead, RegionProposalNetwork, rpn_anchor_generator
+from retinanet.ops.poolers import as_rois, boxes_to_rois, concat_images, split_images
 
 try:
     from torchvision.models.detection import fasterrcnn_resnet50_fpn
@@ -28,6 +29,7 @@ needs_tv = pytest.mark.skipif(fasterrcnn_resnet50_fpn is None, reason="torchvisi
 # and the two boxes themselves, appended as proposals: labels 3, 1.
 GT = {"boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]]), "labels": torch.tensor([2, 0])}
 PROPOSALS = torch.tensor([[0.0, 0, 10, 8], [0, 0, 10, 4], [20, 20, 30, 26], [50, 50, 60, 60]])
+ONE_IMAGE = torch.zeros(4, dtype=torch.int64)  # the image of each proposal
 
 
 def make_heads(channels=4, num_classes=3, **kwargs):
@@ -38,29 +40,29 @@ def make_heads(channels=4, num_classes=3, **kwargs):
 def test_roi_labels_by_hand():
     heads = make_heads()
     assert (heads.min_level, heads.max_level) == (2, 5)  # strides 4..32
-    rois, labels, matched = heads.sample([PROPOSALS], [GT])
+    rois, labels, matched = heads.sample(PROPOSALS, ONE_IMAGE, [GT])
     assert labels.tolist() == [3, 0, 1, 0, 3, 1]
-    assert torch.equal(rois[0], torch.cat([PROPOSALS, GT["boxes"]]))
+    assert torch.equal(rois[:, 1:], torch.cat([PROPOSALS, GT["boxes"]])) and not rois[:, 0].any()
     assert torch.equal(matched[labels > 0], GT["boxes"][[0, 1, 0, 1]])
     # 4 RoIs per image, at most 25% foreground: 1 foreground, 3 background
     heads.batch_size_per_image = 4
-    _, labels, _ = heads.sample([PROPOSALS], [GT])
+    _, labels, _ = heads.sample(PROPOSALS, ONE_IMAGE, [GT])
     assert (labels > 0).sum().item() == 1 and (labels == 0).sum().item() == 2  # only 2 backgrounds exist
     # a crowd box over p3 makes it ignored; crowd boxes are not added as proposals
     crowd = {"boxes": torch.cat([GT["boxes"], torch.tensor([[48.0, 48, 62, 62]])]), "labels": torch.tensor([2, 0, 1]),
              "iscrowd": torch.tensor([0, 0, 1])}
     heads.batch_size_per_image = 512
-    rois, labels, _ = heads.sample([PROPOSALS], [crowd])
-    assert labels.tolist() == [3, 0, 1, 3, 1] and rois[0].shape[0] == 5
+    rois, labels, _ = heads.sample(PROPOSALS, ONE_IMAGE, [crowd])
+    assert labels.tolist() == [3, 0, 1, 3, 1] and rois.shape[0] == 5
     with pytest.raises(ValueError, match="image 0: labels must be in 0..2"):
-        heads.sample([PROPOSALS], [{"boxes": GT["boxes"], "labels": torch.tensor([3, 0])}])
+        heads.sample(PROPOSALS, ONE_IMAGE, [{"boxes": GT["boxes"], "labels": torch.tensor([3, 0])}])
 
 
 def test_losses_by_hand():
     heads = make_heads()
-    rois, labels, matched = heads.sample([PROPOSALS], [GT])
+    rois, labels, matched = heads.sample(PROPOSALS, ONE_IMAGE, [GT])
     k1 = heads.num_classes + 1
-    losses = heads.losses(torch.zeros(6, k1), torch.zeros(6, 4 * k1), torch.cat(rois), labels, matched)
+    losses = heads.losses(torch.zeros(6, k1), torch.zeros(6, 4 * k1), rois[:, 1:], labels, matched)
     assert losses["roi_cls"].item() == pytest.approx(math.log(k1))  # uniform over K + 1 classes
 
     def sl1(d, beta=1 / 9):
@@ -70,7 +72,7 @@ def test_losses_by_hand():
     # p2 -> gt1: dy = 10 (25 - 23) / 6, dh = 5 log(10 / 6); the boxes themselves: 0. Over 6 sampled RoIs.
     box = sl1(10 / 8) + sl1(5 * math.log(10 / 8)) + sl1(20 / 6) + sl1(5 * math.log(10 / 6))
     assert losses["roi_box"].item() == pytest.approx(box / 6, rel=1e-5)
-    giou = make_heads(box_loss="giou").losses(torch.zeros(6, k1), torch.zeros(6, 4 * k1), torch.cat(rois), labels, matched)
+    giou = make_heads(box_loss="giou").losses(torch.zeros(6, k1), torch.zeros(6, 4 * k1), rois[:, 1:], labels, matched)
     assert giou["roi_box"].item() == pytest.approx((0.2 + 0.4) / 6, rel=1e-5)  # 1 - IoU for nested boxes
 
 
@@ -78,40 +80,40 @@ def test_image_without_boxes():
     heads = make_heads()
     feats = [torch.randn(2, 4, 64 // s, 64 // s) for s in (4, 8, 16, 32)]
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
-    losses = heads.forward_train(feats, [PROPOSALS, PROPOSALS[:2]], [empty, empty])
+    losses = heads.forward_train(feats, *concat_images([PROPOSALS, PROPOSALS[:2]]), [empty, empty])
     assert losses["roi_box"].item() == 0.0 and torch.isfinite(losses["roi_cls"])
-    losses = heads.forward_train(feats, [PROPOSALS, PROPOSALS[:2]], [GT, empty])
+    losses = heads.forward_train(feats, *concat_images([PROPOSALS, PROPOSALS[:2]]), [GT, empty])
     assert losses["roi_box"].item() > 0 and torch.isfinite(losses["roi_cls"])
     (losses["roi_cls"] + losses["roi_box"]).backward()
     assert heads.box_head.fc6.weight.grad.abs().sum() > 0
     # no proposals and no boxes at all: nothing sampled, both losses 0 (not NaN)
-    losses = heads.forward_train(feats, [torch.zeros(0, 4)] * 2, [empty, empty])
+    losses = heads.forward_train(feats, *concat_images([torch.zeros(0, 4)] * 2), [empty, empty])
     assert losses["roi_cls"].item() == 0.0 and losses["roi_box"].item() == 0.0
 
 
 def test_detections_by_hand():
     heads = make_heads(num_classes=2)
-    proposals = [torch.tensor([[0.0, 0, 10, 10], [1, 1, 11, 11]])]
+    proposals, image = torch.tensor([[0.0, 0, 10, 10], [1, 1, 11, 11]]), torch.zeros(2, dtype=torch.int64)
     # softmax: roi 0 -> [0.2, 0.6, 0.2], roi 1 -> [0.25, 0.25, 0.5] (background first)
     logits = torch.tensor([[0.0, math.log(3), 0], [0, 0, math.log(2)]])
     deltas = torch.zeros(2, 12)  # boxes = proposals, clipped to the 8 x 100 image: [0, 0, 10, 8], [1, 1, 11, 8]
     # class 0: roi 0 (0.6) suppresses roi 1 (0.25): IoU 63 / 87 = 0.72 > 0.5; class 1: roi 1 (0.5) suppresses roi 0 (0.2)
-    det = heads.postprocess(logits, deltas, proposals, [(8, 100)])[0]
+    det = heads.postprocess(logits, deltas, proposals, image, [(8, 100)])[0]
     assert det["labels"].tolist() == [0, 1]
     assert torch.allclose(det["scores"], torch.tensor([0.6, 0.5]))
     assert det["boxes"].tolist() == [[0.0, 0, 10, 8], [1, 1, 11, 8]]
-    assert heads.postprocess(logits, deltas, proposals, [(8, 100)], score_thresh=0.55)[0]["labels"].tolist() == [0]
-    assert heads.postprocess(logits, deltas, proposals, [(8, 100)], detections_per_image=1)[0]["labels"].tolist() == [0]
-    only_1 = heads.postprocess(logits, deltas, proposals, [(8, 100)], keep_classes=torch.tensor([False, True]))[0]
+    assert heads.postprocess(logits, deltas, proposals, image, [(8, 100)], score_thresh=0.55)[0]["labels"].tolist() == [0]
+    assert heads.postprocess(logits, deltas, proposals, image, [(8, 100)], detections_per_image=1)[0]["labels"].tolist() == [0]
+    only_1 = heads.postprocess(logits, deltas, proposals, image, [(8, 100)], keep_classes=torch.tensor([False, True]))[0]
     assert only_1["labels"].tolist() == [1] and only_1["scores"].tolist() == pytest.approx([0.5])
     # without NMS overlap (threshold 0.8) all four (roi, class) pairs above 0.05 remain, by score
-    assert heads.postprocess(logits, deltas, proposals, [(8, 100)], nms_thresh=0.8)[0]["scores"].tolist() == \
+    assert heads.postprocess(logits, deltas, proposals, image, [(8, 100)], nms_thresh=0.8)[0]["scores"].tolist() == \
         pytest.approx([0.6, 0.5, 0.25, 0.2])
     # a box regression: dx = 10 * 0.1 moves class 0's box of roi 0 by one width (10 px) to the right
     deltas[0, 4] = 10.0
-    assert heads.postprocess(logits, deltas, proposals, [(8, 100)])[0]["boxes"][0].tolist() == \
+    assert heads.postprocess(logits, deltas, proposals, image, [(8, 100)])[0]["boxes"][0].tolist() == \
         pytest.approx([10.0, 0, 20, 8])
-    none = heads.postprocess(torch.zeros(0, 3), torch.zeros(0, 12), [torch.zeros(0, 4)], [(8, 100)])[0]
+    none = heads.postprocess(torch.zeros(0, 3), torch.zeros(0, 12), *concat_images([torch.zeros(0, 4)]), [(8, 100)])[0]
     assert none["boxes"].shape == (0, 4)
 
 
@@ -125,10 +127,11 @@ def test_batched_equals_per_image():
     for n in (60, 35):
         xy = torch.rand(n, 2) * 100
         proposals.append(torch.cat([xy, xy + torch.rand(n, 2) * 60 + 2], 1))
-    batch = heads.postprocess(*heads.predict(feats, proposals), proposals, sizes)
+    batch = heads.postprocess(*heads.predict(feats, boxes_to_rois(proposals)), *concat_images(proposals), sizes)
     for i in range(2):
         one = [f[i:i + 1] for f in feats]
-        alone = heads.postprocess(*heads.predict(one, proposals[i:i + 1]), proposals[i:i + 1], sizes[i:i + 1])[0]
+        alone = heads.postprocess(*heads.predict(one, boxes_to_rois(proposals[i:i + 1])),
+                                  *concat_images(proposals[i:i + 1]), sizes[i:i + 1])[0]
         assert batch[i]["boxes"].shape[0] > 10
         assert torch.equal(batch[i]["labels"], alone["labels"])
         assert torch.allclose(batch[i]["boxes"], alone["boxes"], atol=1e-4)
@@ -170,10 +173,11 @@ def test_proposals_and_detections_equal_torchvision(pool_backend):
     with torch.no_grad():
         tv_props, _ = tv.rpn(ImageList(torch.zeros(2, 3, h, w), sizes), named)
         tv_dets, _ = tv.roi_heads(named, tv_props, sizes)
-        props, _ = rpn(feats, (h, w), sizes)
-        objectness, deltas, level_sizes = rpn.head(feats)
-        _, scores = rpn.propose(objectness, deltas, rpn.anchors(feats, (h, w))[0], level_sizes, sizes)
-        dets = heads.postprocess(*heads.predict(feats, props), props, sizes)
+        boxes, image, _ = rpn(feats, (h, w), sizes)
+        props = split_images(boxes, image, 2)
+        _, scores, _ = rpn.propose(*rpn.head(feats), rpn.anchors(feats, (h, w)), sizes)
+        scores = split_images(scores, image, 2)
+        dets = heads.postprocess(*heads.predict(feats, as_rois(boxes, image)), boxes, image, sizes)
     worst = {"proposals": 0.0, "boxes": 0.0, "scores": 0.0}
     for i in range(2):
         assert props[i].shape == tv_props[i].shape and props[i].shape[0] == 1000
@@ -215,8 +219,8 @@ def test_losses_equal_torchvision():
     named = OrderedDict(zip(["0", "1", "2", "3", "pool"], feats))
     tv_props, tv_rpn_losses = tv.rpn(ImageList(torch.zeros(2, 3, h, w), sizes), named, tv_targets)
     _, tv_roi_losses = tv.roi_heads(named, tv_props, sizes, tv_targets)
-    props, rpn_losses = rpn(feats, (h, w), sizes, targets)
-    roi_losses = heads.forward_train(feats, props, targets)
+    boxes, image, rpn_losses = rpn(feats, (h, w), sizes, targets)
+    roi_losses = heads.forward_train(feats, boxes, image, targets)
     pairs = [(rpn_losses["rpn_cls"], tv_rpn_losses["loss_objectness"]),
              (rpn_losses["rpn_box"], tv_rpn_losses["loss_rpn_box_reg"]),
              (roi_losses["roi_cls"], tv_roi_losses["loss_classifier"]),

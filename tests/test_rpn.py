@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from retinanet.modeling.rpn import RPNHead, RegionProposalNetwork, rpn_anchor_generator
+from retinanet.ops.poolers import split_images
 
 try:
     from torchvision.models.detection import rpn as tv_rpn
@@ -70,9 +71,9 @@ def test_image_without_boxes_has_finite_losses():
     rpn = make_rpn()
     feats = [torch.randn(2, 8, 64 // s, 64 // s) for s in (4, 8, 16, 32, 64)]
     targets = [{"boxes": torch.zeros(0, 4)}, {"boxes": torch.tensor([[4.0, 4, 40, 30]])}]
-    _, losses = rpn.train()(feats, (64, 64), [(64, 64), (64, 64)], targets)
+    _, _, losses = rpn.train()(feats, (64, 64), [(64, 64), (64, 64)], targets)
     assert all(torch.isfinite(v) for v in losses.values())
-    _, empty = rpn(feats[:], (64, 64), [(64, 64)] * 2, [{"boxes": torch.zeros(0, 4)}] * 2)
+    _, _, empty = rpn(feats[:], (64, 64), [(64, 64)] * 2, [{"boxes": torch.zeros(0, 4)}] * 2)
     assert empty["rpn_box"].item() == 0.0 and empty["rpn_cls"].item() > 0
     (empty["rpn_cls"] + empty["rpn_box"]).backward()  # gradients flow with no positives
     assert rpn.head.cls_logits.weight.grad.abs().sum() > 0
@@ -84,13 +85,14 @@ def test_proposals_by_hand():
     logits = torch.tensor([[3.0, 2.0, 1.0, 4.0, 0.5]])
     # a1 overlaps a0 with IoU 0.9 (suppressed); a2 is clipped to the 60 x 60 image; a3 becomes
     # [60, 60, 60, 60] (side 0 < min_size: dropped); a4 is on another level, so not suppressed by a0
-    boxes, scores = rpn.propose(logits, torch.zeros(1, 5, 4), anchors, [4, 1], [(60, 60)])
-    assert boxes[0].tolist() == [[0.0, 0, 10, 10], [50, 50, 60, 60], [0, 0, 10, 10]]
-    assert torch.allclose(scores[0], torch.sigmoid(torch.tensor([3.0, 1.0, 0.5])))
+    levels = ([logits[:, :4], logits[:, 4:]], [torch.zeros(1, 4, 4), torch.zeros(1, 1, 4)], [anchors[:4], anchors[4:]])
+    boxes, scores, image = rpn.propose(*levels, [(60, 60)])
+    assert boxes.tolist() == [[0.0, 0, 10, 10], [50, 50, 60, 60], [0, 0, 10, 10]] and image.tolist() == [0, 0, 0]
+    assert torch.allclose(scores, torch.sigmoid(torch.tensor([3.0, 1.0, 0.5])))
     rpn.pre_nms_top_n["testing"] = 1  # per level: a3 (dropped) on level 0, a4 on level 1
-    assert rpn.propose(logits, torch.zeros(1, 5, 4), anchors, [4, 1], [(60, 60)])[0][0].tolist() == [[0, 0, 10, 10]]
+    assert rpn.propose(*levels, [(60, 60)])[0].tolist() == [[0, 0, 10, 10]]
     rpn.pre_nms_top_n["testing"], rpn.post_nms_top_n["testing"] = 1000, 2
-    assert len(rpn.propose(logits, torch.zeros(1, 5, 4), anchors, [4, 1], [(60, 60)])[0][0]) == 2
+    assert len(rpn.propose(*levels, [(60, 60)])[0]) == 2
 
 
 def test_batched_equals_per_image():
@@ -101,9 +103,9 @@ def test_batched_equals_per_image():
     rpn.eval()
     feats = [torch.randn(2, 8, 128 // s, 160 // s) for s in (4, 8, 16, 32, 64)]
     sizes = [(128, 140), (100, 160)]
-    batch, _ = rpn(feats, (128, 160), sizes)
+    batch = split_images(*rpn(feats, (128, 160), sizes)[:2], 2)
     for i in range(2):
-        alone, _ = rpn([f[i:i + 1] for f in feats], (128, 160), sizes[i:i + 1])
+        alone = rpn([f[i:i + 1] for f in feats], (128, 160), sizes[i:i + 1])[:1]
         # (the convolutions of a batch of 2 and of 1 image round differently, by ~1e-7)
         assert batch[i].shape == alone[0].shape and torch.allclose(batch[i], alone[0], atol=1e-4)
     assert batch[0][:, 2].max() <= 140 and batch[1][:, 3].max() <= 100
@@ -135,7 +137,7 @@ def test_proposals_equal_torchvision(training):
     with torch.no_grad():
         ref, _ = tv(ImageList(torch.zeros(2, 3, h, w), sizes), OrderedDict((str(i), f) for i, f in enumerate(feats)),
                     targets if training else None)
-        out, _ = ours(feats, (h, w), sizes, targets if training else None)
+        out = split_images(*ours(feats, (h, w), sizes, targets if training else None)[:2], 2)
     for r, o in zip(ref, out):
         assert r.shape == o.shape and r.shape[0] > 100
         assert (r - o).abs().max().item() < 1e-4
@@ -153,7 +155,7 @@ def test_losses_equal_torchvision():
                {"boxes": torch.zeros(0, 4)}]
     ref_losses = tv.train()(ImageList(torch.zeros(2, 3, h, w), [(h, w)] * 2),
                             OrderedDict((str(i), f) for i, f in enumerate(feats)), targets)[1]
-    losses = ours.train()(feats, (h, w), [(h, w)] * 2, targets)[1]
+    losses = ours.train()(feats, (h, w), [(h, w)] * 2, targets)[2]
     print({k: (losses[k].item(), ref_losses[n].item()) for k, n in (("rpn_cls", "loss_objectness"),
                                                                      ("rpn_box", "loss_rpn_box_reg"))})
     assert losses["rpn_cls"].item() == pytest.approx(ref_losses["loss_objectness"].item(), rel=1e-5)

@@ -59,7 +59,8 @@ def verify(model, categories: list, path: str, config) -> str:
     with torch.inference_mode():
         ours = torch_pred.network(batch)
     theirs = onnx_pred.network(batch)
-    diffs = ", ".join(f"max |{name} diff| {(a.float() - b.float()).abs().max().item():.2e}"
+    diffs = ", ".join(f"max |{name} diff| {(a.float() - b.float()).abs().max().item():.2e}" if a.shape == b.shape
+                      else f"{name}: shapes {tuple(a.shape)} vs {tuple(b.shape)}"  # e.g. NMS ties broken otherwise
                       for name, a, b in zip(model.output_names, ours, theirs))
     a, b = torch_pred.predict_arrays([image])[0], onnx_pred.predict_arrays([image])[0]
     same = len(a) == len(b) and np.array_equal(a.labels, b.labels)

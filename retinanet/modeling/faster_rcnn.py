@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .backbone import FPN, ResNet
+from ..ops.poolers import as_rois
 from .detector import Detector, ImageBatch
 from .roi_heads import RoIHeads
 from .rpn import RegionProposalNetwork
@@ -31,9 +32,6 @@ class FasterRCNN(Detector):
 
     network_inputs = ("images", "image_sizes")
     output_names = ("class_logits", "box_regression", "proposals", "proposal_image")
-    # The proposal stage (per-level top-k, NMS, data-dependent counts) and the RoI pooling are not yet
-    # written in a form the ONNX exporters trace (ONNX's TopK, NonMaxSuppression and RoiAlign).
-    onnx_unsupported = "the two-stage network's proposal stage and RoI pooling do not export to ONNX yet"
 
     def __init__(self, backbone: ResNet, fpn: FPN, rpn: RegionProposalNetwork, roi_heads: RoIHeads, *,
                  num_classes: int, score_thresh: float = 0.05, nms_thresh: float = 0.5,
@@ -57,21 +55,19 @@ class FasterRCNN(Detector):
     # ------------------------------------------------------------------ the Detector contract
     def network(self, images: Tensor, image_sizes: Optional[Tensor] = None) -> tuple:
         """images (B, 3, H, W), image_sizes (B, 2) int (h, w) of each resized image (default: the padded size)."""
-        sizes = _sizes_list(images, image_sizes)
+        if image_sizes is None:
+            image_sizes = torch.tensor([images.shape[-2:]], device=images.device).expand(images.shape[0], 2)
         features = self.fpn(self.backbone(images))
-        proposals, _ = self.rpn(features, tuple(images.shape[-2:]), sizes)
-        class_logits, box_regression = self.roi_heads.predict(self._roi_features(features), proposals)
-        proposal_image = torch.cat([torch.full((p.shape[0],), i, dtype=torch.int64, device=images.device)
-                                    for i, p in enumerate(proposals)])
-        return class_logits, box_regression, torch.cat(proposals), proposal_image
+        proposals, image, _ = self.rpn(features, images.shape[-2:], image_sizes)
+        class_logits, box_regression = self.roi_heads.predict(self._roi_features(features), as_rois(proposals, image))
+        return class_logits, box_regression, proposals, image
 
     def postprocess_outputs(self, outputs: tuple, image_sizes: list, *, score_thresh: float, nms_thresh: float,
                             max_detections: int, class_agnostic: bool, keep_classes: Optional[Tensor]) -> list:
         if class_agnostic:
             raise ValueError("class-agnostic NMS is not supported by faster_rcnn")
         class_logits, box_regression, proposals, proposal_image = outputs
-        counts = torch.bincount(proposal_image, minlength=len(image_sizes)).tolist()
-        return self.roi_heads.postprocess(class_logits, box_regression, list(proposals.split(counts)), image_sizes,
+        return self.roi_heads.postprocess(class_logits, box_regression, proposals, proposal_image, image_sizes,
                                           score_thresh=score_thresh, nms_thresh=nms_thresh,
                                           detections_per_image=max_detections, keep_classes=keep_classes)
 
@@ -81,12 +77,7 @@ class FasterRCNN(Detector):
             if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
                 raise ValueError(f"image {i}: labels must be in 0..{self.num_classes - 1}, got {labels.tolist()}")
         features = self.fpn(self.backbone(batch.tensor))
-        proposals, rpn_losses = self.rpn(features, tuple(batch.tensor.shape[-2:]), batch.image_sizes, targets)
-        roi_losses = self.roi_heads.forward_train(self._roi_features(features), proposals, targets)
+        proposals, image, rpn_losses = self.rpn(features, batch.tensor.shape[-2:], batch.image_sizes, targets)
+        roi_losses = self.roi_heads.forward_train(self._roi_features(features), proposals, image, targets)
         return {**rpn_losses, **roi_losses}
 
-
-def _sizes_list(images: Tensor, image_sizes: Optional[Tensor]) -> list:
-    if image_sizes is None:
-        return [tuple(images.shape[-2:])] * images.shape[0]
-    return [(int(h), int(w)) for h, w in image_sizes.tolist()]

@@ -22,7 +22,7 @@ from ..losses import giou_loss, smooth_l1_loss
 from ..ops.boxes import box_iou, decode, encode
 from ..ops.matcher import BACKGROUND, FOREGROUND, Matcher, ignore_crowd, split_crowd
 from ..ops.nms import batched_nms
-from ..ops.poolers import pool_pyramid
+from ..ops.poolers import as_rois, pool_pyramid, split_images
 from ..ops.postprocess import segment_rank
 from ..ops.sampler import sample_balanced
 
@@ -68,10 +68,11 @@ class RoIHeads(nn.Module):
         pool_backend: the RoIAlign / RoI pooling kernel (`pool_pyramid`'s backend; None: the defaults;
             "torchvision" reproduces torchvision's pooled features bitwise, for parity checks).
 
-    Training: forward_train(features, proposals, targets) -> {"roi_cls", "roi_box"}.
-    Inference: postprocess(*predict(features, proposals), proposals, image_sizes) -> detections.
+    Training: forward_train(features, proposals, image, targets) -> {"roi_cls", "roi_box"}.
+    Inference: postprocess(*predict(features, rois), proposals, image, image_sizes) -> detections.
     features: the pyramid, finest level first (only the first len(strides) levels are read, so
-    P2-P6 may be passed as is); proposals: B x (P_i, 4) xyxy in the padded batch's pixels.
+    P2-P6 may be passed as is); proposals (R, 4) xyxy in the padded batch's pixels, image (R,) the
+    image of each; rois (R, 5): [image, x0, y0, x1, y1] (`as_rois`).
     """
 
     def __init__(self, box_head: nn.Module, box_predictor: nn.Module, *, num_classes: int,
@@ -107,27 +108,29 @@ class RoIHeads(nn.Module):
         return int(round(math.log2(self.strides[-1])))
 
     # ------------------------------------------------------------------ features and predictions
-    def pool(self, features: list, proposals: list) -> Tensor:
-        """-> (sum P_i, C, 7, 7) pooled features, in the order of the concatenated proposals."""
-        return pool_pyramid(features[:len(self.strides)], proposals, self.strides, self.output_size,
+    def pool(self, features: list, rois: Tensor) -> Tensor:
+        """rois (R, 5) -> (R, C, 7, 7) pooled features."""
+        return pool_pyramid(features[:len(self.strides)], rois, self.strides, self.output_size,
                             self.sampling_ratio, self.aligned, self.pooler, backend=self.pool_backend)
 
-    def predict(self, features: list, proposals: list) -> tuple:
-        """-> class_logits (R, K + 1), box_regression (R, 4 (K + 1)) for the R = sum P_i proposals."""
-        return self.box_predictor(self.box_head(self.pool(features, proposals)))
+    def predict(self, features: list, rois: Tensor) -> tuple:
+        """rois (R, 5) -> class_logits (R, K + 1), box_regression (R, 4 (K + 1))."""
+        return self.box_predictor(self.box_head(self.pool(features, rois)))
 
     # ------------------------------------------------------------------ training
     @torch.no_grad()
-    def sample(self, proposals: list, targets: list) -> tuple:
-        """Add each image's boxes to its proposals, label them and sample a minibatch.
+    def sample(self, proposals: Tensor, image: Tensor, targets: list) -> tuple:
+        """Add each image's boxes to its proposals (R, 4) (image (R,) the image of each), label them and
+        sample a minibatch.
 
-        -> rois: B x (S_i, 4) sampled RoIs (by index within each image), labels (S,) int64 (class + 1,
-        0 background), matched boxes (S, 4) (meaningful where labels > 0); S = sum S_i.
+        -> rois (S, 5) [image, x0, y0, x1, y1] sampled RoIs (by image, then by index within it),
+        labels (S,) int64 (class + 1, 0 background), matched boxes (S, 4) (meaningful where labels > 0).
         Matching is per image (box counts differ); sampling is batched over images.
         """
-        device = proposals[0].device
+        device = proposals.device
+        per_image = split_images(proposals, image, len(targets))
         boxes, labels, matched = [], [], []
-        for i, (props, t) in enumerate(zip(proposals, targets)):
+        for i, (props, t) in enumerate(zip(per_image, targets)):
             try:
                 gt, gt_cls, crowd = split_crowd(t, device)
             except ValueError as e:
@@ -152,16 +155,15 @@ class RoIHeads(nn.Module):
         img, idx = torch.nonzero(keep, as_tuple=True)  # (S,), by image then index
         starts = torch.tensor([0] + counts[:-1], device=device).cumsum(0)
         flat = starts[img] + idx  # into the concatenated per-image tensors
-        rois = torch.cat(boxes)[flat]
-        sizes = torch.bincount(img, minlength=len(boxes)).tolist()
-        return list(rois.split(sizes)), torch.cat(labels)[flat], torch.cat(matched)[flat]
+        rois = as_rois(torch.cat(boxes)[flat], img)
+        return rois, torch.cat(labels)[flat], torch.cat(matched)[flat]
 
-    def forward_train(self, features: list, proposals: list, targets: list) -> dict:
+    def forward_train(self, features: list, proposals: Tensor, image: Tensor, targets: list) -> dict:
         """-> {"roi_cls": cross entropy averaged over the sampled RoIs, "roi_box": box loss of the
         foreground RoIs (for their ground-truth class) summed, divided by the number of sampled RoIs}."""
-        rois, labels, gt_boxes = self.sample(proposals, targets)
+        rois, labels, gt_boxes = self.sample(proposals, image, targets)
         class_logits, box_regression = self.predict(features, rois)
-        return self.losses(class_logits, box_regression, torch.cat(rois), labels, gt_boxes)
+        return self.losses(class_logits, box_regression, rois[:, 1:], labels, gt_boxes)
 
     def losses(self, class_logits: Tensor, box_regression: Tensor, rois: Tensor, labels: Tensor,
                gt_boxes: Tensor) -> dict:
@@ -178,7 +180,8 @@ class RoIHeads(nn.Module):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def postprocess(self, class_logits: Tensor, box_regression: Tensor, proposals: list, image_sizes: list, *,
+    def postprocess(self, class_logits: Tensor, box_regression: Tensor, proposals: Tensor, image: Tensor,
+                    image_sizes: list, *,
                     score_thresh: Optional[float] = None, nms_thresh: Optional[float] = None,
                     detections_per_image: Optional[int] = None, keep_classes: Optional[Tensor] = None) -> list:
         """Detections per image: [{"boxes" (D, 4) xyxy in the resized image's pixels, "scores" (D,),
@@ -193,19 +196,17 @@ class RoIHeads(nn.Module):
         nms_thresh = self.nms_thresh if nms_thresh is None else nms_thresh
         max_det = self.detections_per_image if detections_per_image is None else detections_per_image
         device = class_logits.device
-        b, r = len(proposals), class_logits.shape[0]
-        counts = torch.tensor([p.shape[0] for p in proposals], device=device)
-        img_of_roi = torch.repeat_interleave(torch.arange(b, device=device), counts)  # (R,)
+        b, r = len(image_sizes), class_logits.shape[0]
         probs = torch.softmax(class_logits.float(), dim=-1)[:, 1:]  # (R, K) background dropped
         k = probs.shape[1]
         candidate = probs > score_thresh
         if keep_classes is not None:
             candidate &= keep_classes.to(device)[None, :]
         roi, cls = torch.nonzero(candidate, as_tuple=True)  # (M,)
-        rois = torch.cat(proposals).float() if r else class_logits.new_zeros(0, 4)
+        rois = proposals.float().reshape(-1, 4)
         deltas = box_regression.view(r, k + 1, 4)[roi, cls + 1]  # (M, 4)
         boxes = decode(rois[roi], deltas, self.box_weights, self.box_clamp)  # (M, 4)
-        img = img_of_roi[roi]
+        img = image[roi]
         sizes = torch.tensor(image_sizes, dtype=torch.float32, device=device).reshape(-1, 2)[img]  # (M, 2) h, w
         boxes = torch.stack([boxes[:, 0].clamp(min=0).minimum(sizes[:, 1]), boxes[:, 1].clamp(min=0).minimum(sizes[:, 0]),
                              boxes[:, 2].clamp(min=0).minimum(sizes[:, 1]), boxes[:, 3].clamp(min=0).minimum(sizes[:, 0])],

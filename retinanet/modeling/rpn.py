@@ -19,8 +19,7 @@ from ..losses import giou_loss, smooth_l1_loss
 from ..ops.anchors import AnchorGenerator
 from ..ops.boxes import decode, encode
 from ..ops.matcher import FOREGROUND, Matcher, ignore_crowd, split_crowd
-from ..ops.nms import batched_nms
-from ..ops.postprocess import segment_rank
+from ..ops.nms import nms_by_class
 from ..ops.sampler import sample_balanced
 
 
@@ -35,8 +34,8 @@ class RPNHead(nn.Module):
 
     Parameter names match torchvision's RPNHead checkpoints (conv, cls_logits, bbox_pred);
     torchvision's newer in-memory naming conv.0.0.* is accepted when loading.
-    forward(features: L x (B, C, H_l, W_l)) -> objectness (B, N), deltas (B, N, 4), level sizes [H_l W_l A],
-    N = sum_l H_l W_l A in (H, W, A) order, the order of `AnchorGenerator`.
+    forward(features: L x (B, C, H_l, W_l)) -> objectness L x (B, N_l), deltas L x (B, N_l, 4),
+    N_l = H_l W_l A in (H, W, A) order, the order of `AnchorGenerator`.
     """
 
     def __init__(self, in_channels: int, num_anchors: int):
@@ -63,7 +62,7 @@ class RPNHead(nn.Module):
             logits.append(self.cls_logits(t).permute(0, 2, 3, 1).reshape(b, -1))  # (B, H*W*A)
             d = self.bbox_pred(t)  # (B, A*4, H, W)
             deltas.append(d.view(b, -1, 4, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, 4))  # (B, H*W*A, 4)
-        return torch.cat(logits, 1), torch.cat(deltas, 1), [x.shape[1] for x in logits]
+        return logits, deltas
 
 
 class RegionProposalNetwork(nn.Module):
@@ -82,9 +81,10 @@ class RegionProposalNetwork(nn.Module):
         crowd_ioa: anchors covered this much by a crowd box (iscrowd) are ignored, not negatives.
 
     forward(features: L x (B, C, H_l, W_l), image_size: (H, W) of the padded batch, image_sizes:
-    [(h, w)] of each resized image, targets: optional [{"boxes" (G, 4) xyxy, optional "iscrowd"}])
-    -> (proposals: B x (P_i, 4) xyxy in the batch's pixels, detached, by decreasing objectness;
-        losses: {"rpn_cls", "rpn_box"} when targets are given, else {}).
+    (B, 2) (h, w) of each resized image (a tensor or a list of pairs), targets: optional [{"boxes" (G, 4)
+    xyxy, optional "iscrowd"}]) -> (boxes (P, 4) xyxy in the batch's pixels and image (P,) int64: the
+    proposals of all images, detached, grouped by image and by decreasing objectness within;
+    losses: {"rpn_cls", "rpn_box"} when targets are given, else {}).
     """
 
     def __init__(self, head: RPNHead, anchor_generator: AnchorGenerator, *, fg_iou: float = 0.7,
@@ -108,54 +108,67 @@ class RegionProposalNetwork(nn.Module):
     def _mode(self) -> str:
         return "training" if self.training else "testing"
 
-    def anchors(self, features: list, image_size) -> tuple:
-        """-> anchors (N, 4) xyxy in the padded batch's pixels, level sizes [H_l W_l A]."""
-        levels = self.anchor_generator([f.shape[-2:] for f in features], tuple(image_size), features[0].device)
-        return torch.cat(levels), [a.shape[0] for a in levels]
+    def anchors(self, features: list, image_size) -> list:
+        """-> L x (H_l W_l A, 4) anchors xyxy in the padded batch's pixels."""
+        return self.anchor_generator([f.shape[-2:] for f in features], tuple(image_size), features[0].device)
 
-    def forward(self, features: list, image_size, image_sizes: list, targets=None) -> tuple:
-        objectness, deltas, level_sizes = self.head(features)  # (B, N), (B, N, 4)
-        anchors, anchor_level_sizes = self.anchors(features, image_size)
-        if anchor_level_sizes != level_sizes:
-            raise ValueError(f"the head predicts {level_sizes} anchors per level, the generator makes "
-                             f"{anchor_level_sizes}: num_anchors does not match the generator's")
-        proposals, _ = self.propose(objectness.detach(), deltas.detach(), anchors, level_sizes, image_sizes)
-        losses = {} if targets is None else self.losses(objectness, deltas, anchors, targets)
-        return proposals, losses
+    def forward(self, features: list, image_size, image_sizes, targets=None) -> tuple:
+        objectness, deltas = self.head(features)  # L x (B, N_l), L x (B, N_l, 4)
+        anchors = self.anchors(features, image_size)
+        predicted, made = [o.shape[1] for o in objectness], [a.shape[0] for a in anchors]
+        if predicted != made:
+            raise ValueError(f"the head predicts {predicted} anchors per level, the generator makes "
+                             f"{made}: num_anchors does not match the generator's")
+        boxes, _, image = self.propose([o.detach() for o in objectness], [d.detach() for d in deltas], anchors,
+                                       image_sizes)
+        losses = {} if targets is None else self.losses(torch.cat(objectness, 1), torch.cat(deltas, 1),
+                                                        torch.cat(anchors), targets)
+        return boxes, image, losses
 
     @torch.no_grad()
-    def propose(self, objectness: Tensor, deltas: Tensor, anchors: Tensor, level_sizes: list, image_sizes: list) -> tuple:
-        """objectness (B, N), deltas (B, N, 4), anchors (N, 4) -> (B x (P_i, 4) boxes, B x (P_i,) probabilities).
+    def propose(self, objectness: list, deltas: list, anchors: list, image_sizes) -> tuple:
+        """objectness L x (B, N_l), deltas L x (B, N_l, 4), anchors L x (N_l, 4), image_sizes (B, 2) (h, w)
+        -> boxes (P, 4), scores (P,) objectness probabilities, image (P,) int64: every image's
+        proposals, grouped by image, by decreasing score within.
 
         Per image and level the pre_nms_top_n best logits; decode; clip to the image (h_i, w_i);
         drop boxes with a side < min_size and probabilities < score_thresh; NMS within each
-        (image, level); the post_nms_top_n best per image. Batched over images (one NMS call).
+        (image, level); the post_nms_top_n best per image. Tensor operations only (one loop over
+        the levels, none over images, no host sync), so the same code is the ONNX graph: the
+        per-(image, level) NMS is one NonMaxSuppression with the levels as its classes.
         """
-        b = objectness.shape[0]
-        device = objectness.device
         pre, post = self.pre_nms_top_n[self._mode()], self.post_nms_top_n[self._mode()]
-        top, lvl, start = [], [], 0
-        for i, n in enumerate(level_sizes):  # torch.topk per level, exactly torchvision's candidate choice
-            idx = objectness[:, start:start + n].topk(min(pre, n), dim=1).indices + start  # (B, k_l)
-            top.append(idx)
-            lvl.append(torch.full_like(idx, i))
-            start += n
-        top, lvl = torch.cat(top, 1), torch.cat(lvl, 1)  # (B, K)
-        img = torch.arange(b, device=device)[:, None].expand_as(top)  # (B, K)
-        boxes = decode(anchors[top], deltas[img, top], self.box_weights, self.box_clamp)  # (B, K, 4)
-        sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=device)  # (B, 2) h, w
+        device = objectness[0].device
+        boxes, logits, level = [], [], []
+        for lv, (o, d, a) in enumerate(zip(objectness, deltas, anchors)):
+            top, idx = o.topk(_at_most(pre, o, 1), dim=1)  # (B, k_l): torch.topk per level, as torchvision
+            boxes.append(decode(a[idx], d.gather(1, idx[..., None].expand(-1, -1, 4)), self.box_weights,
+                                self.box_clamp))  # (B, k_l, 4)
+            logits.append(top)
+            level.append(torch.full_like(idx[0], lv))
+        boxes, logits, level = torch.cat(boxes, 1), torch.cat(logits, 1), torch.cat(level)  # (B, K, 4), (B, K), (K,)
+        sizes = torch.as_tensor(image_sizes, device=device).to(boxes.dtype).reshape(-1, 2)  # (B, 2) h, w
         h, w = sizes[:, 0, None], sizes[:, 1, None]  # (B, 1)
         boxes = torch.stack([boxes[..., 0].clamp(min=0).minimum(w), boxes[..., 1].clamp(min=0).minimum(h),
                              boxes[..., 2].clamp(min=0).minimum(w), boxes[..., 3].clamp(min=0).minimum(h)], dim=-1)
-        scores = torch.sigmoid(objectness[img, top].float())  # (B, K)
-        keep = ((boxes[..., 2] - boxes[..., 0] >= self.min_size) & (boxes[..., 3] - boxes[..., 1] >= self.min_size)
-                & (scores >= self.score_thresh))
-        boxes, scores, img, lvl = boxes[keep], scores[keep], img[keep], lvl[keep]  # (M, ...)
-        kept = batched_nms(boxes, scores, img * len(level_sizes) + lvl, self.nms_thresh)  # by decreasing score
-        order, rank = segment_rank(img[kept], scores[kept])
-        kept = kept[order[rank < post]]  # grouped by image, by decreasing score within
-        counts = torch.bincount(img[kept], minlength=b).tolist()
-        return list(boxes[kept].split(counts)), list(scores[kept].split(counts))
+        scores = torch.sigmoid(logits.float())  # (B, K)
+        valid = ((boxes[..., 2] - boxes[..., 0] >= self.min_size) & (boxes[..., 3] - boxes[..., 1] >= self.min_size)
+                 & (scores >= self.score_thresh))
+        on_level = level[None, :] == torch.arange(len(objectness), device=device)[:, None]  # (L, K)
+        by_level = torch.where(valid[:, None, :] & on_level[None], scores[:, None, :], -1.0)  # (B, L, K)
+        selected = nms_by_class(boxes, by_level, self.nms_thresh, -0.5)  # (S, 3) image, level, candidate
+        img, cand = selected[:, 0], selected[:, 2]
+        kept = torch.full_like(scores, -1.0)  # (B, K): the score of each NMS survivor, -1 elsewhere
+        kept[img, cand] = scores[img, cand]
+        # (B, P) by decreasing score; ties: the earlier level and rank first (ONNX TopK's rule as well)
+        if torch.onnx.is_in_onnx_export():
+            best, idx = kept.topk(_at_most(post, kept, 1), dim=1)
+        else:
+            best, idx = kept.sort(dim=1, descending=True, stable=True)
+            best, idx = best[:, :post], idx[:, :post]
+        keep = best >= 0
+        image = torch.arange(kept.shape[0], device=device)[:, None].expand_as(idx)[keep]
+        return boxes.gather(1, idx[..., None].expand(-1, -1, 4))[keep], best[keep], image
 
     @torch.no_grad()
     def assign_targets(self, anchors: Tensor, targets: list) -> tuple:
@@ -193,3 +206,11 @@ class RegionProposalNetwork(nn.Module):
         else:
             box = smooth_l1_loss(d, encode(a, gt, self.box_weights), self.smooth_l1_beta).sum()
         return {"rpn_cls": cls, "rpn_box": box / num_sampled}
+
+
+def _at_most(k: int, x: Tensor, dim: int):
+    """min(k, x.shape[dim]); while the torchscript tracer records, a tensor, so that the ONNX graph's
+    TopK follows the input's size instead of the size seen when exporting."""
+    if torch.jit.is_tracing():
+        return torch.clamp(torch._shape_as_tensor(x)[dim], max=k)
+    return min(k, x.shape[dim])

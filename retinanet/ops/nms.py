@@ -65,6 +65,28 @@ def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, threshold: float,
     return native_batched_nms(boxes, scores, groups, threshold, kinds=kinds, quota=quota)
 
 
+@torch.library.custom_op("retinanet::nms_by_class", mutates_args=())
+def nms_by_class(boxes: Tensor, scores: Tensor, iou_threshold: float, score_threshold: float) -> Tensor:
+    """ONNX's NonMaxSuppression operator, on `batched_nms`: boxes (B, N, 4) xyxy, scores (B, C, N) ->
+    selected (S, 3) int64 rows [image, class, box].
+
+    Within each (image, class), greedy NMS (IoU > iou_threshold suppresses) among the boxes whose
+    score is > score_threshold; rows ordered by image, class, then decreasing score. One op so that
+    the ONNX exporters write one NonMaxSuppression node (`retinanet/export.py` registers the
+    translation); equal scores may be broken differently by onnxruntime.
+    """
+    img, cls, box = torch.nonzero(scores > score_threshold, as_tuple=True)  # (M,)
+    groups = img * scores.shape[1] + cls
+    kept = batched_nms(boxes[img, box], scores[img, cls, box], groups, iou_threshold)  # by decreasing score
+    kept = kept[torch.sort(groups[kept], stable=True).indices]
+    return torch.stack([img, cls, box], dim=1)[kept]
+
+
+@nms_by_class.register_fake
+def _nms_by_class_shape(boxes: Tensor, scores: Tensor, iou_threshold: float, score_threshold: float) -> Tensor:
+    return scores.new_empty((torch.library.get_ctx().new_dynamic_size(), 3), dtype=torch.int64)
+
+
 def _block_keep(b: Tensor, g: Tensor, alive: Tensor, threshold: float) -> Tensor:
     """Greedy NMS inside one block, given which of its boxes earlier blocks left alive. -> keep (m,) bool."""
     sup = (box_iou(b, b) > threshold) & (g[:, None] == g[None, :])

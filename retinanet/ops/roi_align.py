@@ -130,6 +130,14 @@ def roi_align(features: Tensor, rois: Tensor, output_size, spatial_scale: float 
     of an 800 px image on 2 busy cores) or "torchvision" (its kernel: the same values up to float
     rounding, bitwise torchvision's); "auto" (default) is torchvision's when importable, else ours.
     """
+    if torch.onnx.is_in_onnx_export():  # one op, which the exporters write as ONNX RoiAlign
+        return torch.ops.retinanet.roi_align(features, rois, float(spatial_scale), *_pair(output_size),
+                                             int(sampling_ratio), bool(aligned))
+    return _roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned, backend)
+
+
+def _roi_align(features: Tensor, rois: Tensor, output_size, spatial_scale: float, sampling_ratio: int,
+               aligned: bool, backend: str) -> Tensor:
     tv = _kernel("roi_align", backend)
     if tv is not None:
         return tv(features, rois.to(features.dtype), _pair(output_size), spatial_scale, sampling_ratio, aligned)
@@ -178,6 +186,18 @@ def roi_align(features: Tensor, rois: Tensor, output_size, spatial_scale: float 
         order.append(sel)
     out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)[torch.argsort(torch.cat(order))]  # (R, h, w, C)
     return out.permute(0, 3, 1, 2).contiguous()  # (R, C, h, w)
+
+
+@torch.library.custom_op("retinanet::roi_align", mutates_args=())
+def _roi_align_op(features: Tensor, rois: Tensor, spatial_scale: float, output_height: int, output_width: int,
+                  sampling_ratio: int, aligned: bool) -> Tensor:
+    """`roi_align` as one operator, for the ONNX exporters (inference only: no autograd formula)."""
+    return _roi_align(features, rois, (output_height, output_width), spatial_scale, sampling_ratio, aligned, "auto")
+
+
+@_roi_align_op.register_fake
+def _roi_align_shape(features, rois, spatial_scale, output_height, output_width, sampling_ratio, aligned):
+    return features.new_empty((rois.shape[0], features.shape[1], output_height, output_width))
 
 
 class _MaxGather(torch.autograd.Function):
@@ -230,6 +250,12 @@ def roi_pool(features: Tensor, rois: Tensor, output_size, spatial_scale: float =
     times faster on CPU, where a max over each window is a tight loop), "native" our gathers,
     "torchvision" requires it.
     """
+    if torch.onnx.is_in_onnx_export():  # one op, which the exporters write as ONNX MaxRoiPool
+        return torch.ops.retinanet.roi_pool(features, rois, float(spatial_scale), *_pair(output_size))
+    return _roi_pool(features, rois, output_size, spatial_scale, backend)
+
+
+def _roi_pool(features: Tensor, rois: Tensor, output_size, spatial_scale: float, backend: str) -> Tensor:
     tv = _kernel("roi_pool", backend)
     if tv is not None:
         return tv(features, rois.to(features.dtype), _pair(output_size), spatial_scale)
@@ -267,3 +293,14 @@ def roi_pool(features: Tensor, rois: Tensor, output_size, spatial_scale: float =
     m = r * out_h * out_w
     out = _MaxGather.apply(flat, idx.reshape(m, -1).t().contiguous(), valid.reshape(m, -1).t().contiguous())
     return out.view(r, out_h, out_w, c).permute(0, 3, 1, 2).contiguous()
+
+
+@torch.library.custom_op("retinanet::roi_pool", mutates_args=())
+def _roi_pool_op(features: Tensor, rois: Tensor, spatial_scale: float, output_height: int, output_width: int) -> Tensor:
+    """`roi_pool` as one operator, for the ONNX exporters (inference only: no autograd formula)."""
+    return _roi_pool(features, rois, (output_height, output_width), spatial_scale, "auto")
+
+
+@_roi_pool_op.register_fake
+def _roi_pool_shape(features, rois, spatial_scale, output_height, output_width):
+    return features.new_empty((rois.shape[0], features.shape[1], output_height, output_width))
