@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from .config import Config, ModelConfig, config_from_dict, config_to_dict
 from .modeling.detector import ImageBatch
+from .ops import nms, roi_align  # noqa: F401  (they register the custom operators translated below)
 from .predict import Predictor
 
 _INT64_MAX = 2 ** 63 - 1

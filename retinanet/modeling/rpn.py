@@ -134,8 +134,8 @@ class RegionProposalNetwork(nn.Module):
         Per image and level the pre_nms_top_n best logits; decode; clip to the image (h_i, w_i);
         drop boxes with a side < min_size and probabilities < score_thresh; NMS within each
         (image, level); the post_nms_top_n best per image. Tensor operations only (one loop over
-        the levels, none over images, no host sync), so the same code is the ONNX graph: the
-        per-(image, level) NMS is one NonMaxSuppression with the levels as its classes.
+        the levels, none over images), so the same code is the ONNX graph: the per-(image, level)
+        NMS is one NonMaxSuppression with the levels as its classes.
         """
         pre, post = self.pre_nms_top_n[self._mode()], self.post_nms_top_n[self._mode()]
         device = objectness[0].device
