@@ -1,0 +1,72 @@
+"""No host-device synchronization in RetinaNet's training forward and backward.
+
+`SyncRecorder` lists the ATen ops that would make the CPU wait for a GPU (values read back,
+data-dependent shapes); they are dispatched the same way on the CPU, so these checks run here.
+"""
+
+import pytest
+import torch
+
+from retinanet.modeling import build_model
+from retinanet.syncs import SyncRecorder
+
+from conftest import tiny_config
+
+
+def test_the_recorder_sees_each_kind_of_sync():
+    x = torch.rand(6)
+    mask = x > 0.5
+    tolist = torch.Tensor.tolist
+    with SyncRecorder() as syncs:
+        x.sum().item()
+        if x[0] > 2:
+            pass
+        x[mask]
+        x[mask] = 0.0
+        torch.nonzero(x)
+        x.tolist()
+        x[torch.tensor([1, 2])]  # integer indexing: no sync
+        torch.where(mask, x, 0.0)  # no sync
+        torch.repeat_interleave(torch.tensor([1, 2]), 2)  # a Python int repeat: the output size is known
+    assert [name for name, _ in syncs.records] == [
+        "_local_scalar_dense", "_local_scalar_dense", "index (boolean mask)", "index_put_ (boolean mask)", "nonzero",
+        "tolist"]
+    assert syncs.records[0][1].startswith(__file__)  # the caller is named
+    assert torch.Tensor.tolist is tolist  # restored after the block
+
+
+def _batch():
+    images = [torch.rand(3, 128, 160) for _ in range(3)]
+    targets = [{"boxes": torch.tensor([[10.0, 10, 60, 70], [30, 20, 90, 100]]), "labels": torch.tensor([0, 2]),
+                "iscrowd": torch.tensor([False, True])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},  # no boxes
+               {"boxes": torch.tensor([[5.0, 5, 40, 40], [5, 5, 40, 40]]), "labels": torch.tensor([1, 0])}]  # a tie
+    return images, targets
+
+
+@pytest.mark.parametrize("loss", [{}, {"box": "giou"}, {"cls": "ce"}, {"cls": "fl_star"}, {"cls": "softmax_focal"},
+                                  {"iou_balanced_cls": True}, {"iou_balanced_loc": True},
+                                  {"iou_balanced_loc": True, "w_loc": "3.0"},
+                                  {"iou_balanced_loc": True, "loc_normalize": True}])
+def test_training_forward_and_backward_never_wait_for_the_device(loss):
+    cfg = tiny_config()
+    for key, value in loss.items():
+        setattr(cfg.loss, key, value)
+    model = build_model(cfg).train()
+    images, targets = _batch()
+    for _ in range(2):  # the first step (w_loc: auto is measured there) and a later one
+        with SyncRecorder() as syncs:
+            losses = model(images, targets)
+            sum(losses.values()).backward()
+        assert syncs.records == []
+        assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_ohem_is_the_exception():
+    """OHEM's NMS keeps a data-dependent number of anchors: it has to read them back."""
+    cfg = tiny_config()
+    cfg.loss.cls = "ohem"
+    model = build_model(cfg).train()
+    with SyncRecorder(where=False) as syncs:
+        sum(model(*_batch()).values()).backward()
+    assert {"nonzero", "index (boolean mask)"} <= {name for name, _ in syncs.records}
