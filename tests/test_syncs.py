@@ -70,3 +70,37 @@ def test_ohem_is_the_exception():
     with SyncRecorder(where=False) as syncs:
         sum(model(*_batch()).values()).backward()
     assert {"nonzero", "index (boolean mask)"} <= {name for name, _ in syncs.records}
+
+
+def _engine_syncs(shapes, tmp_path, iterations: int) -> dict:
+    """{(op, file, function): count} of the syncs `train` issues outside the data pipeline (which runs
+    on the CPU, in loader workers on a GPU run)."""
+    from retinanet.engine import train
+
+    cfg = tiny_config(num_classes=4, backbone_norm="gn", head_convs=1, min_level=3, max_level=6,
+                      anchor_sizes=[16.0, 32.0, 64.0, 128.0], min_size=64, max_size=64)
+    d, t = cfg.data, cfg.train
+    d.train_json, d.train_images = str(shapes.train_json), str(shapes.train_images)
+    d.batch_size, d.num_workers, d.aspect_grouping = 4, 0, False
+    t.iterations, t.accumulate, t.clip_grad_norm, t.ema, t.device = iterations, 2, 10.0, 0.99, "cpu"
+    t.checkpoint_every = t.log_every = 100
+    with SyncRecorder() as syncs:
+        train(cfg, str(tmp_path / f"run{iterations}"), progress=False)
+    counts = {}
+    for name, caller in syncs.records:
+        if "/retinanet/data/" not in caller:
+            key = (name, caller.split(":")[0].rsplit("/", 1)[-1], caller.rsplit(" in ", 1)[-1])
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def test_a_training_step_reads_the_device_once(tmp_path):
+    """Two more iterations (of two micro-batches each, gradient clipping and EMA on) add exactly two
+    syncs: the engine reading each step's losses to check and log them. The model, the optimizer,
+    clipping and the EMA add none."""
+    from retinanet.data.synthetic import make_shapes_dataset
+
+    shapes = make_shapes_dataset(str(tmp_path / "data"), num_train=8, num_val=2, image_size=64, seed=0)
+    short, long = _engine_syncs(shapes, tmp_path, 2), _engine_syncs(shapes, tmp_path, 4)
+    added = {key: long.get(key, 0) - short.get(key, 0) for key in long.keys() | short.keys()}
+    assert {key: n for key, n in added.items() if n} == {("tolist", "engine.py", "train"): 2}

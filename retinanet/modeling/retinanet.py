@@ -194,7 +194,8 @@ class RetinaNet(Detector):
         gt, gt_cls, real, crowd = pad_targets(targets, anchors.device)  # (B, G, 4), (B, G), (B, G), (B, G) or None
         matched, labels = self.matcher.match_boxes(gt, anchors, valid=real)  # (B, N) index into G
         if crowd is not None:
-            labels = ignore_crowd(labels, anchors, gt, self.crowd_ioa, valid=crowd, chunk_elems=self.matcher.chunk_elems)
+            labels = ignore_crowd(labels, anchors, gt, self.crowd_ioa, valid=crowd,
+                                  chunk_elems=self.matcher.chunk_elems)
         has_box = real.any(dim=1, keepdim=True)  # (B, 1)
         boxes = torch.where(has_box[..., None], gt.gather(1, matched[..., None].expand(-1, -1, 4)), 0.0)
         classes = torch.where(has_box, gt_cls.gather(1, matched), 0)
