@@ -12,6 +12,7 @@ The same ATen ops are dispatched on the CPU, so `SyncRecorder` finds them in a C
 it lists is what would wait for the GPU. Blocking copies between devices (`.cpu()`, `.to("cuda")`
 without `non_blocking`) also wait; a CPU-only run has none to see (on a GPU,
 `torch.cuda.set_sync_debug_mode("error")` catches those as well, see tests/test_cuda.py).
+`to_device` is the copy that does not wait.
 
 Example:
     >>> with SyncRecorder() as syncs:
@@ -36,6 +37,15 @@ SYNCING_OPS = frozenset({
 MASK_INDEXING_OPS = frozenset({"index", "index_put", "index_put_", "_index_put_impl_"})
 
 _TORCH_DIR = str(Path(torch.__file__).parent)
+
+
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """`tensor` on `device`. A copy to an accelerator does not make the host wait (non_blocking:
+    asynchronous from pinned memory, staged at once from pageable memory); a copy to the CPU stays
+    blocking, since its values are read right after. (non_blocking copies to the CPU also make
+    inductor allocate pinned memory, which a machine without an accelerator cannot.)"""
+    device = torch.device(device)
+    return tensor.to(device, non_blocking=device.type != "cpu")
 
 
 def _has_mask_index(args: tuple) -> bool:

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import Config
+from ..syncs import to_device
 from .coco import CocoDataset
 from .transforms import Compose, PendingImage, RandomHorizontalFlip, ResizeShortestSide, ScaleJitterCrop
 
@@ -51,13 +52,13 @@ class _PendingPixels(Dataset):
 
 
 def batch_to_device(images: list, targets: list, device) -> tuple:
-    """A training batch onto `device` without waiting for it: `PendingImage`s are copied as uint8 and
-    realized there (converted to float, resized, cropped, flipped: (3, H, W) float32 in [0, 1]), other
-    images and the targets' tensors copied with non_blocking (asynchronous from pinned memory)."""
-    images = [image.realize(device, non_blocking=True) if isinstance(image, PendingImage)
-              else image.to(device, non_blocking=True) for image in images]
-    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in target.items()}
-               for target in targets]
+    """A training batch onto `device` without waiting for it (`syncs.to_device`: asynchronous from
+    pinned memory): `PendingImage`s are copied as uint8 and realized there (converted to float,
+    resized, cropped, flipped: (3, H, W) float32 in [0, 1]); other images and the targets' tensors
+    are copied as they are."""
+    images = [image.realize(device) if isinstance(image, PendingImage) else to_device(image, device)
+              for image in images]
+    targets = [{k: to_device(v, device) if torch.is_tensor(v) else v for k, v in target.items()} for target in targets]
     return images, targets
 
 

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..ops.masks import flip_masks, resize_masks
 from ..ops.transform import resized_size
+from ..syncs import to_device
 from .images import to_chw
 
 SIZE_SAMPLING = ("choice", "range")
@@ -105,10 +106,11 @@ class PendingImage:
         """The same image in pinned memory (DataLoader(pin_memory=True) calls this)."""
         return PendingImage(self.data.pin_memory(), self.ops)
 
-    def realize(self, device=None, non_blocking: bool = False) -> Tensor:
+    def realize(self, device=None) -> Tensor:
         """(3, H, W) float32 in [0, 1] on `device` (default: where the data is): the uint8 data is
-        copied there first, then converted (as `images.to_tensor`) and the operations applied."""
-        image = self.data if device is None else self.data.to(device, non_blocking=non_blocking)
+        copied there first (`syncs.to_device`: without waiting), then converted (as
+        `images.to_tensor`) and the operations applied."""
+        image = self.data if device is None else to_device(self.data, device)
         image = image.to(torch.float32).div_(255.0)
         for name, *args in self.ops:
             image = _APPLY[name](image, *args)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.transform import resized_size
+from ..syncs import to_device
 
 
 @dataclass
@@ -97,13 +98,12 @@ class Detector(nn.Module):
         for i, img in enumerate(images):
             if img.dim() != 3 or img.shape[0] != 3:
                 raise ValueError(f"image {i}: expected a (3, H, W) RGB tensor, got shape {tuple(img.shape)}")
-            img = img.to(device, non_blocking=True) if device is not None else img
+            img = to_device(img, device) if device is not None else img
             original.append((img.shape[1], img.shape[2]))
             if img.dtype == torch.uint8:
                 img = img.to(torch.float32) / 255.0
-            if img.device not in stats:  # copied without waiting (a pageable source is staged at once)
-                stats[img.device] = tuple(torch.tensor(v, dtype=torch.float32).reshape(3, 1, 1)
-                                          .to(img.device, non_blocking=True) for v in (self.pixel_mean, self.pixel_std))
+            if img.device not in stats:
+                stats[img.device] = tuple(_channel_values(v, img.device) for v in (self.pixel_mean, self.pixel_std))
             mean, std = stats[img.device]
             img = (img.to(torch.float32) - mean) / std
             if resize:
@@ -175,6 +175,11 @@ class Detector(nn.Module):
             return self.losses(self.preprocess(images, resize=False, device=self.device), targets)
         batch = self.preprocess(images, device=self.device)
         return self.postprocess(self.run_network(batch), batch)
+
+
+def _channel_values(values: Sequence[float], device: torch.device) -> Tensor:
+    """(3,) floats -> (3, 1, 1) float32 on `device`, copied there without waiting for the device."""
+    return to_device(torch.tensor(values, dtype=torch.float32).reshape(3, 1, 1), device)
 
 
 def check_targets(targets: list, num_classes: Optional[int] = None) -> None:

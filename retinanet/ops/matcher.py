@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..syncs import to_device
 from .boxes import box_ioa, box_iou
 
 IGNORE, BACKGROUND, FOREGROUND = -1, 0, 1
@@ -151,7 +152,7 @@ def pad_targets(targets: list, device=None) -> tuple:
     boxes (B, G, 4) float32 xyxy, labels (B, G) int64, real (B, G) bool (a box that is not a crowd region),
     crowd (B, G) bool (None when no target has "iscrowd"), with G = max(1, max G_i); padding rows are
     zero and in neither mask. Padded where the targets are (on the CPU: host work only), then moved
-    to `device` without waiting. Shapes are read from the tensors' sizes, never from their values.
+    to `device` without waiting for it. Shapes are read from the tensors' sizes, never from their values.
     """
     b = len(targets)
     src = targets[0]["boxes"].device if b else torch.device("cpu")
@@ -168,6 +169,6 @@ def pad_targets(targets: list, device=None) -> tuple:
         present[i, :n] = True
         if "iscrowd" in t:
             crowd[i, :n] = t["iscrowd"].reshape(-1).bool()
-    out = [x.to(device, non_blocking=True) if device is not None else x for x in (boxes, labels, present, crowd)]
-    boxes, labels, present, crowd = out
+    if device is not None:
+        boxes, labels, present, crowd = (to_device(x, device) for x in (boxes, labels, present, crowd))
     return boxes, labels, present & ~crowd, (present & crowd) if with_crowd else None
