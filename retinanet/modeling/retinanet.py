@@ -230,7 +230,7 @@ class RetinaNet(Detector):
         fg = labels == FOREGROUND  # (B, N) the foreground anchors
         box_loss, iou = self._box_loss(box_deltas, anchors, gt_boxes, fg)  # (B, N), 0 off the foreground
         cls_loss = self._cls_loss(cls_logits, labels, gt_classes, fg, iou)
-        normalizer = self._normalizer(fg.sum())
+        normalizer = self.num_foreground(labels)
         return {"cls": cls_loss / normalizer, "box": self.loss_cfg.box_weight * box_loss.sum() / normalizer}
 
     def _cls_loss(self, cls_logits: Tensor, labels: Tensor, gt_classes: Tensor, fg: Tensor,
