@@ -248,8 +248,8 @@ class RetinaNet(Detector):
                                             cfg.gamma).view_as(target) * valid  # (B, N)
             total, gt_terms = per_anchor.sum(), torch.where(fg, per_anchor, 0.0)
         else:
-            classes = torch.arange(self.num_classes, device=gt_classes.device)
-            targets = fg[..., None] & (gt_classes[..., None] == classes)  # (B, N, K) one-hot on the foreground
+            targets = torch.zeros_like(cls_logits, dtype=torch.bool)  # (B, N, K): one-hot on the foreground
+            targets.scatter_(2, gt_classes[..., None], fg[..., None])
             gamma = 0.0 if cfg.cls == "ce" else cfg.gamma
             if cfg.cls == "fl_star":
                 total = (fl_star_loss(cls_logits.float(), targets, cfg.gamma, cfg.beta) * valid[..., None]).sum()

@@ -16,11 +16,11 @@ def box_area(boxes: Tensor) -> Tensor:
 
 
 def _intersection(a: Tensor, b: Tensor) -> Tensor:
-    """(..., N, 4), (..., M, 4) -> (..., N, M) intersection areas (leading dimensions broadcast)."""
-    lt = torch.max(a[..., :, None, :2], b[..., None, :, :2])  # (..., N, M, 2)
-    rb = torch.min(a[..., :, None, 2:], b[..., None, :, 2:])  # (..., N, M, 2)
-    wh = (rb - lt).clamp(min=0)
-    return wh[..., 0] * wh[..., 1]
+    """(..., N, 4), (..., M, 4) -> (..., N, M) intersection areas (leading dimensions broadcast).
+    Width and height are computed apart: (..., N, M) results, which vectorize better than (..., N, M, 2)."""
+    w = (torch.min(a[..., :, None, 2], b[..., None, :, 2]) - torch.max(a[..., :, None, 0], b[..., None, :, 0]))
+    h = (torch.min(a[..., :, None, 3], b[..., None, :, 3]) - torch.max(a[..., :, None, 1], b[..., None, :, 1]))
+    return w.clamp(min=0) * h.clamp(min=0)
 
 
 def box_iou(a: Tensor, b: Tensor) -> Tensor:
@@ -32,11 +32,11 @@ def box_iou(a: Tensor, b: Tensor) -> Tensor:
     return torch.where(union > 0, inter / union.clamp(min=torch.finfo(inter.dtype).tiny), torch.zeros_like(inter))
 
 
-def box_ioa(a: Tensor, b: Tensor) -> Tensor:
-    """(N, 4), (M, 4) -> (N, M) intersection over the area of `a` (0 where that area is 0); leading
-    dimensions broadcast as in `box_iou`."""
+def box_ioa(a: Tensor, b: Tensor, over: str = "a") -> Tensor:
+    """(N, 4), (M, 4) -> (N, M) intersection over the area of `a` (over="b": of `b`; 0 where that area
+    is 0); leading dimensions broadcast as in `box_iou`."""
     inter = _intersection(a, b)
-    area = box_area(a)[..., :, None]
+    area = box_area(a)[..., :, None] if over == "a" else box_area(b)[..., None, :]
     return torch.where(area > 0, inter / area.clamp(min=torch.finfo(inter.dtype).tiny), torch.zeros_like(inter))
 
 

@@ -123,10 +123,10 @@ def ignore_crowd(labels: Tensor, anchors: Tensor, crowd_boxes: Tensor, threshold
     rows = max(1, chunk_elems // (n * math.prod(crowd_boxes.shape[:-2])))
     covered = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
     for start in range(0, c, rows):
-        ioa = box_ioa(anchors, crowd_boxes[..., start:start + rows, :])  # (..., N, rows)
+        ioa = box_ioa(crowd_boxes[..., start:start + rows, :], anchors, over="b")  # (..., rows, N), of each anchor
         if valid is not None:
-            ioa = torch.where(valid[..., None, start:start + rows], ioa, -1.0)
-        covered |= ioa.amax(dim=-1) >= threshold  # (..., N)
+            ioa = torch.where(valid[..., start:start + rows, None], ioa, -1.0)
+        covered |= ioa.amax(dim=-2) >= threshold  # (..., N)
     return torch.where(covered & (labels == BACKGROUND), torch.full_like(labels, IGNORE), labels)
 
 
