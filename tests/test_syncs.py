@@ -49,10 +49,12 @@ def _batch():
                                   {"iou_balanced_loc": True, "w_loc": "3.0"},
                                   {"iou_balanced_loc": True, "loc_normalize": True}])
 def test_training_forward_and_backward_never_wait_for_the_device(loss):
+    """The path a GPU takes (on the CPU the box loss picks the foreground anchors by index: cheaper there)."""
     cfg = tiny_config()
     for key, value in loss.items():
         setattr(cfg.loss, key, value)
     model = build_model(cfg).train()
+    model.foreground_by_index = False
     images, targets = _batch()
     for _ in range(2):  # the first step (w_loc: auto is measured there) and a later one
         with SyncRecorder() as syncs:
@@ -60,6 +62,30 @@ def test_training_forward_and_backward_never_wait_for_the_device(loss):
             sum(losses.values()).backward()
         assert syncs.records == []
         assert all(torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.parametrize("loss", [{}, {"box": "giou"}, {"iou_balanced_cls": True}, {"iou_balanced_loc": True},
+                                  {"iou_balanced_loc": True, "loc_normalize": True}, {"cls": "softmax_focal"}])
+def test_foreground_by_mask_and_by_index_give_the_same_losses_and_gradients(loss):
+    """The GPU's selection (every anchor, masked) and the CPU's (the foreground anchors' indices)."""
+    cfg = tiny_config()
+    for key, value in loss.items():
+        setattr(cfg.loss, key, value)
+    images, targets = _batch()
+    results = []
+    for by_index in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg).train()
+        model.foreground_by_index = by_index
+        for _ in range(2):  # w_loc: auto measured at the first step, used at the second
+            model.zero_grad()
+            losses = model(images, targets)
+            sum(losses.values()).backward()
+        results.append(({k: float(v) for k, v in losses.items()}, [p.grad.clone() for p in model.parameters()]))
+    (mask_losses, mask_grads), (index_losses, index_grads) = results
+    assert index_losses == pytest.approx(mask_losses, rel=1e-6) and index_losses["box"] > 0
+    for a, b in zip(mask_grads, index_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_ohem_is_the_exception():
@@ -94,11 +120,14 @@ def _engine_syncs(shapes, tmp_path, iterations: int) -> dict:
     return counts
 
 
-def test_a_training_step_reads_the_device_once(tmp_path):
+def test_a_training_step_reads_the_device_once(tmp_path, monkeypatch):
     """Two more iterations (of two micro-batches each, gradient clipping and EMA on) add exactly two
-    syncs: the engine reading each step's losses to check and log them. The model, the optimizer,
-    clipping and the EMA add none."""
+    syncs: the engine reading each step's losses to check and log them. The model (on the path a GPU
+    takes), the optimizer, clipping and the EMA add none."""
     from retinanet.data.synthetic import make_shapes_dataset
+    from retinanet.modeling import RetinaNet
+
+    monkeypatch.setattr(RetinaNet, "foreground_by_index", False)
 
     shapes = make_shapes_dataset(str(tmp_path / "data"), num_train=8, num_val=2, image_size=64, seed=0)
     short, long = _engine_syncs(shapes, tmp_path, 2), _engine_syncs(shapes, tmp_path, 4)

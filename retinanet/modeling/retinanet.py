@@ -116,6 +116,8 @@ class RetinaNet(Detector):
         ['boxes', 'labels', 'scores']
     """
 
+    foreground_by_index: Optional[bool] = None  # the box loss's selection (`_foreground_box_loss`); None: on the CPU
+
     def __init__(self, backbone: ResNet, fpn: FPN, head: RetinaNetHead, anchor_generator: AnchorGenerator, *,
                  matcher: Matcher, loss: LossConfig, crowd_ioa: float = 0.7,
                  box_weights=(1.0, 1.0, 1.0, 1.0), box_clamp: float = math.log(1000.0 / 16),
@@ -228,7 +230,7 @@ class RetinaNet(Detector):
         if self.loss_cfg.cls == "ohem":
             return self._ohem_losses(cls_logits, box_deltas, anchors, labels, gt_boxes, gt_classes)
         fg = labels == FOREGROUND  # (B, N) the foreground anchors
-        box_loss, iou = self._box_loss(box_deltas, anchors, gt_boxes, fg)  # (B, N), 0 off the foreground
+        box_loss, iou = self._foreground_box_loss(box_deltas, anchors, gt_boxes, fg)  # (B, N), 0 off the foreground
         cls_loss = self._cls_loss(cls_logits, labels, gt_classes, fg, iou)
         normalizer = self.num_foreground(labels)
         return {"cls": cls_loss / normalizer, "box": self.loss_cfg.box_weight * box_loss.sum() / normalizer}
@@ -268,6 +270,24 @@ class RetinaNet(Detector):
             weights = iou_balanced_weights(iou, gt_terms.detach(), cfg.eta)
             total = total + ((weights - 1) * gt_terms).sum()
         return total
+
+    def _foreground_box_loss(self, box_deltas: Tensor, anchors: Tensor, gt_boxes: Tensor, fg: Tensor) -> tuple:
+        """`_box_loss` of the foreground anchors fg (B, N), as (B, N) tensors that are 0 elsewhere.
+
+        On an accelerator every anchor is computed and the foreground selected by the mask: no shape
+        depends on the data, so nothing waits for the device. On the CPU, where reading how many
+        anchors are foreground costs nothing, only those are computed (`foreground_by_index`; a few
+        hundred of some 10^5 anchors), then put in place.
+        """
+        by_index = self.foreground_by_index
+        if by_index is None:
+            by_index = fg.device.type == "cpu"
+        if not by_index:
+            return self._box_loss(box_deltas, anchors, gt_boxes, fg)
+        img, anchor = torch.nonzero(fg, as_tuple=True)  # (P,)
+        loss, iou = self._box_loss(box_deltas[img, anchor], anchors[anchor], gt_boxes[img, anchor])
+        zeros = torch.zeros(fg.shape, dtype=loss.dtype, device=fg.device)
+        return zeros.index_put((img, anchor), loss), None if iou is None else zeros.index_put((img, anchor), iou)
 
     def _box_loss(self, deltas: Tensor, anchors: Tensor, gt: Tensor, fg: Optional[Tensor] = None) -> tuple:
         """Box loss of anchors (..., 4) predicting deltas (..., 4) for boxes gt (..., 4) (xyxy; shapes broadcast).

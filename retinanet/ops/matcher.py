@@ -150,9 +150,10 @@ def split_crowd(target: dict, device=None) -> tuple:
 def pad_targets(targets: list, device=None) -> tuple:
     """Per-image targets [{"boxes" (G_i, 4), "labels" (G_i,), optional "iscrowd" (G_i,)}] -> one padded batch:
     boxes (B, G, 4) float32 xyxy, labels (B, G) int64, real (B, G) bool (a box that is not a crowd region),
-    crowd (B, G) bool (None when no target has "iscrowd"), with G = max(1, max G_i); padding rows are
-    zero and in neither mask. Padded where the targets are (on the CPU: host work only), then moved
-    to `device` without waiting for it. Shapes are read from the tensors' sizes, never from their values.
+    crowd (B, G) bool (None when no target has "iscrowd", or, on the CPU, none is set), with
+    G = max(1, max G_i); padding rows are zero and in neither mask. Padded where the targets are (on
+    the CPU: host work only), then moved to `device` without waiting for it. Shapes come from the
+    tensors' sizes; values are read only from host memory (the crowd flags, on the CPU).
     """
     b = len(targets)
     src = targets[0]["boxes"].device if b else torch.device("cpu")
@@ -161,6 +162,8 @@ def pad_targets(targets: list, device=None) -> tuple:
     labels = torch.zeros(b, g, dtype=torch.int64, device=src)
     present = torch.zeros(b, g, dtype=torch.bool, device=src)
     with_crowd = any("iscrowd" in t for t in targets)
+    if with_crowd and src.type == "cpu":  # host memory: whether any box is a crowd region is free to read
+        with_crowd = any(t["iscrowd"].numpy().any() for t in targets if "iscrowd" in t)
     crowd = torch.zeros(b, g, dtype=torch.bool, device=src)
     for i, t in enumerate(targets):
         n = t["boxes"].numel() // 4
