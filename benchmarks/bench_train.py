@@ -47,25 +47,26 @@ def configurations(dtypes: list, compile: bool = False) -> list:
     return names
 
 
-def batch(device: str, seed: int = 0) -> tuple:
-    """Two 512x512 images with 4 boxes each (xyxy pixels) and labels in 0..90."""
+def batch(device: str, seed: int = 0, *, count: int = BATCH, size: int = SIZE) -> tuple:
+    """`count` size x size images (default two of 512) with 4 boxes each (xyxy pixels) and labels in 0..90."""
     g = torch.Generator().manual_seed(seed)
-    images = [torch.rand(3, SIZE, SIZE, generator=g).to(device) for _ in range(BATCH)]
+    images = [torch.rand(3, size, size, generator=g).to(device) for _ in range(count)]
     targets = []
-    for _ in range(BATCH):
-        xy = torch.rand(4, 2, generator=g) * 300
-        wh = 40 + torch.rand(4, 2, generator=g) * 160
+    for _ in range(count):
+        xy = torch.rand(4, 2, generator=g) * (size * 300 / 512)
+        wh = (40 + torch.rand(4, 2, generator=g) * 160) * (size / 512)
         targets.append({"boxes": torch.cat([xy, xy + wh], dim=1).to(device),
                         "labels": torch.randint(0, 91, (4,), generator=g).to(device)})
     return images, targets
 
 
-def make_step(name: str, state: dict, device: str):
+def make_step(name: str, state: dict, device: str, *, count: int = BATCH, size: int = SIZE):
     """A closure running one training step of configuration `name` (forward with the losses,
-    backward, SGD step) and the list it appends each step's total loss to."""
+    backward, SGD step) on `batch(device, count=count, size=size)`, and the list it appends each
+    step's total loss to."""
     from retinanet.modeling import build_model
 
-    model = build_model(torchvision_layout_config(min_size=SIZE, max_size=SIZE))
+    model = build_model(torchvision_layout_config(min_size=size, max_size=size))
     model.load_state_dict(state)
     if name.startswith("torchvision"):
         model = torchvision_retinanet(model)
@@ -78,7 +79,7 @@ def make_step(name: str, state: dict, device: str):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
     scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
-    images, targets = batch(device)
+    images, targets = batch(device, count=count, size=size)
     losses = []
 
     def step():

@@ -352,7 +352,7 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
     """
     from tqdm import tqdm
 
-    from .data.loader import build_train_dataset, build_train_loader, build_val_dataset
+    from .data.loader import batch_to_device, build_train_dataset, build_train_loader, build_val_dataset
 
     cfg = copy.deepcopy(cfg)
     t = cfg.train
@@ -450,8 +450,9 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
 
         # The data order is a pure function of (seed, micro-batch index): start where the run stopped.
         micro_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size // accum))
+        on_gpu = env.device.type == "cuda"  # uint8 images in pinned memory, converted and resized on the GPU
         loader = build_train_loader(micro_cfg, dataset, seed=t.seed, rank=env.rank, world_size=world,
-                                    start_iteration=start * accum, pin_memory=env.device.type == "cuda")
+                                    start_iteration=start * accum, pin_memory=on_gpu, pending_images=on_gpu)
         batches = iter(loader)
         if ckpt is not None and len(ckpt.get("rng", [])) == world:
             set_rng_state(ckpt["rng"][env.rank])
@@ -495,29 +496,36 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
             lr = lr_at(it)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            step_losses = {}  # loss name -> this step's value (mean over micro-batches and processes)
+            step_values = []  # per micro-batch: its losses, (number of losses,) on the device
             for micro in range(accum):
                 images, targets = next(batches)
-                images = [image.to(env.device, non_blocking=True) for image in images]
-                targets = [{k: v.to(env.device) if torch.is_tensor(v) else v for k, v in target.items()}
-                           for target in targets]
+                if env.device.type != "cpu":  # checked on the CPU: the step on the device never waits to read them
+                    raw_model.check_targets(targets)
+                images, targets = batch_to_device(images, targets, env.device)  # uint8 images realized there
                 # Gradients are all-reduced on the last micro-batch only.
                 sync = nullcontext() if (micro == accum - 1 or not env.distributed) else model.no_sync()
                 with sync:
                     with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         losses = model(images, targets)
-                    values = torch.stack([v.detach().float() for v in losses.values()])  # (number of losses,)
-                    if env.distributed:
-                        dist.all_reduce(values)  # a NaN anywhere stops every process at this same step
-                        values /= world
-                    reduced = dict(zip(losses, values.tolist()))
-                    if not all(math.isfinite(v) for v in reduced.values()):
-                        where = f"; this process: {_format_losses(losses)}" if env.distributed else ""
-                        raise NonFiniteLossError(
-                            f"iteration {it}: non-finite loss ({_format_losses(reduced)}{where}); stopped before "
-                            f"the optimizer step, the checkpoints in {output} are unchanged")
                     # Each micro-batch's loss is normalized by its own foreground count, then averaged.
                     scaler.scale(sum(losses.values()) / accum).backward()
+                step_values.append(torch.stack([v.detach().float() for v in losses.values()]))
+            # The step's one host synchronization: its losses are read to be checked (the optimizer step
+            # is taken only if they are finite) and logged, after every backward has been queued.
+            local = values = torch.stack(step_values)  # (accum, number of losses)
+            if env.distributed:
+                values = local.clone()
+                dist.all_reduce(values)  # a NaN anywhere stops every process at this same step
+                values /= world
+            step_losses = {}  # loss name -> this step's value (mean over micro-batches and processes)
+            for micro, row in enumerate(values.tolist()):
+                reduced = dict(zip(losses, row))
+                if not all(math.isfinite(v) for v in reduced.values()):
+                    mine = dict(zip(losses, local[micro]))
+                    where = f"; this process: {_format_losses(mine)}" if env.distributed else ""
+                    raise NonFiniteLossError(
+                        f"iteration {it}: non-finite loss ({_format_losses(reduced)}{where}); stopped before "
+                        f"the optimizer step, the checkpoints in {output} are unchanged")
                 for name, value in reduced.items():
                     step_losses[name] = step_losses.get(name, 0.0) + value / accum
             if t.clip_grad_norm > 0:

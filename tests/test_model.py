@@ -74,6 +74,21 @@ def test_labels_out_of_range_are_an_error():
         model([torch.rand(3, 64, 64)], [{"boxes": torch.tensor([[0.0, 0, 10, 10]]), "labels": torch.tensor([3])}])
 
 
+@pytest.mark.parametrize("bad, message", [
+    ({"boxes": torch.tensor([[0.0, 0, float("nan"), 10]]), "labels": torch.tensor([0])}, "boxes must be finite"),
+    ({"boxes": torch.tensor([[20.0, 0, 10, 10]]), "labels": torch.tensor([0])},
+     r"boxes must be xyxy with x2 >= x1 and y2 >= y1, got \[\[20"),
+    ({"boxes": torch.tensor([[0.0, 0, 10, 10]]), "labels": torch.tensor([0, 1])}, "1 boxes but 2 labels"),
+    ({"boxes": torch.tensor([[0.0, 0, 10, 10]]), "labels": torch.tensor([-1])}, r"labels must be in 0..2, got \[-1\]"),
+    ({"boxes": torch.tensor([0.0, 0, 10]), "labels": torch.tensor([0])}, r"boxes must be \(G, 4\)"),
+])
+def test_malformed_targets_name_the_image_and_its_id(bad, message):
+    model = build_model(tiny_config(num_classes=3)).train()
+    good = {"boxes": torch.tensor([[0.0, 0, 10, 10]]), "labels": torch.tensor([0])}
+    with pytest.raises(ValueError, match=rf"image 1 \(image id 17\): {message}"):
+        model([torch.rand(3, 64, 64)] * 2, [good, dict(bad, image_id=17)])
+
+
 def _reference_postprocess(model, cls_logits, box_deltas, anchors, level_sizes, image_size):
     """torchvision-style per-image, per-level loop (sec. 4 'Inference'), for one image."""
     boxes_all, scores_all, labels_all = [], [], []

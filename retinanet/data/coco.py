@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..ops.masks import decode_rles
-from .images import ImageError, PathLike, load_image, to_tensor
+from .images import ImageError, PathLike, load_image
+from .transforms import PendingImage
 from .validate import DataValidationError, ValidationReport, validate_coco
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,8 @@ class CocoDataset(Dataset):
                  with masks=True also "masks": (G, H, W) uint8 bit masks in the transformed image's
                  pixels (retinanet/ops/masks.py)}
     Without transforms the image and boxes are the file's, at its size (what evaluation wants: the
-    model resizes in eval mode and returns boxes in these pixels).
+    model resizes in eval mode and returns boxes in these pixels). `item(key, pending=True)` returns
+    the image as a uint8 `PendingImage` instead, its pixel operations not yet applied (GPU training).
 
     Example:
         >>> dataset = CocoDataset("annotations/instances_val2017.json", "val2017")  # doctest: +SKIP
@@ -129,6 +131,11 @@ class CocoDataset(Dataset):
         return torch.from_numpy(decode_rles(rles, h, w))
 
     def __getitem__(self, key) -> tuple:
+        return self.item(key)
+
+    def item(self, key, pending: bool = False) -> tuple:
+        """`dataset[key]`; with `pending`, the image is returned as a `PendingImage` instead: uint8, with
+        the transforms' pixel operations recorded, not applied (`realize` applies them, on the GPU)."""
         index, seed = key if isinstance(key, tuple) else (key, None)
         where = f"{self.image_dir / self.file_names[index]} (image id {self.image_ids[index]})"
         try:
@@ -140,8 +147,8 @@ class CocoDataset(Dataset):
             h, w = target["orig_size"]
             raise ImageError(where, f"the JSON says height {h}, width {w}, but the displayed image "
                                     f"(EXIF orientation applied) is height {array.shape[0]}, width {array.shape[1]}")
-        image = to_tensor(array)  # (3, H, W) float32 in [0, 1]
+        image = PendingImage.from_array(array)  # (3, H, W) uint8
         if self.transforms is not None:
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
             image, target = self.transforms(image, target, generator)
-        return image, target
+        return (image if pending else image.realize()), target  # realized: (3, H, W) float32 in [0, 1]

@@ -112,6 +112,11 @@ def to_rgb_array(img: Image.Image, path: PathLike = "<image>") -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8).copy()
 
 
+def to_chw(array: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) uint8, a view of the array's memory (channels last)."""
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+
+
 def to_tensor(array: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float32 in [0, 1], the model's input format."""
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).to(torch.float32).div_(255.0)
+    return to_chw(array).to(torch.float32).div_(255.0)

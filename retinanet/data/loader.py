@@ -23,17 +23,43 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import numpy as np
-from torch.utils.data import DataLoader, Sampler
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import Config
+from ..syncs import to_device
 from .coco import CocoDataset
-from .transforms import Compose, RandomHorizontalFlip, ResizeShortestSide, ScaleJitterCrop
+from .transforms import Compose, PendingImage, RandomHorizontalFlip, ResizeShortestSide, ScaleJitterCrop
 
 
 def collate(batch: list) -> tuple:
     """[(image, target), ...] -> (list of images, list of targets); the model pads images itself."""
     images, targets = zip(*batch)
     return list(images), list(targets)
+
+
+class _PendingPixels(Dataset):
+    """A CocoDataset whose items keep their images as `PendingImage`s (uint8, pixel operations not applied)."""
+
+    def __init__(self, dataset: CocoDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key) -> tuple:
+        return self.dataset.item(key, pending=True)
+
+
+def batch_to_device(images: list, targets: list, device) -> tuple:
+    """A training batch onto `device` without waiting for it (`syncs.to_device`: asynchronous from
+    pinned memory): `PendingImage`s are copied as uint8 and realized there (converted to float,
+    resized, cropped, flipped: (3, H, W) float32 in [0, 1]); other images and the targets' tensors
+    are copied as they are."""
+    images = [image.realize(device) if isinstance(image, PendingImage) else to_device(image, device)
+              for image in images]
+    targets = [{k: to_device(v, device) if torch.is_tensor(v) else v for k, v in target.items()} for target in targets]
+    return images, targets
 
 
 class TrainBatchSampler(Sampler):
@@ -160,11 +186,13 @@ def build_val_dataset(cfg: Config, progress: bool = False) -> Optional[CocoDatas
 
 
 def build_train_loader(cfg: Config, dataset: CocoDataset, *, seed: int, rank: int = 0, world_size: int = 1,
-                       start_iteration: int = 0, pin_memory: bool = False) -> DataLoader:
+                       start_iteration: int = 0, pin_memory: bool = False, pending_images: bool = False) -> DataLoader:
     """Endless training batches (images, targets) of data.batch_size / world_size images for this process.
 
     seed: the same on every process. start_iteration: batches already trained on (resume).
     With data.scale_jitter every image is a crop_size square, so aspect grouping is skipped (one group).
+    pending_images: images come as uint8 `PendingImage`s, for `batch_to_device` to realize on the GPU
+    (what the engine asks for on a GPU, with pin_memory); otherwise (3, H, W) float32 in [0, 1].
     """
     if cfg.data.batch_size % world_size:
         raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by the {world_size} processes")
@@ -172,8 +200,8 @@ def build_train_loader(cfg: Config, dataset: CocoDataset, *, seed: int, rank: in
                                 groups=dataset.aspect_groups() if cfg.data.aspect_grouping and not cfg.data.scale_jitter
                                 else None,
                                 rank=rank, world_size=world_size, start_iteration=start_iteration)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers, collate_fn=collate,
-                      pin_memory=pin_memory)
+    return DataLoader(_PendingPixels(dataset) if pending_images else dataset, batch_sampler=sampler,
+                      num_workers=cfg.data.num_workers, collate_fn=collate, pin_memory=pin_memory)
 
 
 def build_test_loader(dataset: CocoDataset, *, batch_size: int = 1, num_workers: int = 0, rank: int = 0,

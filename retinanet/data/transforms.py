@@ -1,7 +1,8 @@
 """Training transforms on (image, target) pairs: shorter-side resize with scale jitter, large-scale
 jitter (resize by a random factor, then a fixed-size square crop), horizontal flip.
 
-Each transform takes `image` (3, H, W) float in [0, 1], `target` {"boxes": (G, 4) xyxy absolute
+Each transform takes `image` (3, H, W) float in [0, 1] (or a `PendingImage`: a uint8 image whose
+pixel operations are recorded, to be applied later on the GPU), `target` {"boxes": (G, 4) xyxy absolute
 pixels, ..., optional "masks": (G, H, W) uint8 bit masks} and a `torch.Generator` (None: torch's
 global RNG), and returns the new pair; the boxes follow the pixels exactly, the masks to within a pixel
 (resized by the value at each new pixel's centre, `ops.masks.resize_masks`). Pixel coordinates are
@@ -23,8 +24,101 @@ from torch import Tensor
 
 from ..ops.masks import flip_masks, resize_masks
 from ..ops.transform import resized_size
+from ..syncs import to_device
+from .images import to_chw
 
 SIZE_SAMPLING = ("choice", "range")
+
+
+# ----------------------------------------------------------------------------------------------
+# pixel operations, now (float tensors) or later (PendingImage)
+
+
+def resize_image(image, height: int, width: int):
+    """(3, H, W) -> (3, height, width): torch bilinear, align_corners=False, no antialiasing."""
+    if isinstance(image, PendingImage):
+        return image.then("resize", height, width)
+    return F.interpolate(image[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+
+
+def flip_image(image):
+    """Mirror left-right."""
+    if isinstance(image, PendingImage):
+        return image.then("flip")
+    return image.flip(-1)
+
+
+def crop_pad_image(image, top: int, left: int, size: int, fill: Sequence[float]):
+    """The size x size window at (top, left); where it passes the image's bottom or right edge,
+    `fill` per channel."""
+    if isinstance(image, PendingImage):
+        return image.then("crop", top, left, size, tuple(fill))
+    window_h, window_w = min(size, image.shape[1] - top), min(size, image.shape[2] - left)
+    out = image.new_empty(image.shape[0], size, size)
+    for channel, value in zip(out, fill):  # a fill per channel, no host-to-device copy
+        channel.fill_(value)
+    out[:, :window_h, :window_w] = image[:, top:top + window_h, left:left + window_w]
+    return out
+
+
+_APPLY = {"resize": resize_image, "flip": flip_image, "crop": crop_pad_image}
+
+
+class PendingImage:
+    """A uint8 image and the pixel operations the transforms chose for it, applied later.
+
+    The training loader of a GPU run keeps images in uint8 until they reach the device: a quarter of
+    float32's bytes through the worker queues, pinned memory and the copy, and the conversion,
+    resizing, cropping and flipping run on the GPU. `realize` applies the operations a float image
+    would have had on the CPU, with the same functions in the same order, so on the same device the
+    result is bitwise that of the float path (tests/data/test_pending_images.py).
+
+    data: (3, H, W) uint8, as `from_array` makes it (`images.to_chw`: a view of the (H, W, 3) array,
+    whose channels-last strides the copies keep, as the float path's conversion does).
+    ops: ("resize", h, w) | ("flip",) | ("crop", top, left, size, fill), in order.
+    """
+
+    def __init__(self, data: Tensor, ops: tuple = ()):
+        if data.dtype != torch.uint8 or data.dim() != 3:
+            raise ValueError(f"PendingImage needs a (3, H, W) uint8 tensor, got {data.dtype} {tuple(data.shape)}")
+        self.data, self.ops = data, tuple(ops)
+
+    @classmethod
+    def from_array(cls, array) -> "PendingImage":
+        """(H, W, 3) uint8 numpy array (`load_image`) -> a PendingImage with no operations."""
+        return cls(to_chw(array))
+
+    @property
+    def shape(self) -> torch.Size:
+        """(3, H, W) after the operations."""
+        h, w = self.data.shape[1:]
+        for op in self.ops:
+            if op[0] == "resize":
+                h, w = op[1], op[2]
+            elif op[0] == "crop":
+                h = w = op[3]
+        return torch.Size((self.data.shape[0], h, w))
+
+    def then(self, *op) -> "PendingImage":
+        return PendingImage(self.data, self.ops + (op,))
+
+    def pin_memory(self) -> "PendingImage":
+        """The same image in pinned memory (DataLoader(pin_memory=True) calls this)."""
+        return PendingImage(self.data.pin_memory(), self.ops)
+
+    def realize(self, device=None) -> Tensor:
+        """(3, H, W) float32 in [0, 1] on `device` (default: where the data is): the uint8 data is
+        copied there first (`syncs.to_device`: without waiting), then converted (as
+        `images.to_tensor`) and the operations applied."""
+        image = self.data if device is None else to_device(self.data, device)
+        image = image.to(torch.float32).div_(255.0)
+        for name, *args in self.ops:
+            image = _APPLY[name](image, *args)
+        return image
+
+
+# ----------------------------------------------------------------------------------------------
+# transforms
 
 
 class Compose:
@@ -70,7 +164,7 @@ class ResizeShortestSide:
         new_h, new_w = resized_size(height, width, self.draw_size(generator), self.max_size, self.rounding)
         if (new_h, new_w) == (height, width):
             return image, target
-        image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
+        image = resize_image(image, new_h, new_w)
         scale = torch.tensor([new_w / width, new_h / height, new_w / width, new_h / height])  # (4,) x, y, x, y
         target = {**target, "boxes": target["boxes"] * scale}
         if "masks" in target:
@@ -95,7 +189,7 @@ class RandomHorizontalFlip:
         target = {**target, "boxes": flipped}
         if "masks" in target:
             target["masks"] = flip_masks(target["masks"])
-        return image.flip(-1), target
+        return flip_image(image), target
 
 
 class ScaleJitterCrop:
@@ -138,13 +232,12 @@ class ScaleJitterCrop:
         boxes = target["boxes"]  # (G, 4) xyxy
         masks = target.get("masks")  # (G, H, W) uint8 or None
         if (new_h, new_w) != (height, width):
-            image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
+            image = resize_image(image, new_h, new_w)
             boxes = boxes * torch.tensor([new_w / width, new_h / height, new_w / width, new_h / height])
             if masks is not None:
                 masks = resize_masks(masks, new_h, new_w)
         window_h, window_w = min(size, new_h - top), min(size, new_w - left)  # image pixels inside the crop
-        out = torch.tensor(self.fill, dtype=image.dtype).view(-1, 1, 1).repeat(1, size, size)  # (3, size, size)
-        out[:, :window_h, :window_w] = image[:, top:top + window_h, left:left + window_w]
+        out = crop_pad_image(image, top, left, size, self.fill)  # (3, size, size)
         boxes = boxes - torch.tensor([left, top, left, top], dtype=boxes.dtype)
         limit = torch.tensor([window_w, window_h, window_w, window_h], dtype=boxes.dtype)
         boxes = torch.minimum(boxes.clamp(min=0), limit)

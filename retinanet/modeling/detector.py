@@ -12,7 +12,10 @@ A detector is an `nn.Module` with three steps that callers may run together or a
   (D,) in 0..K-1} (and "masks" for detectors that predict them), best first.
 - `model(images, targets)` in train mode returns a dict of named scalar losses; the engine sums them.
   Training images are already at the size to train on (the data pipeline resizes and jitters), so
-  `preprocess(images, resize=False)` only normalizes and pads them.
+  `preprocess(images, resize=False)` only normalizes and pads them. Targets held on the CPU are
+  checked first (`check_targets`: errors name the image); targets already on an accelerator are
+  not, since reading them would make the step wait for the device: the engine checks each batch
+  on the CPU before it moves it.
 
 `Predictor`, `OnnxDetector`, `retinanet eval/predict/export/analyze` and the engine use these
 methods and nothing else, so none of them re-implements a detector's pre- or post-processing.
@@ -26,11 +29,13 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.transform import resized_size
+from ..syncs import to_device
 
 
 @dataclass
@@ -89,15 +94,17 @@ class Detector(nn.Module):
         if len(images) == 0:
             raise ValueError("no images")
         normed, sizes, original = [], [], []
+        stats = {}  # device -> (mean, std), each (3, 1, 1) float32, made once per call
         for i, img in enumerate(images):
             if img.dim() != 3 or img.shape[0] != 3:
                 raise ValueError(f"image {i}: expected a (3, H, W) RGB tensor, got shape {tuple(img.shape)}")
-            img = img.to(device) if device is not None else img
+            img = to_device(img, device) if device is not None else img
             original.append((img.shape[1], img.shape[2]))
             if img.dtype == torch.uint8:
                 img = img.to(torch.float32) / 255.0
-            mean = torch.tensor(self.pixel_mean, dtype=torch.float32, device=img.device).reshape(3, 1, 1)
-            std = torch.tensor(self.pixel_std, dtype=torch.float32, device=img.device).reshape(3, 1, 1)
+            if img.device not in stats:
+                stats[img.device] = tuple(_channel_values(v, img.device) for v in (self.pixel_mean, self.pixel_std))
+            mean, std = stats[img.device]
             img = (img.to(torch.float32) - mean) / std
             if resize:
                 size = resized_size(img.shape[1], img.shape[2], min_size, max_size, self.resize_rounding)
@@ -155,13 +162,54 @@ class Detector(nn.Module):
         """A batch at the size to train on (normalized, padded) and its targets per image -> {name: scalar loss}."""
         raise NotImplementedError
 
+    def check_targets(self, targets: list) -> None:
+        """Raise a ValueError naming the image if a target is malformed (`check_targets`)."""
+        check_targets(targets)
+
     def forward(self, images, targets: Optional[list] = None):
         if self.training:
             if targets is None:
                 raise ValueError("in train mode the model needs targets (use model.eval() for inference)")
+            if all(t["boxes"].device.type == "cpu" for t in targets):  # free on the CPU (see the module docstring)
+                self.check_targets(targets)
             return self.losses(self.preprocess(images, resize=False, device=self.device), targets)
         batch = self.preprocess(images, device=self.device)
         return self.postprocess(self.run_network(batch), batch)
+
+
+def _channel_values(values: Sequence[float], device: torch.device) -> Tensor:
+    """(3,) floats -> (3, 1, 1) float32 on `device`, copied there without waiting for the device."""
+    return to_device(torch.tensor(values, dtype=torch.float32).reshape(3, 1, 1), device)
+
+
+def check_targets(targets: list, num_classes: Optional[int] = None) -> None:
+    """Raise a ValueError naming the image (its index, and its "image_id" when the target has one) if
+    a target is malformed: "boxes" not (G, 4), not finite, or with x2 < x1 or y2 < y1; "labels" (when
+    present) not G of them, or (with `num_classes`) outside 0..num_classes-1; "iscrowd" not G flags.
+
+    The values are read on the host (tensors elsewhere are copied there first, which waits for the
+    device): the engine calls this on the CPU, before a batch moves to the GPU.
+    """
+    for i, t in enumerate(targets):
+        where = f"image {i}" + (f" (image id {t['image_id']})" if "image_id" in t else "")
+        boxes = t["boxes"]
+        if boxes.dim() != 2 or boxes.shape[-1] != 4:
+            if boxes.numel():  # an empty tensor of any shape is "no boxes"
+                raise ValueError(f"{where}: boxes must be (G, 4) xyxy, got shape {tuple(boxes.shape)}")
+        boxes = boxes.detach().cpu().reshape(-1, 4).numpy()
+        g = boxes.shape[0]
+        if not np.isfinite(boxes).all():
+            raise ValueError(f"{where}: boxes must be finite, got {boxes[~np.isfinite(boxes).all(axis=1)].tolist()}")
+        bad = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+        if bad.any():
+            raise ValueError(f"{where}: boxes must be xyxy with x2 >= x1 and y2 >= y1, got {boxes[bad].tolist()}")
+        for key in ("labels", "iscrowd"):
+            if key in t and t[key].numel() != g:
+                raise ValueError(f"{where}: {g} boxes but {t[key].numel()} {key}")
+        if num_classes is not None and "labels" in t:
+            labels = t["labels"].detach().cpu().reshape(-1).numpy()
+            if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+                raise ValueError(f"{where}: labels must be in 0..{num_classes - 1}, got {labels.tolist()}")
 
 
 def rescale_to_original(detections: list, batch: ImageBatch) -> list:

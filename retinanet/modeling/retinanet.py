@@ -17,10 +17,10 @@ from ..losses import (fl_star_loss, giou_loss, iou_balanced_weights, ohem_select
                       sigmoid_focal_loss_fast, smooth_l1_loss, softmax_focal_loss, softmax_prior_bias)
 from ..ops.anchors import AnchorGenerator
 from ..ops.boxes import decode, encode, paired_iou
-from ..ops.matcher import FOREGROUND, Matcher, ignore_crowd
+from ..ops.matcher import FOREGROUND, Matcher, ignore_crowd, pad_targets
 from ..ops.postprocess import postprocess
 from .backbone import FPN, ResNet, make_norm
-from .detector import Detector, ImageBatch
+from .detector import Detector, ImageBatch, check_targets
 
 
 class Subnet(nn.Module):
@@ -116,6 +116,8 @@ class RetinaNet(Detector):
         ['boxes', 'labels', 'scores']
     """
 
+    foreground_by_index: Optional[bool] = None  # the box loss's selection (`_foreground_box_loss`); None: on the CPU
+
     def __init__(self, backbone: ResNet, fpn: FPN, head: RetinaNetHead, anchor_generator: AnchorGenerator, *,
                  matcher: Matcher, loss: LossConfig, crowd_ioa: float = 0.7,
                  box_weights=(1.0, 1.0, 1.0, 1.0), box_clamp: float = math.log(1000.0 / 16),
@@ -177,36 +179,29 @@ class RetinaNet(Detector):
         return cls_logits, box_deltas, torch.cat(anchors), [a.shape[0] for a in anchors]
 
     # ------------------------------------------------------------------ training targets and losses
+    def check_targets(self, targets: list) -> None:
+        """`Detector.check_targets`, and labels in 0..K-1."""
+        check_targets(targets, num_classes=self.num_classes)
+
     @torch.no_grad()
     def assign_targets(self, anchors: Tensor, targets: list) -> tuple:
-        """Match anchors to each image's boxes.
+        """Match anchors to each image's boxes, the whole batch at once.
 
         Returns labels (B, N) int8 in {-1 ignore, 0 background, 1 foreground}, matched boxes
-        (B, N, 4) xyxy and matched classes (B, N) int64 (both meaningful where labels == 1).
-        Matching is per image (images have different box counts); everything after is batched.
+        (B, N, 4) xyxy and matched classes (B, N) int64 (both meaningful where labels == 1; an
+        image without boxes gets zeros). The boxes are padded into (B, G, 4) with a mask, so the
+        result is each image's own matching (tests/test_assign_targets.py) without a host
+        synchronization: targets are not checked here (see `check_targets`).
         """
-        labels, boxes, classes = [], [], []
-        for i, t in enumerate(targets):
-            gt = t["boxes"].to(anchors.device, torch.float32).reshape(-1, 4)
-            gt_cls = t["labels"].to(anchors.device, torch.int64).reshape(-1)
-            if gt.shape[0] != gt_cls.shape[0]:
-                raise ValueError(f"image {i}: {gt.shape[0]} boxes but {gt_cls.shape[0]} labels")
-            if gt_cls.numel() and (gt_cls.min() < 0 or gt_cls.max() >= self.num_classes):
-                raise ValueError(f"image {i}: labels must be in 0..{self.num_classes - 1}, got {gt_cls.tolist()}")
-            crowd = t.get("iscrowd")
-            crowd = (crowd.to(anchors.device).reshape(-1).bool() if crowd is not None
-                     else torch.zeros(gt.shape[0], dtype=torch.bool, device=anchors.device))
-            real, crowd_boxes = gt[~crowd], gt[crowd]
-            matched, lab = self.matcher.match_boxes(real, anchors)
-            lab = ignore_crowd(lab, anchors, crowd_boxes, self.crowd_ioa)
-            if real.shape[0] == 0:
-                real, cls = anchors.new_zeros(1, 4), gt_cls.new_zeros(1)
-            else:
-                cls = gt_cls[~crowd]
-            labels.append(lab)
-            boxes.append(real[matched])
-            classes.append(cls[matched])
-        return torch.stack(labels), torch.stack(boxes), torch.stack(classes)
+        gt, gt_cls, real, crowd = pad_targets(targets, anchors.device)  # (B, G, 4), (B, G), (B, G), (B, G) or None
+        matched, labels = self.matcher.match_boxes(gt, anchors, valid=real)  # (B, N) index into G
+        if crowd is not None:
+            labels = ignore_crowd(labels, anchors, gt, self.crowd_ioa, valid=crowd,
+                                  chunk_elems=self.matcher.chunk_elems)
+        has_box = real.any(dim=1, keepdim=True)  # (B, 1)
+        boxes = torch.where(has_box[..., None], gt.gather(1, matched[..., None].expand(-1, -1, 4)), 0.0)
+        classes = torch.where(has_box, gt_cls.gather(1, matched), 0)
+        return labels, boxes, classes
 
     def _normalizer(self, count: Tensor) -> Tensor:
         """A count of anchors in the batch, averaged over processes under DDP (`sync_normalizer`), at least 1."""
@@ -227,35 +222,36 @@ class RetinaNet(Detector):
         The classification loss is summed over all non-ignored anchors, the box loss over the
         foreground anchors, both divided by the number of foreground anchors in the batch (sec. 4.1);
         OHEM instead averages over the anchors it keeps (see `_ohem_losses`).
+        Every anchor is computed and the foreground ones selected by a mask, so that no shape
+        depends on the data and nothing waits for the device (OHEM's selection is the exception).
         Returns {"cls": scalar, "box": scalar}.
         """
         labels, gt_boxes, gt_classes = self.assign_targets(anchors, targets)  # (B, N), (B, N, 4), (B, N)
         if self.loss_cfg.cls == "ohem":
             return self._ohem_losses(cls_logits, box_deltas, anchors, labels, gt_boxes, gt_classes)
-        img, anchor = torch.nonzero(labels == FOREGROUND, as_tuple=True)  # (P,) the foreground anchors
-        box_loss, iou = self._box_loss(box_deltas, anchors, gt_boxes, img, anchor)
-        cls_loss = self._cls_loss(cls_logits, labels, gt_classes, img, anchor, iou)
+        fg = labels == FOREGROUND  # (B, N) the foreground anchors
+        box_loss, iou = self._foreground_box_loss(box_deltas, anchors, gt_boxes, fg)  # (B, N), 0 off the foreground
+        cls_loss = self._cls_loss(cls_logits, labels, gt_classes, fg, iou)
         normalizer = self.num_foreground(labels)
         return {"cls": cls_loss / normalizer, "box": self.loss_cfg.box_weight * box_loss.sum() / normalizer}
 
-    def _cls_loss(self, cls_logits: Tensor, labels: Tensor, gt_classes: Tensor, img: Tensor, anchor: Tensor,
+    def _cls_loss(self, cls_logits: Tensor, labels: Tensor, gt_classes: Tensor, fg: Tensor,
                   iou: Optional[Tensor]) -> Tensor:
         """Classification loss summed over the non-ignored anchors (and classes).
 
-        img, anchor (P,): the foreground anchors; iou (P,): their regressed boxes' IoU with their
-        ground truth (needed for `iou_balanced_cls`).
+        fg (B, N) bool: the foreground anchors; iou (B, N): their regressed boxes' IoU with their
+        ground truth, 0 elsewhere (needed for `iou_balanced_cls`).
         """
         cfg = self.loss_cfg
         valid = labels >= 0  # (B, N)
-        classes = gt_classes[img, anchor]  # (P,)
         if cfg.cls == "softmax_focal":
-            target = torch.where(labels == FOREGROUND, gt_classes, self.num_classes)  # (B, N), background = K
+            target = torch.where(fg, gt_classes, self.num_classes)  # (B, N), background = K
             per_anchor = softmax_focal_loss(cls_logits.flatten(0, 1).float(), target.flatten(), cfg.alpha,
                                             cfg.gamma).view_as(target) * valid  # (B, N)
-            total, gt_terms = per_anchor.sum(), per_anchor[img, anchor]
+            total, gt_terms = per_anchor.sum(), torch.where(fg, per_anchor, 0.0)
         else:
-            targets = torch.zeros_like(cls_logits, dtype=torch.bool)  # (B, N, K)
-            targets[img, anchor, classes] = True
+            targets = torch.zeros_like(cls_logits, dtype=torch.bool)  # (B, N, K): one-hot on the foreground
+            targets.scatter_(2, gt_classes[..., None], fg[..., None])
             gamma = 0.0 if cfg.cls == "ce" else cfg.gamma
             if cfg.cls == "fl_star":
                 total = (fl_star_loss(cls_logits.float(), targets, cfg.gamma, cfg.beta) * valid[..., None]).sum()
@@ -263,10 +259,11 @@ class RetinaNet(Detector):
                 total = sigmoid_focal_loss_fast(cls_logits, targets, cfg.alpha, gamma, weights=valid[..., None])
             if not cfg.iou_balanced_cls:
                 return total
-            gt_logits = cls_logits[img, anchor, classes].float()  # (P,) each positive's ground-truth class logit
+            gt_logits = cls_logits.gather(2, gt_classes[..., None])[..., 0].float()  # (B, N) the matched class's logit
             ones = torch.ones_like(gt_logits)
             gt_terms = (fl_star_loss(gt_logits, ones, cfg.gamma, cfg.beta) if cfg.cls == "fl_star"
-                        else sigmoid_focal_loss(gt_logits, ones, cfg.alpha, gamma))  # (P,)
+                        else sigmoid_focal_loss(gt_logits, ones, cfg.alpha, gamma))  # (B, N)
+            gt_terms = torch.where(fg, gt_terms, 0.0)
         if cfg.iou_balanced_cls:
             # IoU-balanced eqs. (1)-(2): positive i's ground-truth-class term counts w_i times instead of
             # once; its other class terms and all negatives keep weight 1 (as the authors' code does)
@@ -274,55 +271,82 @@ class RetinaNet(Detector):
             total = total + ((weights - 1) * gt_terms).sum()
         return total
 
-    def _box_loss(self, box_deltas: Tensor, anchors: Tensor, gt_boxes: Tensor, img: Tensor, anchor: Tensor) -> tuple:
-        """Box loss of the anchors (img, anchor) (P,), all foreground.
+    def _foreground_box_loss(self, box_deltas: Tensor, anchors: Tensor, gt_boxes: Tensor, fg: Tensor) -> tuple:
+        """`_box_loss` of the foreground anchors fg (B, N), as (B, N) tensors that are 0 elsewhere.
 
-        Returns (loss (P,) per anchor, IoU-balanced when `iou_balanced_loc`; iou (P,) of each
+        On an accelerator every anchor is computed and the foreground selected by the mask: no shape
+        depends on the data, so nothing waits for the device. On the CPU, where reading how many
+        anchors are foreground costs nothing, only those are computed (`foreground_by_index`; a few
+        hundred of some 10^5 anchors), then put in place.
+        """
+        by_index = self.foreground_by_index
+        if by_index is None:
+            by_index = fg.device.type == "cpu"
+        if not by_index:
+            return self._box_loss(box_deltas, anchors, gt_boxes, fg)
+        img, anchor = torch.nonzero(fg, as_tuple=True)  # (P,)
+        loss, iou = self._box_loss(box_deltas[img, anchor], anchors[anchor], gt_boxes[img, anchor])
+        zeros = torch.zeros(fg.shape, dtype=loss.dtype, device=fg.device)
+        return zeros.index_put((img, anchor), loss), None if iou is None else zeros.index_put((img, anchor), iou)
+
+    def _box_loss(self, deltas: Tensor, anchors: Tensor, gt: Tensor, fg: Optional[Tensor] = None) -> tuple:
+        """Box loss of anchors (..., 4) predicting deltas (..., 4) for boxes gt (..., 4) (xyxy; shapes broadcast).
+
+        fg (...) bool: which are foreground; the others get loss 0 (and IoU 0), computed with their own
+        anchor as the target so that nothing is infinite. None: all are.
+        Returns (loss (...) per anchor, IoU-balanced when `iou_balanced_loc`; iou (...) of each
         regressed box with its ground-truth box, detached, or None when no option needs it).
         """
         cfg = self.loss_cfg
-        deltas = box_deltas[img, anchor].float()  # (P, 4)
-        a, gt = anchors[anchor], gt_boxes[img, anchor]  # (P, 4) xyxy
+        deltas = deltas.float()
+        if fg is not None:
+            gt = torch.where(fg[..., None], gt, anchors)
         iou = None
         if cfg.iou_balanced_cls or cfg.iou_balanced_loc:
             with torch.no_grad():
-                iou = paired_iou(decode(a, deltas, self.box_weights, self.box_clamp), gt)  # (P,)
-        loss = self._unweighted_box_loss(deltas, a, gt)
+                iou = paired_iou(decode(anchors, deltas, self.box_weights, self.box_clamp), gt)
+                if fg is not None:
+                    iou = torch.where(fg, iou, 0.0)
+        loss = self._unweighted_box_loss(deltas, anchors, gt)
+        if fg is not None:
+            loss = torch.where(fg, loss, 0.0)
         if cfg.iou_balanced_loc:
             loss = loss * self._loc_weights(iou, loss.detach())
         return loss, iou
 
     def _unweighted_box_loss(self, deltas: Tensor, anchors: Tensor, gt: Tensor) -> Tensor:
-        """deltas (P, 4), anchors (P, 4), gt (P, 4) xyxy -> (P,) smooth L1 summed over the 4 deltas, or 1 - GIoU."""
+        """deltas, anchors, gt (..., 4) xyxy -> (...) smooth L1 summed over the 4 deltas, or 1 - GIoU."""
         if self.loss_cfg.box == "giou":
             return giou_loss(decode(anchors, deltas, self.box_weights, self.box_clamp), gt)
-        return smooth_l1_loss(deltas, encode(anchors, gt, self.box_weights), self.loss_cfg.smooth_l1_beta).sum(dim=1)
+        return smooth_l1_loss(deltas, encode(anchors, gt, self.box_weights), self.loss_cfg.smooth_l1_beta).sum(dim=-1)
 
     def _loc_weights(self, iou: Tensor, losses: Tensor) -> Tensor:
-        """IoU-balanced localization weights (P,), detached: w_loc * iou^lambda (eq. 4), or eq. (5)."""
+        """IoU-balanced localization weights, detached: w_loc * iou^lambda (eq. 4), or eq. (5).
+
+        iou, losses: the positives' (anything else with loss 0 adds nothing to the sums)."""
         cfg = self.loss_cfg
         if cfg.loc_normalize:
             return iou_balanced_weights(iou, losses, cfg.loc_lambda)
-        w_loc = self.w_loc_fixed
-        if w_loc is None:  # w_loc: auto
-            if torch.isnan(self.w_loc):
-                self._measure_w_loc(iou, losses)
-            if torch.isnan(self.w_loc):  # nothing to measure yet (no positive with IoU > 0): eq. (5)'s weights
-                return iou_balanced_weights(iou, losses, cfg.loc_lambda)
-            w_loc = self.w_loc
-        return w_loc * iou.float().pow(cfg.loc_lambda)
+        if self.w_loc_fixed is not None:
+            return self.w_loc_fixed * iou.float().pow(cfg.loc_lambda)
+        # w_loc: auto. Until it is measured (nothing to measure yet: no positive with IoU > 0), eq. (5)'s
+        # weights; chosen on the device, so that no step waits to read the buffer
+        self._measure_w_loc(iou, losses)
+        return torch.where(torch.isnan(self.w_loc), iou_balanced_weights(iou, losses, cfg.loc_lambda),
+                           self.w_loc * iou.float().pow(cfg.loc_lambda))
 
     @torch.no_grad()
     def _measure_w_loc(self, iou: Tensor, losses: Tensor) -> None:
         """w_loc = sum(L) / sum(iou^lambda L) over this step's positives (summed over processes under
         DDP): the value that keeps the localization loss sum unchanged at the first step, which is how
-        the IoU-balanced paper set it by hand (sec. 3.2). Stored in the `w_loc` buffer, so it is
-        checkpointed and a resumed run keeps it."""
+        the IoU-balanced paper set it by hand (sec. 3.2). Stored in the `w_loc` buffer at the first step
+        where the denominator is > 0 and kept after, so it is checkpointed and a resumed run keeps it.
+        Decided on the device (no host synchronization); under DDP the two sums are all-reduced every
+        step (every process takes the same branch)."""
         sums = torch.stack([losses.float().sum(), (iou.float().pow(self.loss_cfg.loc_lambda) * losses.float()).sum()])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)
-        if sums[1] > 0:
-            self.w_loc.fill_(sums[0] / sums[1])
+        self.w_loc.copy_(torch.where(torch.isnan(self.w_loc) & (sums[1] > 0), sums[0] / sums[1], self.w_loc))
 
     def _ohem_losses(self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, labels: Tensor,
                      gt_boxes: Tensor, gt_classes: Tensor) -> dict:
@@ -356,6 +380,7 @@ class RetinaNet(Detector):
         cls_loss = F.binary_cross_entropy_with_logits(cls_logits[kept_img, kept_anchor].float(),
                                                       targets[kept_img, kept_anchor], reduction="sum")
         kept_fg = fg[kept_img, kept_anchor]  # (S,)
-        box_loss, _ = self._box_loss(box_deltas, anchors, gt_boxes, kept_img[kept_fg], kept_anchor[kept_fg])
+        img, anchor = kept_img[kept_fg], kept_anchor[kept_fg]  # (S',) the kept foreground anchors
+        box_loss, _ = self._box_loss(box_deltas[img, anchor], anchors[anchor], gt_boxes[img, anchor])
         return {"cls": cls_loss / self._normalizer(torch.tensor(kept_img.numel(), device=cls_logits.device)),
                 "box": cfg.box_weight * box_loss.sum() / self._normalizer(kept_fg.sum())}

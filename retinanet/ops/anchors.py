@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor
 
+from ..syncs import to_device
+
 
 def cell_anchors(size: float, scales, ratios, style: str = "float") -> Tensor:
     """The A anchors of one location, centred at (0, 0): (A, 4) xyxy.
@@ -74,7 +76,7 @@ class AnchorGenerator:
         xs = (torch.arange(width, dtype=torch.float32, device=device) + self.offset) * sx
         cy, cx = torch.meshgrid(ys, xs, indexing="ij")
         shifts = torch.stack([cx, cy, cx, cy], dim=-1).reshape(-1, 1, 4)  # (H*W, 1, 4)
-        return (shifts + self.cells[level].to(device)[None]).reshape(-1, 4)  # (H*W*A, 4)
+        return (shifts + to_device(self.cells[level], device)[None]).reshape(-1, 4)  # (H*W*A, 4)
 
     def __call__(self, feature_sizes, image_size, device) -> list:
         """feature_sizes: [(H_l, W_l)] per level; image_size: the padded (H, W). -> L x (H_l*W_l*A, 4)."""

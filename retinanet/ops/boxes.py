@@ -11,52 +11,55 @@ DEFAULT_CLAMP = math.log(1000.0 / 16)
 
 
 def box_area(boxes: Tensor) -> Tensor:
-    """(N, 4) xyxy -> (N,) areas; degenerate boxes have area 0."""
-    return (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+    """(..., 4) xyxy -> (...) areas; degenerate boxes have area 0."""
+    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
 
 
 def _intersection(a: Tensor, b: Tensor) -> Tensor:
-    """(N, 4), (M, 4) -> (N, M) intersection areas."""
-    lt = torch.max(a[:, None, :2], b[None, :, :2])  # (N, M, 2)
-    rb = torch.min(a[:, None, 2:], b[None, :, 2:])  # (N, M, 2)
-    wh = (rb - lt).clamp(min=0)
-    return wh[..., 0] * wh[..., 1]
+    """(..., N, 4), (..., M, 4) -> (..., N, M) intersection areas (leading dimensions broadcast).
+    Width and height are computed apart: (..., N, M) results, which vectorize better than (..., N, M, 2)."""
+    w = (torch.min(a[..., :, None, 2], b[..., None, :, 2]) - torch.max(a[..., :, None, 0], b[..., None, :, 0]))
+    h = (torch.min(a[..., :, None, 3], b[..., None, :, 3]) - torch.max(a[..., :, None, 1], b[..., None, :, 1]))
+    return w.clamp(min=0) * h.clamp(min=0)
 
 
 def box_iou(a: Tensor, b: Tensor) -> Tensor:
-    """(N, 4), (M, 4) xyxy -> (N, M) intersection over union (0 where the union is 0)."""
+    """(N, 4), (M, 4) xyxy -> (N, M) intersection over union (0 where the union is 0).
+
+    Leading dimensions broadcast: (B, N, 4), (M, 4) -> (B, N, M), each entry computed as in the 2-D case."""
     inter = _intersection(a, b)
-    union = box_area(a)[:, None] + box_area(b)[None, :] - inter
+    union = box_area(a)[..., :, None] + box_area(b)[..., None, :] - inter
     return torch.where(union > 0, inter / union.clamp(min=torch.finfo(inter.dtype).tiny), torch.zeros_like(inter))
 
 
-def box_ioa(a: Tensor, b: Tensor) -> Tensor:
-    """(N, 4), (M, 4) -> (N, M) intersection over the area of `a` (0 where that area is 0)."""
+def box_ioa(a: Tensor, b: Tensor, over: str = "a") -> Tensor:
+    """(N, 4), (M, 4) -> (N, M) intersection over the area of `a` (over="b": of `b`; 0 where that area
+    is 0); leading dimensions broadcast as in `box_iou`."""
     inter = _intersection(a, b)
-    area = box_area(a)[:, None]
+    area = box_area(a)[..., :, None] if over == "a" else box_area(b)[..., None, :]
     return torch.where(area > 0, inter / area.clamp(min=torch.finfo(inter.dtype).tiny), torch.zeros_like(inter))
 
 
 def paired_iou(a: Tensor, b: Tensor) -> Tensor:
-    """(N, 4), (N, 4) -> (N,) IoU of a[i] with b[i]."""
-    lt = torch.max(a[:, :2], b[:, :2])
-    rb = torch.min(a[:, 2:], b[:, 2:])
+    """(..., 4), (..., 4) -> (...) IoU of a[i] with b[i]."""
+    lt = torch.max(a[..., :2], b[..., :2])
+    rb = torch.min(a[..., 2:], b[..., 2:])
     wh = (rb - lt).clamp(min=0)
-    inter = wh[:, 0] * wh[:, 1]
+    inter = wh[..., 0] * wh[..., 1]
     union = box_area(a) + box_area(b) - inter
     return torch.where(union > 0, inter / union.clamp(min=torch.finfo(inter.dtype).tiny), torch.zeros_like(inter))
 
 
 def paired_giou(a: Tensor, b: Tensor) -> Tensor:
-    """(N, 4), (N, 4) -> (N,) generalized IoU (Rezatofighi et al. 2019) of a[i] with b[i]."""
-    lt = torch.max(a[:, :2], b[:, :2])
-    rb = torch.min(a[:, 2:], b[:, 2:])
+    """(..., 4), (..., 4) -> (...) generalized IoU (Rezatofighi et al. 2019) of a[i] with b[i]."""
+    lt = torch.max(a[..., :2], b[..., :2])
+    rb = torch.min(a[..., 2:], b[..., 2:])
     wh = (rb - lt).clamp(min=0)
-    inter = wh[:, 0] * wh[:, 1]
+    inter = wh[..., 0] * wh[..., 1]
     union = box_area(a) + box_area(b) - inter
     iou = inter / union.clamp(min=1e-7)
-    hull_wh = (torch.max(a[:, 2:], b[:, 2:]) - torch.min(a[:, :2], b[:, :2])).clamp(min=0)
-    hull = hull_wh[:, 0] * hull_wh[:, 1]
+    hull_wh = (torch.max(a[..., 2:], b[..., 2:]) - torch.min(a[..., :2], b[..., :2])).clamp(min=0)
+    hull = hull_wh[..., 0] * hull_wh[..., 1]
     return iou - (hull - union) / hull.clamp(min=1e-7)
 
 

@@ -5,9 +5,13 @@ Labels: -1 ignore, 0 background, 1 foreground.
 
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
 from torch import Tensor
 
+from ..syncs import to_device
 from .boxes import box_ioa, box_iou
 
 IGNORE, BACKGROUND, FOREGROUND = -1, 0, 1
@@ -40,67 +44,89 @@ class Matcher:
         self.allow_low_quality = allow_low_quality
         self.chunk_elems = chunk_elems
 
-    def __call__(self, iou: Tensor) -> tuple:
+    def __call__(self, iou: Tensor, valid: Optional[Tensor] = None) -> tuple:
         """iou: (G, N) -> matched (N,) int64 index into the G boxes, labels (N,) int8 in {-1, 0, 1}.
 
-        With G = 0 every anchor is background (matched 0, to be ignored by the caller).
+        A padded batch works the same way: iou (B, G, N) with valid (B, G) bool (False for padding
+        rows) -> matched (B, N), labels (B, N). An invalid row's IoU counts as -1, below every real
+        one, so image b gets what its valid rows alone would give (index into G); ties go to the
+        first row, as argmax does. With no (valid) box every anchor is background, matched 0 (to
+        be ignored by the caller). No host synchronization, no data-dependent shapes.
         """
-        n = iou.shape[1]
-        if iou.shape[0] == 0:
-            return (torch.zeros(n, dtype=torch.int64, device=iou.device),
-                    torch.zeros(n, dtype=torch.int8, device=iou.device))
-        best, matched = iou.max(dim=0)  # (N,)
+        if valid is not None:
+            iou = torch.where(valid[..., None], iou, -1.0)
+        if iou.shape[-2] == 0:
+            shape = iou.shape[:-2] + iou.shape[-1:]
+            return (torch.zeros(shape, dtype=torch.int64, device=iou.device),
+                    torch.zeros(shape, dtype=torch.int8, device=iou.device))
+        best, matched = iou.max(dim=-2)  # (..., N)
         labels = self._labels(best)
         if self.allow_low_quality:
-            gt_best = iou.max(dim=1, keepdim=True).values  # (G, 1)
-            low_quality = ((iou == gt_best) & (gt_best > 0)).any(dim=0)  # (N,)
-            labels[low_quality] = FOREGROUND
+            labels = torch.where(self._low_quality(iou), FOREGROUND, labels)
         return matched, labels
 
     def _labels(self, best: Tensor) -> Tensor:
-        labels = torch.full(best.shape, IGNORE, dtype=torch.int8, device=best.device)
-        labels[best < self.low] = BACKGROUND
-        labels[best >= self.high] = FOREGROUND
-        return labels
+        labels = torch.where(best < self.low, BACKGROUND, IGNORE).to(torch.int8)
+        return torch.where(best >= self.high, FOREGROUND, labels).to(torch.int8)
 
-    def match_boxes(self, gt_boxes: Tensor, anchors: Tensor) -> tuple:
-        """Like `__call__` on box_iou(gt_boxes, anchors), without holding the whole (G, N) matrix
-        when it would exceed `chunk_elems` elements: IoU is computed for a few boxes at a time."""
-        g, n = gt_boxes.shape[0], anchors.shape[0]
-        if g * n <= self.chunk_elems or g == 0:
-            return self(box_iou(gt_boxes, anchors))
-        rows = max(1, self.chunk_elems // n)
-        best = torch.full((n,), -1.0, device=anchors.device)
-        matched = torch.zeros(n, dtype=torch.int64, device=anchors.device)
-        gt_best = []
+    @staticmethod
+    def _low_quality(iou: Tensor) -> Tensor:
+        """(..., G, N) -> (..., N) bool: anchors whose IoU with some box equals that box's best (> 0)."""
+        gt_best = iou.amax(dim=-1, keepdim=True)  # (..., G, 1)
+        return ((iou == gt_best) & (gt_best > 0)).any(dim=-2)
+
+    def match_boxes(self, gt_boxes: Tensor, anchors: Tensor, valid: Optional[Tensor] = None) -> tuple:
+        """Like `__call__` on box_iou(gt_boxes, anchors), without holding the whole IoU matrix when
+        it would exceed `chunk_elems` elements: IoU is computed for a few boxes (of every image) at a time.
+
+        gt_boxes (G, 4), or a padded batch (B, G, 4) with valid (B, G) bool; anchors (N, 4) ->
+        matched (N,) or (B, N) int64, labels (N,) or (B, N) int8.
+        """
+        g, n = gt_boxes.shape[-2], anchors.shape[0]
+        lead = gt_boxes.shape[:-2]  # () or (B,)
+        per_row = n * math.prod(lead)  # IoU values of one row of every image
+        if g * per_row <= self.chunk_elems or g == 0:
+            return self(box_iou(gt_boxes, anchors), valid)
+        rows = max(1, self.chunk_elems // per_row)
+        best = torch.full((*lead, n), -1.0, device=anchors.device)
+        matched = torch.zeros((*lead, n), dtype=torch.int64, device=anchors.device)
+        low_quality = torch.zeros((*lead, n), dtype=torch.bool, device=anchors.device)
         for start in range(0, g, rows):
-            iou = box_iou(gt_boxes[start:start + rows], anchors)  # (rows, N)
-            chunk_best, chunk_idx = iou.max(dim=0)
+            iou = box_iou(gt_boxes[..., start:start + rows, :], anchors)  # (..., rows, N)
+            if valid is not None:
+                iou = torch.where(valid[..., start:start + rows, None], iou, -1.0)
+            chunk_best, chunk_idx = iou.max(dim=-2)
             better = chunk_best > best  # strict: earlier boxes win ties, as argmax does
             best = torch.where(better, chunk_best, best)
             matched = torch.where(better, chunk_idx + start, matched)
-            gt_best.append(iou.max(dim=1).values)
+            if self.allow_low_quality:  # a row's best IoU is over all N anchors, all in this chunk
+                low_quality |= self._low_quality(iou)
         labels = self._labels(best)
         if self.allow_low_quality:
-            gt_best = torch.cat(gt_best)  # (G,)
-            low_quality = torch.zeros(n, dtype=torch.bool, device=anchors.device)
-            for start in range(0, g, rows):
-                iou = box_iou(gt_boxes[start:start + rows], anchors)
-                col = gt_best[start:start + rows, None]
-                low_quality |= ((iou == col) & (col > 0)).any(dim=0)
-            labels[low_quality] = FOREGROUND
+            labels = torch.where(low_quality, FOREGROUND, labels)
         return matched, labels
 
 
-def ignore_crowd(labels: Tensor, anchors: Tensor, crowd_boxes: Tensor, threshold: float) -> Tensor:
+def ignore_crowd(labels: Tensor, anchors: Tensor, crowd_boxes: Tensor, threshold: float,
+                 valid: Optional[Tensor] = None, chunk_elems: int = 1 << 24) -> Tensor:
     """Background anchors covered by a crowd box for >= `threshold` of their own area become ignored.
 
-    labels: (N,) in {-1, 0, 1}; anchors (N, 4); crowd_boxes (C, 4). Foreground anchors (matched to
-    a real box) stay foreground. Returns new labels.
+    labels: (N,) in {-1, 0, 1}; anchors (N, 4); crowd_boxes (C, 4). Or a padded batch: labels
+    (B, N), crowd_boxes (B, C, 4) with valid (B, C) bool (False: padding, or not a crowd box).
+    Foreground anchors (matched to a real box) stay foreground. Returns new labels. The IoA is
+    computed for a few crowd boxes at a time (at most about `chunk_elems` values), with no host
+    synchronization.
     """
-    if crowd_boxes.numel() == 0:
+    c, n = crowd_boxes.shape[-2], anchors.shape[0]
+    if c == 0:
         return labels
-    covered = box_ioa(anchors, crowd_boxes).amax(dim=1) >= threshold  # (N,)
+    rows = max(1, chunk_elems // (n * math.prod(crowd_boxes.shape[:-2])))
+    covered = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    for start in range(0, c, rows):
+        ioa = box_ioa(crowd_boxes[..., start:start + rows, :], anchors, over="b")  # (..., rows, N), of each anchor
+        if valid is not None:
+            ioa = torch.where(valid[..., start:start + rows, None], ioa, -1.0)
+        covered |= ioa.amax(dim=-2) >= threshold  # (..., N)
     return torch.where(covered & (labels == BACKGROUND), torch.full_like(labels, IGNORE), labels)
 
 
@@ -119,3 +145,33 @@ def split_crowd(target: dict, device=None) -> tuple:
         return boxes, labels, boxes[:0]
     crowd = torch.as_tensor(crowd, device=boxes.device).reshape(-1).bool()
     return boxes[~crowd], labels[~crowd], boxes[crowd]
+
+
+def pad_targets(targets: list, device=None) -> tuple:
+    """Per-image targets [{"boxes" (G_i, 4), "labels" (G_i,), optional "iscrowd" (G_i,)}] -> one padded batch:
+    boxes (B, G, 4) float32 xyxy, labels (B, G) int64, real (B, G) bool (a box that is not a crowd region),
+    crowd (B, G) bool (None when no target has "iscrowd", or, on the CPU, none is set), with
+    G = max(1, max G_i); padding rows are zero and in neither mask. Padded where the targets are (on
+    the CPU: host work only), then moved to `device` without waiting for it. Shapes come from the
+    tensors' sizes; values are read only from host memory (the crowd flags, on the CPU).
+    """
+    b = len(targets)
+    src = targets[0]["boxes"].device if b else torch.device("cpu")
+    g = max([1] + [t["boxes"].numel() // 4 for t in targets])
+    boxes = torch.zeros(b, g, 4, dtype=torch.float32, device=src)
+    labels = torch.zeros(b, g, dtype=torch.int64, device=src)
+    present = torch.zeros(b, g, dtype=torch.bool, device=src)
+    with_crowd = any("iscrowd" in t for t in targets)
+    if with_crowd and src.type == "cpu":  # host memory: whether any box is a crowd region is free to read
+        with_crowd = any(t["iscrowd"].numpy().any() for t in targets if "iscrowd" in t)
+    crowd = torch.zeros(b, g, dtype=torch.bool, device=src)
+    for i, t in enumerate(targets):
+        n = t["boxes"].numel() // 4
+        boxes[i, :n] = t["boxes"].reshape(-1, 4)
+        labels[i, :n] = t["labels"].reshape(-1)
+        present[i, :n] = True
+        if "iscrowd" in t:
+            crowd[i, :n] = t["iscrowd"].reshape(-1).bool()
+    if device is not None:
+        boxes, labels, present, crowd = (to_device(x, device) for x in (boxes, labels, present, crowd))
+    return boxes, labels, present & ~crowd, (present & crowd) if with_crowd else None
