@@ -19,6 +19,9 @@ Items (`--only`, default all, in this order):
                the real loader (uint8 pinned batches, resized on the GPU), bf16 channels_last: images/s
   loader       the training loader alone on the same files: images/s, GPU path (uint8) and float path
   syncs        host synchronizations per step of the engine (tiny model, 2 micro-batches per step)
+  frcnn        FPN Faster R-CNN against torchvision's fasterrcnn_resnet50_fpn with the same weights
+               (benchmarks/bench_faster_rcnn.py in a subprocess): inference at 800x1066 and a training
+               step of 2 images of 512 px, each configuration's ms and ratio; needs torchvision
 With `--device cpu` the sizes shrink (inference at 256 px, batch 2, training steps of 2 images of
 256 px, a few iterations) so that a 2-core machine finishes in minutes; the figures then only show
 that every item runs. Models have random weights in torchvision's R50-FPN layout (benchmarks/common.py).
@@ -53,7 +56,7 @@ from common import (ROOT, calibrated_model, compare_detections, cpu_model, load_
                     set_candidate_load, time_interleaved, torchvision_layout_config, torchvision_module,
                     torchvision_postprocess, torchvision_retinanet)
 
-ITEMS = ["tests", "inference", "batch", "postprocess", "train", "e2e", "loader", "syncs"]
+ITEMS = ["tests", "inference", "batch", "postprocess", "train", "e2e", "loader", "syncs", "frcnn"]
 
 
 @dataclass
@@ -404,8 +407,43 @@ def item_syncs(args, prof: Profile, shared: dict) -> list:
                 note)]
 
 
+def item_frcnn(args, prof: Profile, shared: dict) -> list:
+    """benchmarks/bench_faster_rcnn.py on this device: one row per timed configuration."""
+    cmd = [sys.executable, str(HERE / "bench_faster_rcnn.py"), "--device", args.device] + (
+        ["--quick"] if args.quick else [])
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        if "No module named 'torchvision'" in out:
+            return [Row("frcnn", "-", "skipped", "", "", "torchvision is not importable")]
+        print(out[-4000:], file=sys.stderr)
+        return [Row("frcnn", "-", "FAILED", "", "", f"exit code {proc.returncode}", failed=True)]
+    return parse_bench_rows("frcnn", out)
+
+
+def parse_bench_rows(item: str, text: str) -> list:
+    """Rows from a benchmark's report: a title line, then "  <configuration>  <ms> ms  <ratio>x" lines
+    (the first configuration the baseline); a "detections: ..." line becomes the note of the first row."""
+    import re
+
+    rows, title, note = [], "", ""
+    for line in text.splitlines():
+        timed = re.match(r"^\s{2}(\S.*?)\s+([\d.]+) ms\s+([\d.]+)x\s*$", line)
+        if timed:
+            name, ms, ratio = timed.groups()
+            rows.append(Row(item, f"{title}: {name}" if title else name, ms, "ms", f"{ratio}x"))
+        elif line.startswith("detections:"):
+            note = line
+        elif line.strip() and not line.startswith(" "):
+            title = line.split(",")[0].strip()
+    if rows and note:
+        rows[0].note = note[:200]
+    return rows or [Row(item, "-", "FAILED", "", "", "no timings in the output", failed=True)]
+
+
 RUNNERS = {"tests": item_tests, "inference": item_inference, "batch": item_batch, "postprocess": item_postprocess,
-           "train": item_train, "e2e": item_e2e, "loader": item_loader, "syncs": item_syncs}
+           "train": item_train, "e2e": item_e2e, "loader": item_loader, "syncs": item_syncs, "frcnn": item_frcnn}
 
 
 # ---------------------------------------------------------------------------------------------- main
