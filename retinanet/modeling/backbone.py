@@ -30,6 +30,8 @@ class FrozenBatchNorm2d(nn.Module):
       "fused": torch.addcmul, one pass over x with one rounding (a fused multiply-add);
       "torchvision": x * scale, then + shift, as torchvision's FrozenBatchNorm2d: two passes and two
         roundings, so a converted torchvision model computes its features to the bit.
+    folded: the conv before this layer applies it (`retinanet.optimize.fold_frozen_bn_for_training`);
+      forward then passes x through.
     """
 
     FORMULAS = ("fused", "torchvision")
@@ -40,6 +42,7 @@ class FrozenBatchNorm2d(nn.Module):
             raise ValueError(f"unknown FrozenBatchNorm2d formula '{formula}' (expected {' or '.join(self.FORMULAS)})")
         self.eps = eps
         self.formula = formula
+        self.folded = False
         self.register_buffer("weight", torch.ones(num_features))
         self.register_buffer("bias", torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
@@ -55,6 +58,8 @@ class FrozenBatchNorm2d(nn.Module):
         return scale, self.bias - self.running_mean * scale
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.folded:
+            return x
         scale, shift = self.scale_shift()
         scale, shift = scale.to(x.dtype).reshape(1, -1, 1, 1), shift.to(x.dtype).reshape(1, -1, 1, 1)
         if self.formula == "torchvision":
@@ -63,7 +68,8 @@ class FrozenBatchNorm2d(nn.Module):
         return torch.addcmul(shift, x, scale)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}" + (", formula=torchvision" if self.formula != "fused" else "")
+        return f"{self.weight.shape[0]}, eps={self.eps}" + (", formula=torchvision" if self.formula != "fused" else "") \
+            + (", folded" if self.folded else "")
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
