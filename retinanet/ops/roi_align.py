@@ -71,28 +71,34 @@ def _axis_taps(start: Tensor, bin_size: Tensor, grid: Tensor, num_bins: int, max
     return (first[..., None] + ks).clamp(max=length - 1), weight.sum(dim=2)
 
 
-class _SparseRows(torch.autograd.Function):
-    """out = A @ flat for the sparse A given by COO entries (row, col, value), sorted by (row, col) and
-    unique: flat (N, C) -> (M, C).
+class _SparseRoIAlign(torch.autograd.Function):
+    """out = A @ rows of the features, for the sparse A given by COO entries (row, col, value), sorted by
+    (row, col) and unique: features (B, C, H, W) as (B*H*W, C) channels-last rows -> (M, C).
 
     The backward is A^T @ grad_out, another sparse-dense product (its entries sorted by (col, row) with
-    a stable sort on col). Each output row is one thread's ordered sum: deterministic. torchvision's CPU
-    RoIAlign backward loops over RoIs, channels and samples one float at a time on one thread; this runs
-    vectorized over the C channels of each row, on every thread.
+    a stable sort on col), returned in the features' memory format (a gradient in another layout than
+    the rest of the network slows every op it reaches). Each output row is one thread's ordered sum:
+    deterministic. torchvision's CPU RoIAlign backward loops over RoIs, channels and samples one float
+    at a time on one thread; this runs vectorized over the C channels of each row, on every thread.
     """
 
     @staticmethod
-    def forward(ctx, flat: Tensor, rows: Tensor, cols: Tensor, values: Tensor, num_rows: int) -> Tensor:
+    def forward(ctx, features: Tensor, rows: Tensor, cols: Tensor, values: Tensor, num_rows: int) -> Tensor:
+        b, c, h, w = features.shape
+        flat = features.permute(0, 2, 3, 1).reshape(b * h * w, c)  # (B*H*W, C); free if channels_last
         ctx.save_for_backward(rows, cols, values)
-        ctx.num_rows, ctx.num_cols = num_rows, flat.shape[0]
+        ctx.num_rows, ctx.shape = num_rows, features.shape
+        ctx.channels_last = not features.is_contiguous() and features.is_contiguous(memory_format=torch.channels_last)
         return torch.sparse.mm(_coo(rows, cols, values.to(flat.dtype), (num_rows, flat.shape[0])), flat)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         rows, cols, values = ctx.saved_tensors
+        b, c, h, w = ctx.shape
         by_col = torch.argsort(cols, stable=True)  # rows stay increasing within a column
-        a_t = _coo(cols[by_col], rows[by_col], values[by_col].to(grad_out.dtype), (ctx.num_cols, ctx.num_rows))
-        return torch.sparse.mm(a_t, grad_out.contiguous()), None, None, None, None
+        a_t = _coo(cols[by_col], rows[by_col], values[by_col].to(grad_out.dtype), (b * h * w, ctx.num_rows))
+        grad = torch.sparse.mm(a_t, grad_out.contiguous()).view(b, h, w, c).permute(0, 3, 1, 2)  # channels_last
+        return (grad if ctx.channels_last else grad.contiguous()), None, None, None, None
 
 
 def _coo(rows: Tensor, cols: Tensor, values: Tensor, size: tuple) -> Tensor:
@@ -153,8 +159,7 @@ def roi_align(features: Tensor, rois: Tensor, output_size, spatial_scale: float 
     rows, cols, values, order = _roi_align_matrix(
         rois.to(features.dtype if features.is_floating_point() else torch.float32), (out_h, out_w), spatial_scale,
         sampling_ratio, aligned, (height, width))
-    flat = features.permute(0, 2, 3, 1).reshape(b * height * width, c)  # (B*H*W, C); free if channels_last
-    out = _SparseRows.apply(flat, rows, cols, values, r * out_h * out_w).view(r, out_h, out_w, c)  # RoIs in `order`
+    out = _SparseRoIAlign.apply(features, rows, cols, values, r * out_h * out_w).view(r, out_h, out_w, c)  # in `order`
     if not torch.equal(order, torch.arange(r, device=order.device)):
         out = out[torch.argsort(order)]
     return out.permute(0, 3, 1, 2).contiguous()  # (R, C, h, w)
