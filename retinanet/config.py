@@ -276,8 +276,8 @@ class TrainConfig:
     channels_last: bool = False  # NHWC memory layout (faster convolutions with oneDNN on CPU and tensor cores on GPU)
     # Each frozen_bn layer applied inside its conv, conv(x, W * scale) + shift, recomputed every step from the
     # unchanged weights (retinanet/optimize.py fold_frozen_bn_for_training): a pass over every backbone
-    # activation less, forward and backward; the same losses and gradients up to float rounding
-    fold_frozen_bn: bool = False
+    # activation less, forward and backward; the same losses and gradients up to float rounding (BENCHMARKS.md)
+    fold_frozen_bn: bool = True
     sync_bn: bool = False  # under DDP on GPUs, BatchNorm statistics over all processes (model.backbone_norm bn)
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
     seed: int = 0
