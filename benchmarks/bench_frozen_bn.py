@@ -1,6 +1,12 @@
-"""FrozenBatchNorm2d's two formulas (`model.frozen_bn_formula`): "fused" (torch.addcmul: one pass, one
-rounding) against "torchvision" (x * scale + shift: two passes, two roundings, torchvision's results to
-the bit), alone and inside an R50-FPN Faster R-CNN; interleaved rounds, medians.
+"""FrozenBatchNorm2d's y = x * scale + shift evaluated three ways, alone and inside an R50-FPN Faster
+R-CNN; interleaved rounds, medians:
+
+- "addcmul": torch.addcmul(shift, x, scale), one pass, one rounding (a fused multiply-add): what the
+  package used before 2026-11-27;
+- "mul+add": x * scale + shift, torchvision's FrozenBatchNorm2d: two passes, two roundings, two fresh
+  tensors;
+- "mul, add_": (x * scale).add_(shift), the package's now: torchvision's two roundings (its features
+  to the bit), one fresh tensor.
 
     python benchmarks/bench_frozen_bn.py [--rounds 5] [--threads 2] [--skip-model]
 
@@ -17,6 +23,7 @@ import argparse
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -29,11 +36,26 @@ from retinanet.modeling import build_model  # noqa: E402
 from retinanet.modeling.backbone import FrozenBatchNorm2d, ResNet  # noqa: E402
 from retinanet.optimize import to_channels_last  # noqa: E402
 
-FORMULAS = FrozenBatchNorm2d.FORMULAS  # ("fused", "torchvision")
+FORMULAS = {
+    "addcmul": lambda x, scale, shift: torch.addcmul(shift, x, scale),
+    "mul+add": lambda x, scale, shift: x * scale + shift,
+    "mul, add_": lambda x, scale, shift: (x * scale).add_(shift),
+}
+
+
+def use_formula(model: torch.nn.Module, name: str) -> None:
+    """Make every FrozenBatchNorm2d of `model` evaluate its affine map with FORMULAS[name]."""
+    def forward(self, x):
+        scale, shift = self.scale_shift()
+        return FORMULAS[name](x, scale.to(x.dtype).reshape(1, -1, 1, 1), shift.to(x.dtype).reshape(1, -1, 1, 1))
+
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.forward = types.MethodType(forward, m)
 
 
 def interleaved(fns: dict, rounds: int) -> dict:
-    """One untimed call of each, then `rounds` rounds A B A B ...: {name: median ms}."""
+    """One untimed call of each, then `rounds` rounds A B C A B C ...: {name: median ms}."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
@@ -43,6 +65,15 @@ def interleaved(fns: dict, rounds: int) -> dict:
             fn()
             times[name].append(1000 * (time.perf_counter() - start))
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def load() -> str:
+    return machine_report("cpu").splitlines()[1].split(": ")[1]
+
+
+def line(title: str, ms: dict, digits: int) -> str:
+    base = ms["addcmul"]
+    return f"  {title}: " + ", ".join(f"{name} {t:.{digits}f} (x{t / base:.3f})" for name, t in ms.items())
 
 
 def norm_shapes(batch: int, height: int, width: int) -> list:
@@ -57,38 +88,34 @@ def norm_shapes(batch: int, height: int, width: int) -> list:
 
 
 def bench_alone(rounds: int) -> None:
-    print("\n1. FrozenBatchNorm2d alone, the 53 norms of a ResNet-50 (median ms per pass over all 53)")
+    print("\n1. FrozenBatchNorm2d alone, the 53 norms of a ResNet-50 (median ms per pass over all 53; "
+          "x: time / addcmul's)")
     for title, shapes, train in (("training step, 2 x 512 x 512, forward + backward", norm_shapes(2, 512, 512), True),
                                  ("inference, 1 x 800 x 1088, forward", norm_shapes(1, 800, 1088), False)):
         for layout in (torch.contiguous_format, torch.channels_last):
             inputs = []
             for shape in shapes:
-                norm = FrozenBatchNorm2d(shape[1])
-                with torch.no_grad():
-                    norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.2, 0.2)
-                    norm.running_mean.uniform_(-0.2, 0.2), norm.running_var.uniform_(0.5, 2.0)
                 x = torch.randn(shape).contiguous(memory_format=layout).requires_grad_(train)
-                inputs.append((norm, x, torch.randn_like(x) if train else None))
+                scale, shift = torch.rand(1, shape[1], 1, 1) + 0.5, torch.rand(1, shape[1], 1, 1) - 0.5
+                inputs.append((x, scale, shift, torch.randn_like(x) if train else None))
 
             def run(formula):
                 def go():
                     with torch.set_grad_enabled(train):
-                        for norm, x, grad in inputs:
-                            norm.formula = formula
-                            y = norm(x)
+                        for x, scale, shift, grad in inputs:
+                            y = formula(x, scale, shift)
                             if train:
                                 torch.autograd.grad(y, x, grad)
                 return go
 
-            ms = interleaved({f: run(f) for f in FORMULAS}, rounds)
+            ms = interleaved({name: run(f) for name, f in FORMULAS.items()}, rounds)
             name = "channels_last" if layout == torch.channels_last else "NCHW"
-            print(f"  {title}, {name:13s}: fused {ms['fused']:7.1f}, torchvision {ms['torchvision']:7.1f} "
-                  f"(+{ms['torchvision'] - ms['fused']:.1f} ms, x{ms['torchvision'] / ms['fused']:.2f})   "
-                  f"load {machine_report('cpu').splitlines()[1].split(': ')[1]}")
+            print(line(f"{title}, {name:13s}", ms, 1) + f"   load {load()}")
 
 
 def bench_model(rounds: int) -> None:
-    print("\n2. R50-FPN Faster R-CNN (torchvision's layout, eps 0), plain: BatchNorm not folded (median ms)")
+    print("\n2. R50-FPN Faster R-CNN (torchvision's layout, eps 0), plain: BatchNorm not folded "
+          "(median ms; x: time / addcmul's)")
     torch.manual_seed(0)
     cfg = torchvision_faster_rcnn_config(bn_eps=0.0)
     reference = build_model(cfg)
@@ -100,9 +127,9 @@ def bench_model(rounds: int) -> None:
     models = {}
     for channels_last in (False, True):
         for formula in FORMULAS:
-            cfg.model.frozen_bn_formula = formula
             model = build_model(cfg)
             model.load_state_dict(reference.state_dict())
+            use_formula(model, formula)
             models[(formula, channels_last)] = to_channels_last(model) if channels_last else model
     image = torch.rand(3, 600, 800)  # resized to 800 x 1066
     images = [torch.rand(3, 512, 512), torch.rand(3, 512, 512)]
@@ -127,10 +154,9 @@ def bench_model(rounds: int) -> None:
     for title, make in (("inference, 800 x 1066", infer), ("training step, 2 x 512 x 512", step)):
         ms = interleaved({key: make(model) for key, model in models.items()}, rounds)
         for channels_last in (False, True):
-            fused, tv = ms[("fused", channels_last)], ms[("torchvision", channels_last)]
-            print(f"  {title}, {'channels_last' if channels_last else 'NCHW':13s}: fused {fused:7.0f}, "
-                  f"torchvision {tv:7.0f} (x{tv / fused:.3f})")
-        print(f"  load average after: {machine_report('cpu').splitlines()[1].split(': ')[1]}")
+            layout = "channels_last" if channels_last else "NCHW"
+            print(line(f"{title}, {layout:13s}", {f: ms[(f, channels_last)] for f in FORMULAS}, 0))
+        print(f"  load average after: {load()}")
 
 
 def main() -> int:

@@ -35,9 +35,6 @@ class ModelConfig:
     backbone_width: int = 64  # channels of the stem; 64 is the standard ResNet, smaller for tiny models
     backbone_norm: str = "frozen_bn"  # frozen_bn (pretrained) | bn | gn
     backbone_norm_eps: float = 1e-5  # BatchNorm eps; torchvision's COCO RetinaNet weights need 0.0
-    # How frozen_bn computes x * scale + shift: fused (one pass, one rounding) | torchvision (two passes, two
-    # roundings: torchvision's FrozenBatchNorm2d to the bit; set by `retinanet convert --from torchvision`)
-    frozen_bn_formula: str = "fused"
     frozen_stages: int = 2  # 0: none, 1: stem, 2: stem + layer1 (paper/Detectron default), ... 5: all
     backbone_weights: Optional[str] = None  # a torchvision ImageNet ResNet state dict file
     # FPN (sec. 4, "Feature Pyramid Network Backbone")
@@ -315,9 +312,6 @@ class Config:
             raise ConfigError(f"config key 'model.arch': unknown detector '{arch}'{_closest(str(arch), self.ARCHS)}; "
                               f"choose one of {', '.join(self.ARCHS)}")
         self._validate_segprop()
-        if self.model.frozen_bn_formula not in ("fused", "torchvision"):
-            raise ConfigError(f"config key 'model.frozen_bn_formula' must be 'fused' or 'torchvision', got "
-                              f"'{self.model.frozen_bn_formula}'")
         if arch == "faster_rcnn":
             default = LossConfig()
             why = {"cls": "Fast R-CNN trains its classifier with softmax cross entropy over K + 1 classes and the "

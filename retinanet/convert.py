@@ -106,8 +106,6 @@ def torchvision_retinanet_config(num_classes: int = 91, bn_eps: Optional[float] 
     m = cfg.model
     m.num_classes = num_classes
     m.backbone, m.backbone_width, m.backbone_norm, m.backbone_norm_eps = "resnet50", 64, "frozen_bn", bn_eps
-    if not v2:
-        m.frozen_bn_formula = "torchvision"  # its FrozenBatchNorm2d's x * scale + shift, to the bit
     m.frozen_stages = 2  # trainable_backbone_layers=3: conv1 and layer1 frozen
     m.min_level, m.max_level, m.fpn_channels, m.p6_from = 3, 7, 256, "p5"  # LastLevelP6P7(256, 256): P6 from P5
     m.anchor_sizes = [32.0, 64.0, 128.0, 256.0, 512.0]  # x, int(x * 2^(1/3)), int(x * 2^(2/3))
@@ -142,7 +140,6 @@ def torchvision_faster_rcnn_config(num_classes: int = 91, bn_eps: float = 0.0):
     m = cfg.model
     m.arch, m.num_classes = "faster_rcnn", num_classes - 1
     m.backbone, m.backbone_width, m.backbone_norm, m.backbone_norm_eps = "resnet50", 64, "frozen_bn", bn_eps
-    m.frozen_bn_formula = "torchvision"  # its FrozenBatchNorm2d's x * scale + shift, to the bit
     m.frozen_stages = 2  # trainable_backbone_layers=3: conv1 and layer1 frozen
     m.min_level, m.max_level, m.fpn_channels, m.p6_from = 2, 6, 256, "pool"  # LastLevelMaxPool: P6 from P5
     m.anchor_sizes = [32.0, 64.0, 128.0, 256.0, 512.0]  # ((32,), (64,), ...), aspect ratios (0.5, 1, 2) per level

@@ -34,8 +34,8 @@ def test_frozen_bn_equals_batchnorm_in_eval():
     assert torch.allclose(frozen(x), bn(x), atol=1e-6)
 
 
-def _random_frozen_bn(channels: int, formula: str = "fused") -> FrozenBatchNorm2d:
-    bn = FrozenBatchNorm2d(channels, eps=0.0, formula=formula)
+def _random_frozen_bn(channels: int) -> FrozenBatchNorm2d:
+    bn = FrozenBatchNorm2d(channels, eps=0.0)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5, generator=g), bn.bias.uniform_(-0.2, 0.2, generator=g)
@@ -44,44 +44,23 @@ def _random_frozen_bn(channels: int, formula: str = "fused") -> FrozenBatchNorm2
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_frozen_bn_formulas(layout):
+def test_frozen_bn_rounds_as_torchvision_twice(layout):
     bn = _random_frozen_bn(64)
     x = (50 * torch.randn(2, 64, 9, 11, generator=torch.Generator().manual_seed(1))).contiguous(memory_format=layout)
     scale, shift = (t.reshape(1, -1, 1, 1) for t in bn.scale_shift())
-    fused = bn(x)
-    assert torch.equal(fused, torch.addcmul(shift, x, scale)) and fused.is_contiguous(memory_format=layout)
-    bn.formula = "torchvision"
-    separate = bn(x)
-    assert torch.equal(separate, x * scale + shift)  # two roundings, torchvision's FrozenBatchNorm2d
+    y = bn(x)
+    assert torch.equal(y, x * scale + shift) and y.is_contiguous(memory_format=layout)
     exact = x.double() * scale.double() + shift.double()
-    bound = 2.0 ** -23 * (x.double() * scale.double()).abs() + 2.0 ** -24 * exact.abs()  # at most 2 roundings
-    assert ((fused - exact).abs() <= bound).all() and ((separate - exact).abs() <= bound).all()
-    with pytest.raises(ValueError, match="formula"):
-        FrozenBatchNorm2d(4, formula="fma")
+    assert ((y - exact).abs() <= 2.0 ** -23 * (x.double() * scale.double()).abs() + 2.0 ** -24 * exact.abs()).all()
 
 
-def test_frozen_bn_formula_reaches_every_norm_from_the_config():
-    from retinanet.config import ConfigError, load_config
-    from retinanet.modeling import build_model
-
-    from conftest import tiny_config
-
-    model = build_model(tiny_config(backbone_norm="frozen_bn", frozen_bn_formula="torchvision"))
-    formulas = [m.formula for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
-    assert formulas == ["torchvision"] * 20
-    with pytest.raises(ConfigError, match="frozen_bn_formula"):
-        load_config(overrides=["model.frozen_bn_formula=tv"])
-
-
-def test_frozen_bn_torchvision_formula_is_torchvision_to_the_bit():
+def test_frozen_bn_is_torchvisions_to_the_bit():
     ops = pytest.importorskip("torchvision.ops")
-    ours = _random_frozen_bn(64, formula="torchvision")
+    ours = _random_frozen_bn(64)
     theirs = ops.FrozenBatchNorm2d(64, eps=0.0)
     theirs.load_state_dict(ours.state_dict())
     x = 50 * torch.randn(2, 64, 9, 11, generator=torch.Generator().manual_seed(1))
     assert torch.equal(ours(x), theirs(x))
-    ours.formula = "fused"
-    assert not torch.equal(ours(x), theirs(x))  # addcmul's fused multiply-add rounds once: last bits move
 
 
 def test_frozen_stages_have_no_gradients_and_bn_stays_in_eval():

@@ -154,7 +154,6 @@ def test_config_matches_torchvision_conventions():
     assert (m.score_thresh, m.topk_candidates, m.nms_thresh, m.detections_per_image) == (0.05, 1000, 0.5, 300)
     assert (m.min_size, m.max_size, m.size_divisibility, m.backbone_norm_eps) == (800, 1333, 32, 0.0)
     assert m.box_clamp == math.log(1000.0 / 16) and m.box_weights == [1.0, 1.0, 1.0, 1.0]
-    assert m.frozen_bn_formula == "torchvision"  # its FrozenBatchNorm2d's two roundings: the same features to the bit
 
 
 def test_coco_categories():

@@ -35,7 +35,6 @@ def test_config_follows_torchvision(frcnn):
                                                                                           [10.0, 10.0, 5.0, 5.0])
     assert (m.score_thresh, m.nms_thresh, m.detections_per_image, m.resize_rounding) == (0.05, 0.5, 100, "floor")
     assert m.box_clamp == math.log(1000.0 / 16) and m.backbone_norm_eps == 0.0
-    assert m.frozen_bn_formula == "torchvision"  # its FrozenBatchNorm2d's two roundings: the same features to the bit
 
 
 def test_torchvision_names_and_shapes(frcnn):

@@ -18,7 +18,7 @@ def build_model(config: Config) -> Detector:
     config.loss.validate()
     m = config.model
     backbone = ResNet(m.backbone, width=m.backbone_width, norm=m.backbone_norm, frozen_stages=m.frozen_stages,
-                      norm_eps=m.backbone_norm_eps, frozen_bn_formula=m.frozen_bn_formula)
+                      norm_eps=m.backbone_norm_eps)
     if m.backbone_weights:
         from ..convert import load_backbone_weights
 
