@@ -20,7 +20,6 @@ R-CNN; interleaved rounds, medians:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 import types
@@ -30,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_report  # noqa: E402  (puts the repository on sys.path)
+from common import machine_report, median_ms, time_interleaved  # noqa: E402  (puts the repository on sys.path)
 from retinanet.convert import torchvision_faster_rcnn_config  # noqa: E402
 from retinanet.modeling import build_model  # noqa: E402
 from retinanet.modeling.backbone import FrozenBatchNorm2d, ResNet  # noqa: E402
@@ -56,15 +55,7 @@ def use_formula(model: torch.nn.Module, name: str) -> None:
 
 def interleaved(fns: dict, rounds: int) -> dict:
     """One untimed call of each, then `rounds` rounds A B C A B C ...: {name: median ms}."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(1000 * (time.perf_counter() - start))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: median_ms(t) for name, t in time_interleaved(fns, repeats=rounds).items()}
 
 
 def load() -> str:
