@@ -6,7 +6,10 @@ Needs torchvision (the environment of BENCHMARKS.md "Side by side with torchvisi
     PYTHONPATH=$PWD /work/tvenv/bin/python benchmarks/bench_faster_rcnn.py [--quick] [--device cuda]
 
 The weights are random (torchvision's COCO-weights layout: FrozenBatchNorm2d, eps 0), converted with
-retinanet.convert; the detections of both are compared before anything is timed.
+retinanet.convert; the detections of both are compared before anything is timed. The training step is
+timed for our model plain (RoIAlign: ours in training), with torchvision's RoIAlign kernel, with
+FrozenBatchNorm2d folded into the convs (train.fold_frozen_bn) and folded + channels_last;
+`--profile ROWS` profiles it instead (torch.profiler, by op).
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import machine_report  # noqa: E402
 from retinanet.convert import from_torchvision_state_dict, torchvision_faster_rcnn_config  # noqa: E402
 from retinanet.modeling import build_model  # noqa: E402
-from retinanet.optimize import optimize_for_inference, to_channels_last  # noqa: E402
+from retinanet.optimize import fold_frozen_bn_for_training, optimize_for_inference, to_channels_last  # noqa: E402
 
 
 def torchvision_model():
@@ -78,6 +83,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="2 rounds instead of 5")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="instead of timing the training step, profile it (torch.profiler, ROWS costliest ops)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -90,6 +97,7 @@ def main() -> int:
     ours = ours.to(device).eval()
     fast = optimize_for_inference(_copy(ours, cfg, device))
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, {repeats} rounds")
+    print(machine_report(args.device))
 
     image = torch.rand(3, 600, 800, device=device)  # resized to 800 x 1066 by both
     with torch.no_grad():
@@ -99,10 +107,11 @@ def main() -> int:
           f"{'identical' if same else 'DIFFER'}" + (f", max |box diff| {(a['boxes'] - b['boxes']).abs().max():.2e} px"
                                                   if same else "") + f"; fast path {len(c['labels'])}")
     with torch.no_grad():
-        report("inference, one 600 x 800 image (800 x 1066 after resizing), end to end",
-               rounds({"torchvision fasterrcnn_resnet50_fpn": lambda: tv([image]),
-                       "ours, plain": lambda: ours([image]),
-                       "ours, fast (folded BN, channels_last)": lambda: fast([image])}, repeats, device))
+        if not args.profile:
+            report("inference, one 600 x 800 image (800 x 1066 after resizing), end to end",
+                   rounds({"torchvision fasterrcnn_resnet50_fpn": lambda: tv([image]),
+                           "ours, plain": lambda: ours([image]),
+                           "ours, fast (folded BN, channels_last)": lambda: fast([image])}, repeats, device))
 
     images = [torch.rand(3, 512, 512, device=device), torch.rand(3, 512, 512, device=device)]
     targets = [{"boxes": torch.tensor([[20.0, 30.0, 200.0, 260.0], [300.0, 100.0, 480.0, 400.0]], device=device),
@@ -118,12 +127,35 @@ def main() -> int:
         sum(losses.values()).backward()
         model.zero_grad(set_to_none=True)
 
-    nhwc = to_channels_last(_copy(ours, cfg, device)).train()
-    report("training step, 2 images of 512 x 512 (forward + backward)",
-           rounds({"torchvision fasterrcnn_resnet50_fpn": lambda: step(tv, targets),
-                   "ours": lambda: step(ours, ours_targets),
-                   "ours, channels_last (train.channels_last)": lambda: step(nhwc, ours_targets)}, repeats, device))
+    tv_pooler = _copy(ours, cfg, device).train()
+    tv_pooler.roi_heads.pool_backend = "torchvision"  # torchvision's RoIAlign forward and backward kernels
+    folded = _copy(ours, cfg, device).train()
+    fold_frozen_bn_for_training(folded)
+    folded_nhwc = to_channels_last(_copy(ours, cfg, device)).train()
+    fold_frozen_bn_for_training(folded_nhwc)
+    steps = {"torchvision fasterrcnn_resnet50_fpn": lambda: step(tv, targets),
+             "ours, torchvision's RoIAlign kernel": lambda: step(tv_pooler, ours_targets),
+             "ours, plain": lambda: step(ours, ours_targets),
+             "ours, folded BN (train.fold_frozen_bn)": lambda: step(folded, ours_targets),
+             "ours, folded BN + channels_last": lambda: step(folded_nhwc, ours_targets)}
+    if args.profile:
+        profile_steps(steps, args.profile)
+        return 0
+    report("training step, 2 images of 512 x 512 (forward + backward)", rounds(steps, repeats, device))
     return 0
+
+
+def profile_steps(steps: dict, rows: int) -> None:
+    """torch.profiler of two steps of torchvision's model and of our fastest: the costliest ops (self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for name in ("torchvision fasterrcnn_resnet50_fpn", "ours, folded BN + channels_last"):
+        steps[name]()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(2):
+                steps[name]()
+        print(f"\nprofile, 2 training steps: {name}")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
 def _copy(model, cfg, device):

@@ -1,4 +1,5 @@
 """Training step time and peak memory: batch 2, 512x512, SGD, same weights for every configuration.
+"folded": FrozenBatchNorm2d applied inside its conv (train.fold_frozen_bn).
 
 Step times are measured with every configuration in one process, steps interleaved A B C A B C
 (a load change on the shared machine hits all alike); peak memory is measured with each
@@ -29,7 +30,7 @@ from common import (
     torchvision_module,
     torchvision_retinanet,
 )
-from retinanet.optimize import compile_network  # noqa: E402  (common puts the repository on sys.path)
+from retinanet.optimize import compile_network, fold_frozen_bn_for_training  # noqa: E402  (common puts the repository on sys.path)
 
 BATCH, SIZE = 2, 512
 
@@ -40,8 +41,8 @@ def configurations(dtypes: list, compile: bool = False) -> list:
     if torchvision_module() is not None:
         names.append("torchvision fp32")
         names += [f"torchvision {d} channels_last" for d in dtypes if d != "fp32"]
-    names += ["ours fp32", "ours fp32 channels_last"]
-    names += [f"ours {d} channels_last" for d in dtypes if d != "fp32"]
+    names += ["ours fp32", "ours fp32 folded", "ours fp32 channels_last", "ours fp32 channels_last folded"]
+    names += [f"ours {d} channels_last{suffix}" for d in dtypes if d != "fp32" for suffix in ("", " folded")]
     if compile:
         names += [f"ours {d} channels_last compiled" for d in dtypes]
     return names
@@ -74,6 +75,8 @@ def make_step(name: str, state: dict, device: str, *, count: int = BATCH, size: 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name.split()[1])
     if "channels_last" in name:
         model = model.to(memory_format=torch.channels_last)
+    if "folded" in name:  # train.fold_frozen_bn
+        fold_frozen_bn_for_training(model)
     if name.endswith("compiled") and not compile_network(model, freezing=False):
         raise RuntimeError("torch.compile does not work here")
     params = [p for p in model.parameters() if p.requires_grad]

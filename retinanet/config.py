@@ -271,6 +271,10 @@ class TrainConfig:
     accumulate: int = 1  # micro-batches per optimizer step; data.batch_size counts the images of all of them
     amp: str = "none"  # none | bf16 (autocast, CPU or GPU) | fp16 (autocast and a gradient scaler, GPU only)
     channels_last: bool = False  # NHWC memory layout (faster convolutions with oneDNN on CPU and tensor cores on GPU)
+    # Each frozen_bn layer applied inside its conv, conv(x, W * scale) + shift, recomputed every step from the
+    # unchanged weights (retinanet/optimize.py fold_frozen_bn_for_training): a pass over every backbone
+    # activation less, forward and backward; the same losses and gradients up to float rounding (BENCHMARKS.md)
+    fold_frozen_bn: bool = True
     sync_bn: bool = False  # under DDP on GPUs, BatchNorm statistics over all processes (model.backbone_norm bn)
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
     seed: int = 0

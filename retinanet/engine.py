@@ -38,7 +38,7 @@ from .checkpoint import (checkpoint_name, latest_good_checkpoint, list_checkpoin
 from .config import Config, config_to_dict, save_config
 from .ema import ModelEMA
 from .modeling import build_model
-from .optimize import to_channels_last
+from .optimize import fold_frozen_bn_for_training, to_channels_last
 
 RUN_FILES = ("config.yaml", "metrics.jsonl")  # a folder holding these (or checkpoints) holds a run
 
@@ -427,6 +427,8 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
         model.to(env.device)
         if t.channels_last:
             to_channels_last(model, log=log)
+        if t.fold_frozen_bn:
+            fold_frozen_bn_for_training(model)
         if t.sync_bn and env.distributed:
             if env.device.type != "cuda":
                 raise ValueError("train.sync_bn needs GPUs (nccl); use model.backbone_norm gn or frozen_bn on CPU")

@@ -1,4 +1,4 @@
-"""Make a trained RetinaNet cheaper to run, without changing what it detects.
+"""Make a RetinaNet cheaper to run, without changing what it detects.
 
 - `fold_batchnorm`: a frozen (or eval-mode) BatchNorm after a conv is a per-channel affine map
   y = scale * x + shift, so it can live in the conv instead: W' = scale * W, b' = scale * b + shift.
@@ -9,6 +9,8 @@
 - `autocast`: bfloat16 convolutions (AVX-512 BF16 or AMX on recent Xeons, tensor cores on GPUs).
   Post-processing still decodes boxes in float32 (`boxes.decode`), so reduced precision only moves
   the network's outputs, never the box arithmetic.
+- `fold_frozen_bn_for_training`: the same fold for training, recomputed at every forward from the
+  unchanged weights, so the conv weights stay the trained parameters and checkpoints keep their keys.
 
 Example:
     >>> model = optimize_for_inference(build_model(cfg).eval())
@@ -69,6 +71,7 @@ def fold_batchnorm(model: nn.Module) -> int:
     Exact up to float rounding (computed in float64). Only for inference with fixed statistics:
     a FrozenBatchNorm2d anywhere, an nn.BatchNorm2d only in eval mode. Returns how many were folded.
     """
+    unfold_frozen_bn(model)
     pairs = conv_norm_pairs(model)
     for parent, conv_name, norm_name in pairs:
         conv, norm = getattr(parent, conv_name), getattr(parent, norm_name)
@@ -80,6 +83,56 @@ def fold_batchnorm(model: nn.Module) -> int:
         conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=conv.weight.requires_grad)
         setattr(parent, norm_name, nn.Identity())
     return len(pairs)
+
+
+class ConvFrozenBatchNorm2d(nn.Conv2d):
+    """A conv that also applies the FrozenBatchNorm2d after it: conv(x, W * scale) + shift, one pass.
+
+    What `fold_frozen_bn_for_training` turns a conv into. W stays the parameter: the folded weight is
+    recomputed at every forward (a weight-sized product, against a pass over the activation forward
+    and backward that the norm would take), and gradients reach W through it. The norm keeps its
+    place and buffers (`norm.folded` makes it pass x through), so the state dict is unchanged.
+    """
+
+    frozen_norm: FrozenBatchNorm2d  # set by fold_frozen_bn_for_training; not a child module, so no new keys
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.frozen_norm.scale_shift()  # (C_out,), (C_out,)
+        weight = self.weight * scale.to(self.weight.dtype).reshape(-1, 1, 1, 1)  # keeps the weight's strides
+        bias = shift if self.bias is None else self.bias * scale + shift
+        return self._conv_forward(x, weight, bias.to(self.weight.dtype))
+
+
+def fold_frozen_bn_for_training(model: nn.Module) -> int:
+    """Make every conv followed by a FrozenBatchNorm2d apply that norm itself, in place
+    (`ConvFrozenBatchNorm2d`). Returns how many pairs were folded.
+
+    The same function as before up to float rounding, in training and in eval mode, with autocast,
+    channels_last (`to_channels_last`, before or after) and DDP; one pass over every backbone activation
+    less, forward and backward. `unfold_frozen_bn` undoes it; state dicts load into either form.
+    """
+    count = 0
+    for parent, conv_name, norm_name in conv_norm_pairs(model):
+        conv, norm = getattr(parent, conv_name), getattr(parent, norm_name)
+        if not isinstance(norm, FrozenBatchNorm2d) or norm.folded or type(conv) is not nn.Conv2d:
+            continue
+        conv.__class__ = ConvFrozenBatchNorm2d
+        object.__setattr__(conv, "frozen_norm", norm)  # a plain attribute: the norm stays a child of `parent` only
+        norm.folded = True
+        count += 1
+    return count
+
+
+def unfold_frozen_bn(model: nn.Module) -> int:
+    """Undo `fold_frozen_bn_for_training` in place: plain convs, norms that apply themselves. -> pairs undone."""
+    count = 0
+    for conv in model.modules():
+        if isinstance(conv, ConvFrozenBatchNorm2d):
+            conv.frozen_norm.folded = False
+            del conv.frozen_norm
+            conv.__class__ = nn.Conv2d
+            count += 1
+    return count
 
 
 def onednn_unsafe_channels_last(conv: nn.Module) -> bool:

@@ -34,6 +34,35 @@ def test_frozen_bn_equals_batchnorm_in_eval():
     assert torch.allclose(frozen(x), bn(x), atol=1e-6)
 
 
+def _random_frozen_bn(channels: int) -> FrozenBatchNorm2d:
+    bn = FrozenBatchNorm2d(channels, eps=0.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=g), bn.bias.uniform_(-0.2, 0.2, generator=g)
+        bn.running_mean.uniform_(-0.2, 0.2, generator=g), bn.running_var.uniform_(0.5, 2.0, generator=g)
+    return bn
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_frozen_bn_rounds_as_torchvision_twice(layout):
+    bn = _random_frozen_bn(64)
+    x = (50 * torch.randn(2, 64, 9, 11, generator=torch.Generator().manual_seed(1))).contiguous(memory_format=layout)
+    scale, shift = (t.reshape(1, -1, 1, 1) for t in bn.scale_shift())
+    y = bn(x)
+    assert torch.equal(y, x * scale + shift) and y.is_contiguous(memory_format=layout)
+    exact = x.double() * scale.double() + shift.double()
+    assert ((y - exact).abs() <= 2.0 ** -23 * (x.double() * scale.double()).abs() + 2.0 ** -24 * exact.abs()).all()
+
+
+def test_frozen_bn_is_torchvisions_to_the_bit():
+    ops = pytest.importorskip("torchvision.ops")
+    ours = _random_frozen_bn(64)
+    theirs = ops.FrozenBatchNorm2d(64, eps=0.0)
+    theirs.load_state_dict(ours.state_dict())
+    x = 50 * torch.randn(2, 64, 9, 11, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(ours(x), theirs(x))
+
+
 def test_frozen_stages_have_no_gradients_and_bn_stays_in_eval():
     net = ResNet("resnet18", width=8, norm="bn", frozen_stages=2).train()
     assert not any(p.requires_grad for p in net.conv1.parameters())

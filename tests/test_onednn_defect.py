@@ -37,6 +37,11 @@ SCRIPT = textwrap.dedent("""
     images = [torch.rand(3, 96, 96) for _ in range(2)]
     targets = [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 50.0]]), "labels": torch.tensor([1])}] * 2
     train_steps(model, images, targets, steps=3)
+    if sys.argv[1] == "package":  # and with FrozenBatchNorm2d folded into the convs (train.fold_frozen_bn)
+        from retinanet.optimize import fold_frozen_bn_for_training
+        model = convert(build_model(tiny_config(backbone_norm="frozen_bn")).train())
+        assert fold_frozen_bn_for_training(model) == 20
+        train_steps(model, images, targets, steps=3)
     print("done")
 """)
 

@@ -128,6 +128,49 @@ def test_torchvision_backend_is_torchvision_kernel():
     assert torch.equal(roi_align(feat, rois, 7, 1 / 32, 2, backend="torchvision"), tv_roi_align(feat, rois, 7, 1 / 32, 2))
 
 
+@needs_tv
+def test_auto_backend_is_torchvision_in_inference_and_ours_in_cpu_training():
+    g = torch.Generator().manual_seed(9)
+    feat = torch.randn(2, 16, 25, 34, generator=g)
+    rois = pyramid_rois(200, 10)
+    with torch.no_grad():
+        assert torch.equal(roi_align(feat.requires_grad_(), rois, 7, 1 / 32, 2), tv_roi_align(feat, rois, 7, 1 / 32, 2))
+    ours = roi_align(feat, rois, 7, 1 / 32, 2)  # the features need a gradient: our sparse kernel
+    assert torch.equal(ours, roi_align(feat, rois, 7, 1 / 32, 2, backend="native"))
+    assert not torch.equal(ours, tv_roi_align(feat, rois, 7, 1 / 32, 2))  # another summation order...
+    assert torch.allclose(ours, tv_roi_align(feat, rois, 7, 1 / 32, 2), rtol=0, atol=1e-6)  # ...the same values
+
+
+@pytest.mark.parametrize("sampling_ratio", [2, 0])
+def test_roi_align_matrix_entries_are_sorted_and_unique(sampling_ratio):
+    """The sparse matrix is declared coalesced without a sort: (row, col) must strictly increase."""
+    from retinanet.ops.roi_align import _roi_align_matrix
+
+    rois = pyramid_rois(500, 2, image=(200, 272))  # long thin RoIs read a bin's rows in two taps per sample
+    rows, cols, values, order = _roi_align_matrix(rois, (7, 7), 0.25, sampling_ratio, False, (50, 68))
+    key = rows * (2 * 50 * 68) + cols
+    assert bool((key[1:] > key[:-1]).all()) and bool((values != 0).all())
+    assert torch.equal(order.sort().values, torch.arange(500))
+    # a RoI's bilinear weights sum to 1 per bin where all samples fall inside the map
+    inside = (rois[:, 1] >= 0) & (rois[:, 2] >= 0) & (rois[:, 3] <= 271) & (rois[:, 4] <= 199)
+    per_bin = torch.zeros(500 * 49).index_add_(0, rows, values).view(500, 49)[torch.argsort(order)]
+    assert inside.sum() > 50 and torch.allclose(per_bin[inside], torch.ones(1), atol=1e-5)
+
+
+def test_roi_align_gradient_is_deterministic_and_layout_free():
+    g = torch.Generator().manual_seed(4)
+    feat = torch.randn(2, 16, 25, 34, generator=g)
+    rois = pyramid_rois(300, 4)
+    grad_out = torch.randn(300, 16, 7, 7, generator=g)
+    grads = []
+    for layout in (torch.contiguous_format, torch.contiguous_format, torch.channels_last):
+        x = feat.clone(memory_format=layout).requires_grad_()
+        (roi_align(x, rois, 7, 1 / 32, 2, backend="native") * grad_out).sum().backward()
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+    assert grads[0].abs().sum() > 0
+
+
 def test_backend_names():
     with pytest.raises(ValueError, match="backend"):
         roi_align(ramp(), torch.zeros(1, 5), 1, backend="cuda")
