@@ -180,6 +180,27 @@ def test_demo_end_to_end_on_a_tiny_dataset(tmp_path, monkeypatch, capsys):
     assert "already holds a training run" in capsys.readouterr().err
 
 
+def test_demo_of_the_two_stage_detector(tmp_path, monkeypatch, capsys):
+    from retinanet.checkpoint import load_model
+    from retinanet.commands import demo
+    from retinanet.modeling.faster_rcnn import FasterRCNN
+
+    monkeypatch.setattr(demo, "NUM_TRAIN", 8)
+    monkeypatch.setattr(demo, "NUM_VAL", 4)
+    monkeypatch.setattr(demo, "IMAGE_SIZE", 64)
+    out = tmp_path / "demo"
+    tiny = ["backbone_width=8", "fpn_channels=16", "roi_head_dim=32", "min_size=64", "max_size=64", "batch_size=4",
+            "iterations=2", "warmup_iters=1", "lr_steps=[1]", "eval_every=2", "checkpoint_every=2", "threads=1"]
+    assert main(["demo", "--config", "faster_rcnn_shapes", *tiny, "--output", str(out), "--data-dir",
+                 str(tmp_path / "shapes"), "--no-progress", "--device", "cpu"]) == 0
+    assert "FPN Faster R-CNN demo: 2 iterations on cpu" in capsys.readouterr().out
+    assert isinstance(load_model(str(out / "final.pt"))[0], FasterRCNN)
+    assert 0.0 <= json.loads((out / "demo_metrics.json").read_text())["AP"] <= 1.0
+    assert main(["demo", "--config", "nope", "--output", str(tmp_path / "x")]) != 0
+    assert "--config nope: neither a shipped config (demo, faster_rcnn_paper, faster_rcnn_shapes" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_demo_trains_on_the_gpu_when_there_is_one_unless_told_cpu(monkeypatch):
     import torch
 

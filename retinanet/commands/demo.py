@@ -1,9 +1,12 @@
 """`retinanet demo`: generate the shapes dataset, train a small RetinaNet (on the GPU if there is one), evaluate it.
 
+`--config faster_rcnn_shapes` does the same with the FPN Faster R-CNN matched to it (any shipped
+config name, retinanet/configs/<name>.yaml, or a YAML file).
+
 Writes into --output (a new folder): everything `retinanet train` writes (checkpoints, config.yaml,
 metrics.jsonl, loss_curve.png), detections.png (detections on validation images, ground truth in
 thin white lines) and demo_metrics.json (COCO metrics on the held-out split, timings, the device).
-The model and schedule are retinanet/configs/demo.yaml; key=value overrides apply on top.
+The model and schedule are retinanet/configs/demo.yaml (or --config); key=value overrides apply on top.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ MAX_MINUTES = 7.0  # of training by default, so that the whole demo stays under 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="train and evaluate a small RetinaNet on generated shapes (GPU or CPU, minutes)",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="changes to retinanet/configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="changes to the config")
+    p.add_argument("--config", default="demo", metavar="NAME|FILE",
+                   help="a shipped config (retinanet/configs/NAME.yaml: demo (default, RetinaNet), "
+                        "faster_rcnn_shapes (FPN Faster R-CNN)) or a YAML file")
     p.add_argument("--output", metavar="DIR",
                    help="a new folder for the results (default: the first of demo, demo-2, ... that does not exist)")
     p.add_argument("--minutes", type=float,
@@ -190,6 +196,18 @@ def time_to_ap50(metrics_path: Path, target: float) -> dict:
     return {}
 
 
+def demo_config(name: str) -> Path:
+    """A shipped config's file (retinanet/configs/<name>.yaml) or the YAML file `name`."""
+    shipped = DEMO_CONFIG.parent / f"{name}.yaml"
+    if shipped.is_file() and os.sep not in name:
+        return shipped
+    path = Path(name)
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in DEMO_CONFIG.parent.glob("*.yaml")))
+        raise FileNotFoundError(f"--config {name}: neither a shipped config ({names}) nor a file")
+    return path
+
+
 def run(args) -> int:
     from ..atomic import atomic_write
     from ..checkpoint import load_model
@@ -200,6 +218,7 @@ def run(args) -> int:
     from ..engine import check_output_dir, train
 
     started = time.perf_counter()
+    config_file = demo_config(args.config)
     output = Path(args.output) if args.output else _default_output()
     check_output_dir(output, resuming=False)
     device = choose_device(args.device)
@@ -210,7 +229,7 @@ def run(args) -> int:
     paths = make_shapes_dataset(args.data_dir, num_train=NUM_TRAIN, num_val=NUM_VAL, image_size=IMAGE_SIZE,
                                 seed=DATA_SEED)
     print(f"  in {paths.root} ({time.perf_counter() - started:.0f} s)")
-    cfg = load_config(str(DEMO_CONFIG), [f"data.train_json={paths.train_json}", f"data.train_images={paths.train_images}",
+    cfg = load_config(str(config_file), [f"data.train_json={paths.train_json}", f"data.train_images={paths.train_images}",
                                          f"data.val_json={paths.val_json}", f"data.val_images={paths.val_images}",
                                          *args.overrides])
     cfg.train.device = str(device)
@@ -251,7 +270,8 @@ def run(args) -> int:
     with atomic_write(output / "demo_metrics.json", "w") as f:
         json.dump(report, f, indent=2)
     print()
-    print(f"RetinaNet demo: {cfg.train.iterations} iterations on {describe_device(device)}, "
+    name = {"retinanet": "RetinaNet", "faster_rcnn": "FPN Faster R-CNN"}.get(cfg.model.arch, cfg.model.arch)
+    print(f"{name} demo: {cfg.train.iterations} iterations on {describe_device(device)}, "
           f"{summary['seconds'] / 60:.1f} min training, {total / 60:.1f} min in all")
     print(f"  held-out COCO AP {metrics['AP']:.3f}   AP50 {metrics['AP50']:.3f}   AP75 {metrics['AP75']:.3f}")
     if reached:
