@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .backbone import FPN, ResNet
 from ..ops.poolers import as_rois
-from .detector import Detector, ImageBatch
+from .detector import Detector, ImageBatch, check_targets
 from .roi_heads import RoIHeads
 from .rpn import RegionProposalNetwork
 
@@ -71,11 +71,12 @@ class FasterRCNN(Detector):
                                           score_thresh=score_thresh, nms_thresh=nms_thresh,
                                           detections_per_image=max_detections, keep_classes=keep_classes)
 
+    def check_targets(self, targets: list) -> None:
+        """`Detector.check_targets`, and labels in 0..K-1 (on the host: the engine calls it before the
+        batch moves to the device; `RoIHeads.sample` checks the labels again)."""
+        check_targets(targets, num_classes=self.num_classes)
+
     def losses(self, batch: ImageBatch, targets: list) -> dict:
-        for i, t in enumerate(targets):
-            labels = t["labels"].reshape(-1)
-            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-                raise ValueError(f"image {i}: labels must be in 0..{self.num_classes - 1}, got {labels.tolist()}")
         features = self.fpn(self.backbone(batch.tensor))
         proposals, image, rpn_losses = self.rpn(features, batch.tensor.shape[-2:], batch.image_sizes, targets)
         roi_losses = self.roi_heads.forward_train(self._roi_features(features), proposals, image, targets)
