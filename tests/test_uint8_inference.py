@@ -1,4 +1,4 @@
-"""Evaluation (`evaluate_model`, `retinanet eval --checkpoint`) hands the model uint8 images,
+"""Evaluation (`evaluate_model`, `retinanet eval --checkpoint`) and `Predictor` hand the model uint8 images,
 which its preprocess converts on the device; on the CPU the detections and metrics are bitwise those of
 the float32 images the loader used to make on the host."""
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from retinanet import Predictor
 from retinanet.data.coco import CocoDataset
 from retinanet.data.loader import images_to_device
 from retinanet.data.transforms import Compose, PendingImage, RandomHorizontalFlip, ResizeShortestSide
@@ -152,3 +153,21 @@ def test_eval_command_hands_the_model_uint8(shapes, model, tmp_path, monkeypatch
                                                    [t["image_id"] for _, t in items], [c["id"] for c in CATEGORIES])
     assert json.loads(saved.read_text()) == json.loads(json.dumps(expected))
 
+
+@pytest.mark.parametrize("tta", [False, [1.0, 1.5]])
+def test_predictor_hands_the_model_uint8_and_matches_the_float_path(model, monkeypatch, tta):
+    from retinanet.tta import tta_detections
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (96, 128, 3), dtype=np.uint8), rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)]
+    seen = _record_preprocess(monkeypatch, model)
+    dets = Predictor(model, CATEGORIES, device="cpu", batch_size=2, tta=tta)(arrays)
+    assert seen and set(seen) == {torch.uint8}
+    monkeypatch.undo()
+    floats = [torch.from_numpy(a).permute(2, 0, 1).float() / 255 for a in arrays]
+    with torch.no_grad():
+        expected = tta_detections(model, floats, scales=tuple(tta)) if tta else model(floats)
+    assert sum(len(d) for d in dets) > 0
+    for det, ref in zip(dets, expected):
+        assert np.array_equal(det.boxes, ref["boxes"].numpy()) and np.array_equal(det.scores, ref["scores"].numpy())
+        assert np.array_equal(det.labels, ref["labels"].numpy())
