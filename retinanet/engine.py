@@ -243,19 +243,23 @@ def evaluate_model(model: nn.Module, dataset, env: DistEnv, batch_size: int = 8)
     and scores them against the dataset's JSON. A model that predicts masks is also scored on them
     (segm_AP, ...); class-agnostic segment proposals (model.arch deepmask, sharpmask, fpn_masks) are
     scored by proposal recall instead: segment AR@10/100/1000, ARs/m/l, AUC, and box_AR... for boxes.
+    The images travel to the device as decoded uint8 (pinned, without waiting, on a GPU: a quarter of
+    float32's bytes); the model's preprocess converts, normalizes and resizes them there.
     Returns the metrics on rank 0, None elsewhere, with `ms_per_image`: rank 0's time in the model's
-    forward pass (pre-processing to detections, not image loading) per image, batches of `batch_size`.
+    forward pass (pre-processing, uint8 conversion included, to detections; not image loading or the
+    copy to the device) per image, batches of `batch_size`.
     """
-    from .data.loader import build_test_loader
+    from .data.loader import build_test_loader, images_to_device
     from .evaluate import detections_to_coco_results, evaluate_coco
 
     model = getattr(model, "module", model)
     was_training = model.training
     model.eval()
     results, seconds, count = [], 0.0, 0
-    for images, targets in build_test_loader(dataset, batch_size=batch_size, rank=env.rank,
-                                             world_size=env.world_size):
-        images = [image.to(env.device) for image in images]
+    on_gpu = env.device.type == "cuda"
+    for images, targets in build_test_loader(dataset, batch_size=batch_size, rank=env.rank, world_size=env.world_size,
+                                             pin_memory=on_gpu, pending_images=True):
+        images = images_to_device(images, env.device)  # uint8, converted by the model's preprocess
         _synchronize(env.device)
         start = time.perf_counter()
         detections = model(images)

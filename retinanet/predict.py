@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .modeling.detector import ImageBatch, keep_classes_mask
+from .syncs import to_device
 from .tta import DEFAULT_SCALES, tta_detections
 
 
@@ -212,6 +213,8 @@ class Predictor:
             return []
         images = [torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1) for a in arrays]  # (3, H, W) uint8
         device = None if _on_meta(self.model) else self.device
+        if device is not None:  # uint8 to the device (pinned on a GPU: not waiting); preprocess converts it there
+            images = [to_device(image.pin_memory() if device.type == "cuda" else image, device) for image in images]
         if self.tta_scales:
             dets = tta_detections(self.model, images, network=self.network, scales=self.tta_scales, device=device,
                                   keep_classes=self.keep_classes, **self.settings)

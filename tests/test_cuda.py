@@ -1,6 +1,6 @@
 """GPU checks, skipped without CUDA: the training step never waits for the GPU, uint8 batches realized
 on the GPU, fp16 with a gradient scaler, bf16, NMS and post-processing on the GPU against the CPU,
-Predictor on the GPU against the CPU, one-process nccl DDP, torch.compile against eager, and the
+Predictor and evaluate_model on the GPU against the CPU, one-process nccl DDP, torch.compile against eager, and the
 engine on the GPU against the CPU. `python benchmarks/gpu.py` runs this file and reports the outcome.
 """
 
@@ -223,6 +223,39 @@ def test_predictor_on_the_gpu_finds_the_cpus_detections():
         assert len(c.scores) >= 20  # enough detections for the comparison to mean something
         assert abs(len(c.scores) - len(d.scores)) <= 1  # a score at the threshold may round either way
         assert _matched(c, d) >= len(c.scores) - 1 and _matched(d, c) >= len(d.scores) - 1
+
+
+def test_evaluate_model_on_the_gpu_equals_the_cpu(tmp_path, monkeypatch):
+    """Evaluation copies pinned uint8 images to the GPU, where the model's preprocess converts them:
+    the CPU run's detections and metrics, up to float rounding."""
+    import retinanet.evaluate
+    from retinanet.data.coco import CocoDataset
+    from retinanet.data.synthetic import make_shapes_dataset
+    from retinanet.engine import DistEnv, evaluate_model
+    from retinanet.predict import Detections
+
+    shapes = make_shapes_dataset(str(tmp_path / "data"), num_train=1, num_val=4, image_size=64, seed=0)
+    dataset = CocoDataset(shapes.val_json, shapes.val_images)
+    model = _model().eval()
+    with torch.no_grad():  # spread the random scores, so that detections pass the threshold
+        model.head.cls_subnet.predictor.weight.mul_(200.0)
+        model.head.cls_subnet.predictor.bias.fill_(-2.0)
+    detections, metrics, original = {}, {}, retinanet.evaluate.detections_to_coco_results
+    for device in ("cpu", "cuda"):
+        seen = detections.setdefault(device, [])
+        monkeypatch.setattr(retinanet.evaluate, "detections_to_coco_results",
+                            lambda dets, ids, cats, seen=seen: seen.extend(dets) or original(dets, ids, cats))
+        env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device(device))
+        metrics[device] = evaluate_model(copy.deepcopy(model).to(device), dataset, env, batch_size=2)
+    as_numpy = [[Detections(boxes=d["boxes"].cpu().numpy(), scores=d["scores"].cpu().numpy(),
+                            labels=d["labels"].cpu().numpy(), category_ids=None, names=[], image_size=(64, 64))
+                 for d in detections[device]] for device in ("cpu", "cuda")]
+    for c, d in zip(*as_numpy):
+        assert len(c.scores) >= 20  # enough detections for the comparison to mean something
+        assert abs(len(c.scores) - len(d.scores)) <= 1  # a score at the threshold may round either way
+        assert _matched(c, d) >= len(c.scores) - 1 and _matched(d, c) >= len(d.scores) - 1
+    for key in ("AP", "AP50", "AP75"):
+        assert metrics["cuda"][key] == pytest.approx(metrics["cpu"][key], abs=1e-3)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -122,7 +122,7 @@ def run_model(args) -> list:
 
     from ..checkpoint import load_model
     from ..data.coco import CocoDataset
-    from ..data.loader import build_test_loader
+    from ..data.loader import build_test_loader, images_to_device
     from ..engine import resolve_device
     from ..evaluate import detections_to_coco_results
     from ..tta import DEFAULT_SCALES, tta_detections
@@ -139,10 +139,11 @@ def run_model(args) -> list:
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     scales = tuple(args.tta_scales or DEFAULT_SCALES) if args.tta else ()
     results, timed_images, timed_seconds = [], 0, 0.0
-    loader = build_test_loader(dataset, batch_size=args.batch_size, num_workers=args.workers)
+    loader = build_test_loader(dataset, batch_size=args.batch_size, num_workers=args.workers,
+                               pin_memory=device.type == "cuda", pending_images=True)
     with torch.inference_mode(), amp:
         for step, (images, targets) in enumerate(tqdm(loader, desc="eval", unit="batch", file=sys.stderr)):
-            images = [image.to(device) for image in images]
+            images = images_to_device(images, device)  # uint8: the model's preprocess converts it there
             start = time.perf_counter()
             detections = tta_detections(model, images, scales=scales, device=device) if scales else model(images)
             if device.type == "cuda":

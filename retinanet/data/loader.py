@@ -62,6 +62,16 @@ def batch_to_device(images: list, targets: list, device) -> tuple:
     return images, targets
 
 
+def images_to_device(images: list, device) -> list:
+    """Inference images onto `device` without waiting for it (`syncs.to_device`: asynchronous from
+    pinned memory), for the model's `preprocess` to convert, normalize and resize there:
+    `PendingImage`s with no pixel operations are copied as their (3, H, W) uint8 data; those with
+    operations (a dataset with transforms) are realized there ((3, H, W) float32 in [0, 1]); other
+    images are copied as they are. On the CPU the detections are those of the float images, bit for bit."""
+    return [(to_device(image.data, device) if not image.ops else image.realize(device))
+            if isinstance(image, PendingImage) else to_device(image, device) for image in images]
+
+
 class TrainBatchSampler(Sampler):
     """Endless batches of keys (index, sample_seed) for one process (contract in the module docstring).
 
@@ -205,7 +215,11 @@ def build_train_loader(cfg: Config, dataset: CocoDataset, *, seed: int, rank: in
 
 
 def build_test_loader(dataset: CocoDataset, *, batch_size: int = 1, num_workers: int = 0, rank: int = 0,
-                      world_size: int = 1) -> DataLoader:
-    """Each image of this process's contiguous shard once, in order, as (images, targets) batches."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=InferenceSampler(len(dataset), rank=rank,
-                      world_size=world_size), num_workers=num_workers, collate_fn=collate)
+                      world_size: int = 1, pin_memory: bool = False, pending_images: bool = False) -> DataLoader:
+    """Each image of this process's contiguous shard once, in order, as (images, targets) batches.
+
+    pending_images: images come as uint8 `PendingImage`s, for `images_to_device` to copy to the device
+    as uint8 (what evaluation asks for; pin_memory on a GPU); otherwise (3, H, W) float32 in [0, 1]."""
+    return DataLoader(_PendingPixels(dataset) if pending_images else dataset, batch_size=batch_size,
+                      sampler=InferenceSampler(len(dataset), rank=rank, world_size=world_size),
+                      num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory)
