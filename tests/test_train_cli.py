@@ -153,12 +153,17 @@ def test_fit_schedule_keeps_the_fractions():
     assert (t.iterations, t.lr_steps, t.warmup_iters, t.eval_every, t.checkpoint_every) == (180, [144, 171], 22, 45, 45)
 
 
-def test_demo_end_to_end_on_a_tiny_dataset(tmp_path, monkeypatch, capsys):
+def _tiny_demo_dataset(monkeypatch) -> None:
+    """8 training and 4 validation images of 64 px instead of the demo's 4000 + 500 of 192 px."""
     from retinanet.commands import demo
 
     monkeypatch.setattr(demo, "NUM_TRAIN", 8)
     monkeypatch.setattr(demo, "NUM_VAL", 4)
     monkeypatch.setattr(demo, "IMAGE_SIZE", 64)
+
+
+def test_demo_end_to_end_on_a_tiny_dataset(tmp_path, monkeypatch, capsys):
+    _tiny_demo_dataset(monkeypatch)
     out = tmp_path / "demo"
     tiny = ["backbone_width=8", "fpn_channels=16", "head_channels=64", "head_convs=1", "min_size=64", "max_size=64",
             "batch_size=4", "iterations=4", "warmup_iters=1", "lr_steps=[3]", "eval_every=2", "checkpoint_every=2",
@@ -181,13 +186,9 @@ def test_demo_end_to_end_on_a_tiny_dataset(tmp_path, monkeypatch, capsys):
 
 
 def test_demo_of_the_two_stage_detector(tmp_path, monkeypatch, capsys):
-    from retinanet.checkpoint import load_model
-    from retinanet.commands import demo
     from retinanet.modeling.faster_rcnn import FasterRCNN
 
-    monkeypatch.setattr(demo, "NUM_TRAIN", 8)
-    monkeypatch.setattr(demo, "NUM_VAL", 4)
-    monkeypatch.setattr(demo, "IMAGE_SIZE", 64)
+    _tiny_demo_dataset(monkeypatch)
     out = tmp_path / "demo"
     tiny = ["backbone_width=8", "fpn_channels=16", "roi_head_dim=32", "min_size=64", "max_size=64", "batch_size=4",
             "iterations=2", "warmup_iters=1", "lr_steps=[1]", "eval_every=2", "checkpoint_every=2", "threads=1"]
