@@ -163,3 +163,30 @@ def test_losses_equal_torchvision():
     g_ours = torch.autograd.grad(losses["rpn_cls"] + losses["rpn_box"], ours.head.bbox_pred.weight)[0]
     g_ref = torch.autograd.grad(ref_losses["loss_objectness"] + ref_losses["loss_rpn_box_reg"], tv.head.bbox_pred.weight)[0]
     assert torch.allclose(g_ours, g_ref, rtol=1e-3, atol=1e-7)
+
+
+def test_batched_anchor_labels_equal_per_image_matching():
+    # the batch is matched at once (boxes padded); each image must get what it gets matched alone,
+    # with the reference written per image: match, crowd boxes make covered background ignored
+    from retinanet.ops.matcher import ignore_crowd, split_crowd
+
+    g = torch.Generator().manual_seed(0)
+    rpn = make_rpn()
+    anchors = torch.cat([a for a in rpn.anchors([torch.zeros(1, 1, 64 // s, 80 // s) for s in (4, 8, 16, 32, 64)],
+                                                (64, 80))])
+    targets = []
+    for n in (3, 0, 5, 1):
+        xy = torch.rand(n, 2, generator=g) * 50
+        boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 40 + 2], dim=1)
+        crowd = (torch.rand(n, generator=g) < 0.3).long()
+        targets.append({"boxes": boxes, "iscrowd": crowd})
+    targets[3]["boxes"] = torch.cat([targets[3]["boxes"], targets[3]["boxes"]])  # a duplicate box: IoU ties
+    targets[3]["iscrowd"] = torch.zeros(2, dtype=torch.long)
+    labels, matched = rpn.assign_targets(anchors, targets)
+    assert (labels == -1).any() and (labels == 1).any()
+    for i, t in enumerate(targets):
+        gt, _, crowd = split_crowd(t)
+        idx, lab = rpn.matcher.match_boxes(gt, anchors)
+        assert torch.equal(labels[i], ignore_crowd(lab, anchors, crowd, rpn.crowd_ioa))
+        fg = labels[i] == 1
+        assert torch.equal(matched[i][fg], gt[idx][fg] if gt.shape[0] else matched[i][:0])

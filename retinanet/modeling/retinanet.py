@@ -17,7 +17,7 @@ from ..losses import (fl_star_loss, giou_loss, iou_balanced_weights, ohem_select
                       sigmoid_focal_loss_fast, smooth_l1_loss, softmax_focal_loss, softmax_prior_bias)
 from ..ops.anchors import AnchorGenerator
 from ..ops.boxes import decode, encode, paired_iou
-from ..ops.matcher import FOREGROUND, Matcher, ignore_crowd, pad_targets
+from ..ops.matcher import FOREGROUND, Matcher, match_targets
 from ..ops.postprocess import postprocess
 from .backbone import FPN, ResNet, make_norm
 from .detector import Detector, ImageBatch, check_targets
@@ -185,23 +185,9 @@ class RetinaNet(Detector):
 
     @torch.no_grad()
     def assign_targets(self, anchors: Tensor, targets: list) -> tuple:
-        """Match anchors to each image's boxes, the whole batch at once.
-
-        Returns labels (B, N) int8 in {-1 ignore, 0 background, 1 foreground}, matched boxes
-        (B, N, 4) xyxy and matched classes (B, N) int64 (both meaningful where labels == 1; an
-        image without boxes gets zeros). The boxes are padded into (B, G, 4) with a mask, so the
-        result is each image's own matching (tests/test_assign_targets.py) without a host
-        synchronization: targets are not checked here (see `check_targets`).
-        """
-        gt, gt_cls, real, crowd = pad_targets(targets, anchors.device)  # (B, G, 4), (B, G), (B, G), (B, G) or None
-        matched, labels = self.matcher.match_boxes(gt, anchors, valid=real)  # (B, N) index into G
-        if crowd is not None:
-            labels = ignore_crowd(labels, anchors, gt, self.crowd_ioa, valid=crowd,
-                                  chunk_elems=self.matcher.chunk_elems)
-        has_box = real.any(dim=1, keepdim=True)  # (B, 1)
-        boxes = torch.where(has_box[..., None], gt.gather(1, matched[..., None].expand(-1, -1, 4)), 0.0)
-        classes = torch.where(has_box, gt_cls.gather(1, matched), 0)
-        return labels, boxes, classes
+        """-> labels (B, N) int8 in {-1, 0, 1}, matched boxes (B, N, 4), matched classes (B, N): `match_targets`,
+        the whole batch at once and without a host synchronization (targets: see `check_targets`)."""
+        return match_targets(self.matcher, anchors, targets, self.crowd_ioa)
 
     def _normalizer(self, count: Tensor) -> Tensor:
         """A count of anchors in the batch, averaged over processes under DDP (`sync_normalizer`), at least 1."""

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..losses import giou_loss, smooth_l1_loss
 from ..ops.anchors import AnchorGenerator
 from ..ops.boxes import decode, encode
-from ..ops.matcher import FOREGROUND, Matcher, ignore_crowd, split_crowd
+from ..ops.matcher import FOREGROUND, Matcher, match_targets
 from ..ops.nms import nms_by_class
 from ..ops.sampler import sample_balanced
 
@@ -172,21 +172,11 @@ class RegionProposalNetwork(nn.Module):
 
     @torch.no_grad()
     def assign_targets(self, anchors: Tensor, targets: list) -> tuple:
-        """-> labels (B, N) int8 in {-1 ignore, 0 background, 1 foreground}, matched boxes (B, N, 4) xyxy.
-
-        Matching is per image (box counts differ); crowd boxes match nothing, and background anchors
-        they cover (IoA >= crowd_ioa) are ignored. An image without boxes: every anchor background.
-        """
-        labels, matched_boxes = [], []
-        for i, t in enumerate(targets):
-            try:
-                gt, _, crowd = split_crowd(t, anchors.device)
-            except ValueError as e:
-                raise ValueError(f"image {i}: {e}") from None
-            matched, lab = self.matcher.match_boxes(gt, anchors)
-            labels.append(ignore_crowd(lab, anchors, crowd, self.crowd_ioa))
-            matched_boxes.append(gt[matched] if gt.shape[0] else torch.zeros_like(anchors))
-        return torch.stack(labels), torch.stack(matched_boxes)
+        """-> labels (B, N) int8 in {-1 ignore, 0 background, 1 foreground}, matched boxes (B, N, 4) xyxy:
+        `match_targets` (crowd boxes match nothing and make the background anchors they cover ignored;
+        an image without boxes: every anchor background), the whole batch at once."""
+        labels, boxes, _ = match_targets(self.matcher, anchors, targets, self.crowd_ioa)
+        return labels, boxes
 
     def losses(self, objectness: Tensor, deltas: Tensor, anchors: Tensor, targets: list) -> dict:
         """"rpn_cls": binary cross entropy averaged over the sampled anchors of the batch;

@@ -168,10 +168,32 @@ def pad_targets(targets: list, device=None) -> tuple:
     for i, t in enumerate(targets):
         n = t["boxes"].numel() // 4
         boxes[i, :n] = t["boxes"].reshape(-1, 4)
-        labels[i, :n] = t["labels"].reshape(-1)
+        if "labels" in t:  # (the RPN's targets need boxes only)
+            labels[i, :n] = t["labels"].reshape(-1)
         present[i, :n] = True
         if "iscrowd" in t:
             crowd[i, :n] = t["iscrowd"].reshape(-1).bool()
     if device is not None:
         boxes, labels, present, crowd = (to_device(x, device) for x in (boxes, labels, present, crowd))
     return boxes, labels, present & ~crowd, (present & crowd) if with_crowd else None
+
+
+@torch.no_grad()
+def match_targets(matcher: Matcher, anchors: Tensor, targets: list, crowd_ioa: float) -> tuple:
+    """Match anchors to each image's boxes, the whole batch at once (RetinaNet's anchors, the RPN's).
+
+    Returns labels (B, N) int8 in {-1 ignore, 0 background, 1 foreground}, matched boxes (B, N, 4)
+    xyxy and matched classes (B, N) int64 (both meaningful where labels == 1; an image without boxes
+    gets zeros). Crowd boxes match nothing, and background anchors they cover (IoA >= crowd_ioa) are
+    ignored. The boxes are padded into (B, G, 4) with a mask, so the result is each image's own
+    matching (tests/test_assign_targets.py) without a host synchronization: targets are not checked
+    here (`retinanet.modeling.detector.check_targets`).
+    """
+    gt, gt_cls, real, crowd = pad_targets(targets, anchors.device)  # (B, G, 4), (B, G), (B, G), (B, G) or None
+    matched, labels = matcher.match_boxes(gt, anchors, valid=real)  # (B, N) index into G
+    if crowd is not None:
+        labels = ignore_crowd(labels, anchors, gt, crowd_ioa, valid=crowd, chunk_elems=matcher.chunk_elems)
+    has_box = real.any(dim=1, keepdim=True)  # (B, 1)
+    boxes = torch.where(has_box[..., None], gt.gather(1, matched[..., None].expand(-1, -1, 4)), 0.0)
+    classes = torch.where(has_box, gt_cls.gather(1, matched), 0)
+    return labels, boxes, classes
