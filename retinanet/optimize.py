@@ -141,9 +141,14 @@ def onednn_unsafe_channels_last(conv: nn.Module) -> bool:
     oneDNN's `jit_1x1` convolution, backward weights, NHWC, stride > 1 ("reduce to unit stride") writes
     past its workspace when the input has fewer channels than its channel block (16 with AVX-512, 8 with
     AVX2): heap corruption ("double free or corruption") seen on AMD Zen 4 with torch 2.13, SIGSEGV or
-    silently wrong gradients on Intel (uxlfoundation/oneDNN#6035, open). 1x1 stride-1, 3x3 and NCHW
+    silently wrong gradients on Intel, a hang or SIGSEGV on AMD Zen 3 (AVX2: 4 -> 16 channels fails,
+    8 -> 16 and 16 -> 32 run) (uxlfoundation/oneDNN#6035, open). 1x1 stride-1, 3x3 and NCHW
     convolutions take other kernels and are fine. A ResNet downsample conv with `backbone_width` <= 8
     (the tests' tiny models) is such a layer.
+
+    One rule for every ISA, fewer than 16 input channels: that is the AVX-512 block, and on AVX2 it
+    also covers the 8..15 channels that would be safe there, at the cost of a few small NCHW convs,
+    because the ISA oneDNN dispatches to is its own choice at run time (ONEDNN_MAX_CPU_ISA, the CPU).
     """
     return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and max(conv.stride) > 1
             and conv.in_channels < 16)

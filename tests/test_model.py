@@ -11,6 +11,7 @@ from retinanet.ops.transform import resized_size
 from retinanet.ops.nms import reference_nms
 
 from conftest import tiny_config, train_steps
+from detection_match import assert_same_detections
 
 
 def _rect_image(h, w, boxes):
@@ -126,8 +127,7 @@ def test_postprocess_equals_per_image_reference():
     for i in range(2):
         rb, rs, rl = _reference_postprocess(model, cls_logits[i], box_deltas[i], anchors, level_sizes, sizes[i])
         assert len(rs) == model.detections_per_image
-        assert torch.equal(dets[i]["labels"], rl)
-        assert torch.allclose(dets[i]["scores"], rs) and torch.allclose(dets[i]["boxes"], rb)
+        assert_same_detections(dets[i], {"boxes": rb, "scores": rs, "labels": rl}, score_atol=1e-5, box_atol=1e-3)
 
 
 def test_batched_inference_equals_per_image():
@@ -143,8 +143,7 @@ def test_batched_inference_equals_per_image():
         alone = [model([a])[0], model([b])[0]]
     for t, s in zip(together, alone):
         assert len(t["boxes"]) == model.detections_per_image
-        assert torch.equal(t["labels"], s["labels"])
-        assert torch.allclose(t["scores"], s["scores"], atol=1e-6) and torch.allclose(t["boxes"], s["boxes"], atol=1e-4)
+        assert_same_detections(t, s, score_atol=1e-6, box_atol=1e-4)
     # boxes are in the original image's pixels, clipped to it
     assert together[1]["boxes"][:, 2].max() <= 120 and together[1]["boxes"][:, 3].max() <= 100
 

@@ -11,6 +11,7 @@ from retinanet.optimize import (ConvFrozenBatchNorm2d, autocast, fold_batchnorm,
                                 unfold_frozen_bn)
 
 from conftest import tiny_config
+from detection_match import assert_same_detections
 
 
 def _model(norm="frozen_bn", num_classes=3):
@@ -86,10 +87,8 @@ def test_optimized_model_gives_the_same_detections():
     with torch.no_grad():
         expected, got = model(images), fast(images)
     assert sum(len(d["scores"]) for d in expected) > 10
-    for e, g in zip(expected, got):
-        assert torch.equal(e["labels"], g["labels"])
-        _assert_close_rel(g["boxes"], e["boxes"], 1e-4)
-        _assert_close_rel(g["scores"], e["scores"], 1e-4)
+    for e, g in zip(expected, got):  # folded BN + channels_last: another computation, other rounding
+        assert_same_detections(g, e, score_atol=1e-4, box_atol=0.02)
 
 
 def test_channels_last_equals_nchw():

@@ -15,6 +15,7 @@ from retinanet.modeling import build_model
 from retinanet.modeling.detector import ImageBatch
 
 from conftest import tiny_config
+from detection_match import assert_same_detections
 
 CATEGORIES = [{"id": 1, "name": "cat"}, {"id": 5, "name": "dog"}, {"id": 9, "name": "bird"}]
 
@@ -86,12 +87,12 @@ def test_exif_orientation_is_applied_for_paths_and_pil_images(model, tmp_path):
 
 
 def test_batched_equals_one_by_one(model):
-    images = [_image(s) for s in (3, 4, 5)]  # same size: same padding, so the same computation
+    images = [_image(s) for s in (3, 4, 5)]  # same size, so the same padding
     batched = Predictor(model, CATEGORIES, device="cpu", batch_size=3)(images)
     single = Predictor(model, CATEGORIES, device="cpu", batch_size=1)(images)
-    for a, b in zip(batched, single):
-        assert np.array_equal(a.labels, b.labels)
-        assert np.allclose(a.boxes, b.boxes, atol=1e-3) and np.allclose(a.scores, b.scores, atol=1e-6)
+    for a, b in zip(batched, single):  # the batch size may change the kernels, so the rounding
+        assert len(a) > 0
+        assert_same_detections(a, b, score_atol=1e-6, box_atol=1e-3)
 
 
 def test_class_filter_by_name_or_id(model):

@@ -10,6 +10,7 @@ import torch
 from retinanet.modeling.roi_heads import FastRCNNPredictor, RoIHeads, TwoMLPHead
 from retinanet.modeling.rpn import RPNHead, RegionProposalNetwork, rpn_anchor_generator
 from retinanet.ops.poolers import as_rois, boxes_to_rois, concat_images, split_images
+from detection_match import assert_same_detections
 
 try:
     from torchvision.models.detection import fasterrcnn_resnet50_fpn
@@ -133,9 +134,7 @@ def test_batched_equals_per_image():
         alone = heads.postprocess(*heads.predict(one, boxes_to_rois(proposals[i:i + 1])),
                                   *concat_images(proposals[i:i + 1]), sizes[i:i + 1])[0]
         assert batch[i]["boxes"].shape[0] > 10
-        assert torch.equal(batch[i]["labels"], alone["labels"])
-        assert torch.allclose(batch[i]["boxes"], alone["boxes"], atol=1e-4)
-        assert torch.allclose(batch[i]["scores"], alone["scores"], atol=1e-6)
+        assert_same_detections(batch[i], alone, score_atol=1e-6, box_atol=1e-4)
 
 
 def torchvision_pair(num_classes=5, std=0.05, pool_backend=None):

@@ -17,6 +17,7 @@ from retinanet.ops.nms import reference_nms
 from retinanet.tta import flip_boxes, merge_detections, tta_detections
 
 from conftest import tiny_config
+from detection_match import assert_same_detections
 
 CATEGORIES = [{"id": 1, "name": "cat"}, {"id": 5, "name": "dog"}, {"id": 9, "name": "bird"}]
 
@@ -54,8 +55,8 @@ def test_a_flipped_pass_maps_back_onto_the_original_image():
         plain = model([image])[0]
     expected = merge_detections([plain, dict(direct, boxes=flip_boxes(direct["boxes"], 128))], model.nms_thresh,
                                 model.detections_per_image)
-    assert len(merged["scores"]) > 0
-    assert torch.equal(merged["labels"], expected["labels"]) and torch.allclose(merged["boxes"], expected["boxes"])
+    assert len(merged["scores"]) > 0  # the flipped pass ran in another batch than `direct`: rounding
+    assert_same_detections(merged, expected, score_atol=1e-5, box_atol=1e-3)
 
 
 def test_one_scale_without_flip_is_the_model_itself():
