@@ -1,12 +1,11 @@
-"""Every GPU check and benchmark in one run, and one summary table at the end.
+"""Every GPU check and benchmark in one run: each item's rows as it ends, one summary table at the end.
 
-    python benchmarks/gpu.py --quick                  # the main figures, under 8 minutes on one H100
-    python benchmarks/gpu.py                          # more repeats, longer runs, a compiled training step
+    python benchmarks/gpu.py --quick --json gpu.json  # the main figures, inside --budget (540 s) on one H100
+    python benchmarks/gpu.py --budget 0               # more repeats, longer runs, a compiled training step
     python benchmarks/gpu.py --device cpu --quick     # a dry run without a GPU: small sizes, few iterations
     python benchmarks/gpu.py --only inference,train --json gpu.json
 
-Items (`--only`, default all, in this order):
-  tests        pytest tests/test_cuda.py (sync-free step, fp16/bf16, NMS, Predictor, DDP, compile): pass/fail
+Items (`--only`, default all, run in this order whatever the order given):
   inference    batch 1, 800x1067 image: our fast path (folded BatchNorm, channels_last) in fp32, bf16,
                fp16 against torchvision's retinanet_resnet50_fpn in fp32 with the same weights (when
                torchvision imports; else our plain fp32), and how far their detections agree
@@ -22,29 +21,45 @@ Items (`--only`, default all, in this order):
   frcnn        FPN Faster R-CNN against torchvision's fasterrcnn_resnet50_fpn with the same weights
                (benchmarks/bench_faster_rcnn.py in a subprocess): inference at 800x1066 and a training
                step of 2 images of 512 px, each configuration's ms and ratio; needs torchvision
+  tests        pytest tests/test_cuda.py (sync-free step, fp16/bf16, NMS, Predictor, DDP, compile): pass/fail,
+               last, with a per-test timeout where pytest-timeout is installed
 With `--device cpu` the sizes shrink (inference at 256 px, batch 2, training steps of 2 images of
 256 px, a few iterations) so that a 2-core machine finishes in minutes; the figures then only show
 that every item runs. Models have random weights in torchvision's R50-FPN layout (benchmarks/common.py).
 A failing item is a row of the table ("FAILED: ...", the traceback on stderr); the others go on.
-The exit code is 1 if an item failed or tests/test_cuda.py did not pass.
+
+The run keeps to a time budget (`--budget`, seconds from the start of `main`; the default fits a
+10-minute call on a lent GPU machine with the wheels' install and Python's start-up): an item runs
+only if its expected duration (ITEM_SECONDS) fits in what is left after the time kept for the tests,
+which run last; an item still running at its limit is stopped (SIGALRM), and each subprocess's
+limit lies inside it. Skipped and stopped items are rows of the table that say why. The rows are
+printed as each item ends and `--json` is rewritten after every item, so a run cut short still
+leaves what it measured. The data loader's workers start by forkserver (not fork: CUDA is
+initialized in this process) and are as many as /dev/shm holds their batches for.
+The exit code is 1 if an item failed or was stopped, or tests/test_cuda.py did not pass.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
+import importlib.metadata
+import importlib.util
 import json
+import multiprocessing
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -56,7 +71,16 @@ from common import (ROOT, calibrated_model, compare_detections, cpu_model, load_
                     set_candidate_load, time_interleaved, torchvision_layout_config, torchvision_module,
                     torchvision_postprocess, torchvision_retinanet)
 
-ITEMS = ["tests", "inference", "batch", "postprocess", "train", "e2e", "loader", "syncs", "frcnn"]
+ITEMS = ["inference", "batch", "postprocess", "train", "e2e", "loader", "syncs", "frcnn", "tests"]
+
+# Seconds each item is expected to take: (GPU --quick, GPU without --quick, CPU dry run --quick). The GPU
+# figures are estimates (no GPU has run this script yet); the CPU ones are what the dry run took on the
+# shared 2-core machine under a load of 4-5 (train: stopped at 324 s there; an idle machine takes a fraction).
+# They decide what the budget skips; nothing is stopped for exceeding them, only for exceeding the budget.
+ITEM_SECONDS = {"inference": (60, 90, 70), "batch": (20, 40, 110), "postprocess": (10, 20, 10),
+                "train": (60, 150, 330), "e2e": (45, 120, 75), "loader": (20, 40, 10), "syncs": (15, 15, 15),
+                "frcnn": (90, 180, 60), "tests": (150, 180, 15)}
+DEFAULT_BUDGET = 540  # a 600 s device call less the wheels' install, Python's start-up and the final table
 
 
 @dataclass
@@ -75,19 +99,151 @@ class Profile:
     e2e_batch: int
     e2e_iterations: int
     loader_batches: int
-    workers: int  # loader worker processes
+    workers: int  # loader worker processes (fewer where /dev/shm cannot hold their batches)
+    start_method: str  # how the loader's workers start
 
 
 def profile(device: str, quick: bool) -> Profile:
     workers = max(1, min(8, (os.cpu_count() or 2) - 1))
+    method = WORKER_START_METHOD if WORKER_START_METHOD in multiprocessing.get_all_start_methods() else "spawn"
     if device.startswith("cuda"):
         return Profile(infer=(800, 1333, (800, 1067)), many=8, train_batch=16, train_size=800,
                        repeats=5 if quick else 10, warmup=2, e2e_images=128 if quick else 256, e2e_shape=(480, 640),
                        e2e_min_size=800, e2e_batch=16, e2e_iterations=30 if quick else 90,
-                       loader_batches=20 if quick else 50, workers=workers)
+                       loader_batches=20 if quick else 50, workers=workers, start_method=method)
     return Profile(infer=(256, 427, (256, 341)), many=2, train_batch=2, train_size=256, repeats=2 if quick else 3,
                    warmup=1, e2e_images=16, e2e_shape=(120, 160), e2e_min_size=128, e2e_batch=2,
-                   e2e_iterations=4 if quick else 8, loader_batches=4, workers=min(2, workers))
+                   e2e_iterations=4 if quick else 8, loader_batches=4, workers=min(2, workers), start_method=method)
+
+
+def item_seconds(item: str, device: str, quick: bool) -> float:
+    gpu_quick, gpu_full, cpu = ITEM_SECONDS[item]
+    return (gpu_quick if quick else gpu_full) if device.startswith("cuda") else cpu
+
+
+class BudgetExceeded(BaseException):
+    """Raised in the main thread when an item runs past its limit (a BaseException, so that no
+    `except Exception` inside an item swallows it)."""
+
+
+class Budget:
+    """The run's time budget: how long each item may run, and which items do not fit.
+
+    seconds: the whole run's (0: no limit). expected: item -> seconds it is expected to take. The
+    tests run last and keep their expected time: an item before them may use what is left less that
+    and SLACK (for the clean-up after an item stopped at its limit). The tests start with half their
+    expected time left: a partial run still says which tests passed and which one was running.
+    """
+
+    SLACK = 15.0
+
+    def __init__(self, seconds: float, expected: dict, clock: Callable[[], float] = time.monotonic):
+        self.seconds, self.expected, self.clock = seconds, expected, clock
+        self.deadline = clock() + seconds if seconds > 0 else float("inf")
+
+    def left(self) -> float:
+        return self.deadline - self.clock()
+
+    def limit(self, item: str, to_come: list) -> float:
+        """Seconds `item` may run, with `to_come` (the items after it) still to run."""
+        return self.left() - (self.expected["tests"] + self.SLACK if "tests" in to_come else 0.0)
+
+    def skip_reason(self, item: str, to_come: list) -> Optional[str]:
+        """Why `item` does not fit (None if it does)."""
+        limit, need = self.limit(item, to_come), self.expected[item] / (2 if item == "tests" else 1)
+        if limit >= need:
+            return None
+        kept = f", {self.expected['tests'] + self.SLACK:.0f} s of it kept for the tests" if "tests" in to_come else ""
+        return (f"time budget: needs about {need:.0f} s, {max(self.left(), 0):.0f} s left of --budget "
+                f"{self.seconds:g}{kept}")
+
+
+class stop_after:
+    """Raise BudgetExceeded in the main thread after `seconds` (SIGALRM; no limit where the platform has
+    none, or for an infinite limit)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.armed = hasattr(signal, "setitimer") and seconds != float("inf")
+
+    def _raise(self, signum, frame):
+        raise BudgetExceeded(f"ran past its {self.seconds:.0f} s limit")
+
+    def __enter__(self):
+        if self.armed:
+            self.previous = signal.signal(signal.SIGALRM, self._raise)
+            signal.setitimer(signal.ITIMER_REAL, max(self.seconds, 0.01))
+        return self
+
+    def __exit__(self, *exc):
+        if self.armed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.previous)
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- device, workers
+
+
+def setup_device(spec: str) -> torch.device:
+    """`--device` -> the torch.device every item runs on: cpu, or cuda with an index (a bare "cuda" is
+    torch's current GPU), set as the current device. ValueError (one line) for a GPU torch does not see."""
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        device = None
+    if device is not None and device.type == "cpu":
+        return device
+    if device is None or device.type != "cuda":
+        raise ValueError(f"--device {spec}: use cuda, cuda:N or cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {spec}, but torch sees no CUDA GPU (use --device cpu for a dry run)")
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index >= count:
+        raise ValueError(f"--device {spec}, but torch sees {count} GPU{'s' if count > 1 else ''} "
+                         f"(cuda:0 to cuda:{count - 1})")
+    device = torch.device("cuda", index)
+    torch.cuda.set_device(device)  # it takes an indexed device only
+    torch.backends.cudnn.benchmark = True  # fixed sizes here; the same setting for torchvision and ours
+    return device
+
+
+WORKER_START_METHOD = "forkserver"  # workers forked from a clean server process, not from this one (CUDA state)
+PREFETCH_BATCHES = 2  # torch DataLoader's default prefetch_factor: batches in flight per worker
+
+
+def shm_free_bytes(path: str = "/dev/shm") -> Optional[int]:
+    """Free bytes in the shared memory that the loader's workers hand their batches over in (None: no such
+    file system here)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def fit_workers(wanted: int, batch_bytes: int, shm_free: Optional[int]) -> tuple:
+    """Loader workers whose batches fit in half the free shared memory: each worker holds up to
+    PREFETCH_BATCHES batches there, and the main process two more (the one in hand, the one being pinned).
+    -> (workers, a line that says why)."""
+    mib = f"{batch_bytes / 2 ** 20:.0f} MiB"
+    if shm_free is None:
+        return wanted, f"no /dev/shm to check; {wanted} workers as planned (batches of up to {mib})"
+    fit = max(0, int((shm_free / 2 / batch_bytes - 2) // PREFETCH_BATCHES))
+    free = f"/dev/shm has {shm_free / 2 ** 30:.1f} GiB free"
+    if fit >= wanted:
+        return wanted, f"{free}: room for {wanted} workers' batches (up to {mib} each, {PREFETCH_BATCHES} per worker)"
+    return fit, (f"{free}: {fit} workers instead of {wanted} (each holds up to {PREFETCH_BATCHES} batches of "
+                 f"{mib} there; 0 loads in the main process)")
+
+
+def loader_batch_bytes(prof: Profile) -> int:
+    """The largest training batch the e2e and loader items hand over: float32 images resized to the
+    model's size (the CPU path; the GPU path's uint8 at the files' size is smaller)."""
+    h, w = prof.e2e_shape
+    scale = min(prof.e2e_min_size / min(h, w), prof.e2e_min_size * 5 // 3 / max(h, w))
+    return prof.e2e_batch * 3 * round(h * scale) * round(w * scale) * 4
 
 
 @dataclass
@@ -104,18 +260,40 @@ class Row:
 # ---------------------------------------------------------------------------------------------- environment
 
 
-def environment(device: str) -> dict:
+COCO_LIBRARIES = ("orjson", "hotcoco", "pycocotools")  # what the GPU machine lacks (BENCHMARKS.md: the wheels)
+
+
+def library_origins(names=COCO_LIBRARIES) -> tuple:
+    """-> ("name version (folder it imports from), ...", [names that do not import])."""
+    found, missing = [], []
+    for name in names:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            missing.append(name)
+            continue
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            version = "?"
+        found.append(f"{name} {version} ({Path(spec.origin).parent.parent})")
+    return ", ".join(found + [f"{name} absent" for name in missing]), missing
+
+
+def environment(device: str, budget: Budget) -> dict:
     """The card, driver and library versions (and the CPU, which feeds the GPU)."""
     tv = torchvision_module()
     env = {"python": platform.python_version(), "torch": torch.__version__,
            "torchvision": tv.__version__ if tv is not None else "absent (baselines: our plain fp32)",
+           "coco libraries": library_origins()[0], "PYTHONPATH": os.environ.get("PYTHONPATH", "(unset)"),
            "cpu": f"{cpu_model()}, {os.cpu_count()} cores", "load average": load_average()}
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))
-        env["gpu"] = f"{props.name}, {props.total_memory / 2 ** 30:.0f} GiB, {props.multi_processor_count} SMs"
+        env["gpu"] = (f"{device}: {props.name}, {props.total_memory / 2 ** 30:.0f} GiB, "
+                      f"{props.multi_processor_count} SMs")
         try:
             env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True, timeout=30).stdout.split()[0]
+                                           capture_output=True, text=True,
+                                           timeout=max(1.0, min(30.0, budget.left()))).stdout.split()[0]
         except (OSError, IndexError, subprocess.SubprocessError):
             env["driver"] = "unknown (nvidia-smi did not answer)"
         env["cuda (torch build)"] = torch.version.cuda
@@ -131,21 +309,80 @@ def environment(device: str) -> dict:
 # ---------------------------------------------------------------------------------------------- items
 
 
-def item_tests(args, prof: Profile, shared: dict) -> list:
-    """tests/test_cuda.py in a subprocess: its summary line."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-    lines = (proc.stdout + proc.stderr).strip().splitlines()
+def run_streamed(cmd: list, limit: float, prefix: str = "  | ") -> tuple:
+    """Run `cmd` in the repository with the repository and this process's PYTHONPATH (the carried wheels)
+    on its path, echoing its output (stdout and stderr merged) line by line as it comes, so that a run
+    cut short still shows how far it got. Killed, with its children, after `limit` seconds or when this
+    process is interrupted. -> (exit code, None if killed at the limit; its lines)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", start_new_session=True)  # its own process group, killed as one
+    lines = []
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            print(prefix + lines[-1], flush=True)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    code = None
+    try:
+        code = proc.wait(timeout=max(limit, 1.0) if limit != float("inf") else None)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        if code is None:  # the limit, or BudgetExceeded / KeyboardInterrupt in this process
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        reader.join(timeout=10)
+    return code, lines
+
+
+def pytest_outcome(code: Optional[int], lines: list, limit: float) -> tuple:
+    """A `pytest -v` run's result -> (summary, failed or unfinished tests). Without pytest's closing line
+    (`code` None: killed at `limit` seconds; else a crash, e.g. NCCL's watchdog aborting the process) the
+    summary counts the outcomes printed so far and the list names the test that was running."""
+    import re
+
+    outcome_re = r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b"
+    outcomes = [m.groups() for m in (re.match(r"^\S+::(\S+)\s+" + outcome_re, line) for line in lines) if m]
+    failed = list(dict.fromkeys(name for name, outcome in outcomes if outcome in ("FAILED", "ERROR")))
     summary = next((line.strip("= ") for line in reversed(lines) if " in " in line and (
-        "passed" in line or "failed" in line or "skipped" in line or "error" in line)), f"exit code {proc.returncode}")
-    failed = [line.split("::", 1)[-1].split(" - ")[0] for line in lines if line.startswith(("FAILED", "ERROR"))]
-    if proc.returncode != 0 and not failed:
+        "passed" in line or "failed" in line or "skipped" in line or "error" in line)), None)
+    if summary is not None and code is not None:
+        return summary.split(" in ")[0], failed
+    counts = {}
+    for _, outcome in outcomes:
+        counts[outcome.lower()] = counts.get(outcome.lower(), 0) + 1
+    running = next((line.split("::", 1)[1].split()[0] for line in reversed(lines)
+                    if re.match(r"^\S+::", line) and not re.search(outcome_re, line)), None)
+    done = ", ".join(f"{n} {outcome}" for outcome, n in counts.items()) or "no test finished"
+    ended = f"stopped at its {limit:.0f} s limit" if code is None else f"ended without a summary (exit code {code})"
+    return f"{ended}: {done}", failed + ([f"{running} (running)"] if running else [])
+
+
+def item_tests(args, prof: Profile, shared: dict) -> list:
+    """tests/test_cuda.py in a subprocess, inside the time left: its summary line. With pytest-timeout
+    (on the GPU machine; not required here) each test also stops after --test-timeout seconds."""
+    limit = shared["limit"] - 10  # room to kill it and report before this item's own limit
+    per_test = min(args.test_timeout, limit)
+    timeout = importlib.util.find_spec("pytest_timeout") is not None
+    cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "tests/test_cuda.py"]
+    cmd += ["--timeout", f"{per_test:.0f}"] if timeout else []
+    code, lines = run_streamed(cmd, limit)
+    summary, failed = pytest_outcome(code, lines, limit)
+    if code not in (0, None) and not failed:
         print("\n".join(lines[-40:]), file=sys.stderr)
     note = ("failed: " + ", ".join(failed)) if failed else ("no CUDA: every test skipped" if "skipped" in summary
                                                             and "passed" not in summary else "")
-    return [Row("tests", "pytest tests/test_cuda.py", summary.split(" in ")[0], "", "", note[:200],
-                failed=proc.returncode != 0)]
+    note += ("; " if note else "") + (f"per-test timeout {per_test:.0f} s" if timeout else
+                                      "no per-test timeout (pytest-timeout is not installed)")
+    return [Row("tests", "pytest tests/test_cuda.py", summary, "", "", note[:300], failed=code != 0)]
 
 
 def _variants(args, prof: Profile, shared: dict) -> tuple:
@@ -342,7 +579,7 @@ def item_e2e(args, prof: Profile, shared: dict) -> list:
     speeds = [r["images_per_s"] for r in logged]
     steady = speeds[1:] or speeds  # the first window holds the warm-up (and the focal loss's compilation)
     h, w = prof.e2e_shape
-    return [Row("e2e", f"retinanet train, {t.amp} channels_last, {prof.workers} workers",
+    return [Row("e2e", f"retinanet train, {t.amp} channels_last, {prof.workers} workers ({prof.start_method})",
                 f"{statistics.median(steady):.3g}", f"images/s (b{prof.e2e_batch})", "",
                 f"{h}x{w} JPEGs -> shorter side {prof.e2e_min_size}; windows of {t.log_every} iterations: "
                 + ", ".join(f"{s:.1f}" for s in speeds) + f"; {wall:.0f} s in all with start-up"),
@@ -366,9 +603,20 @@ def item_loader(args, prof: Profile, shared: dict) -> list:
             count += len(images)
         rate = count / (time.perf_counter() - start)
         rows.append(Row("loader", label, f"{rate:.0f}", "images/s", "",
-                        f"{prof.workers} workers, {prof.loader_batches} batches of {prof.e2e_batch}"))
+                        f"{prof.workers} workers ({prof.start_method}), {prof.loader_batches} batches of "
+                        f"{prof.e2e_batch}"))
         del batches
     return rows
+
+
+def syncs_per_step(short: list, long: list, steps: int) -> dict:
+    """Syncs per step that a run of `steps` more iterations adds: (op, where) -> (count in `long` - count
+    in `short`) / steps, nonzero only. A sync seen only in the shorter run counts negative."""
+    from collections import Counter
+
+    added = Counter(long)
+    added.subtract(short)
+    return {key: n / steps for key, n in added.items() if n}
 
 
 def item_syncs(args, prof: Profile, shared: dict) -> list:
@@ -394,12 +642,7 @@ def item_syncs(args, prof: Profile, shared: dict) -> list:
         with SyncRecorder() as syncs:
             train(cfg, str(folder / f"run{iterations}"), progress=False)
         counts.append([(op, where.rsplit("/", 1)[-1]) for op, where in syncs.records if "/retinanet/data/" not in where])
-    added = {}
-    for op, where in counts[1]:
-        added[(op, where)] = added.get((op, where), 0) + 1
-    for key in counts[0]:
-        added[key] -= 1
-    per_step = {key: n / 2 for key, n in added.items() if n}
+    per_step = syncs_per_step(counts[0], counts[1], 2)
     note = "; ".join(f"{op} at {where}: {n:g}" for (op, where), n in per_step.items())
     if not args.device.startswith("cuda"):
         note += " (on the CPU the box loss picks the foreground with nonzero, free there; a GPU takes the mask path)"
@@ -411,14 +654,16 @@ def item_frcnn(args, prof: Profile, shared: dict) -> list:
     """benchmarks/bench_faster_rcnn.py on this device: one row per timed configuration."""
     cmd = [sys.executable, str(HERE / "bench_faster_rcnn.py"), "--device", args.device] + (
         ["--quick"] if args.quick else [])
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    out = proc.stdout + proc.stderr
-    if proc.returncode != 0:
+    limit = shared["limit"] - 10  # room to kill it and report before this item's own limit
+    code, lines = run_streamed(cmd, limit)
+    out = "\n".join(lines)
+    if code is None:
+        return [Row("frcnn", "-", "STOPPED", "", "", f"killed at its {limit:.0f} s limit (the time budget)",
+                    failed=True)]
+    if code != 0:
         if "No module named 'torchvision'" in out:
             return [Row("frcnn", "-", "skipped", "", "", "torchvision is not importable")]
-        print(out[-4000:], file=sys.stderr)
-        return [Row("frcnn", "-", "FAILED", "", "", f"exit code {proc.returncode}", failed=True)]
+        return [Row("frcnn", "-", "FAILED", "", "", f"exit code {code}", failed=True)]
     return parse_bench_rows("frcnn", out)
 
 
@@ -458,6 +703,15 @@ def print_table(rows: list) -> None:
         print("  ".join(f"{c[i][:widths[i]]:<{widths[i]}}" if i < 5 else c[i] for i in range(6)).rstrip())
         if k == 0:
             print("  ".join("-" * w for w in widths[:5]) + "  " + "-" * 4)
+    sys.stdout.flush()
+
+
+def write_report(path: Optional[str], report: dict) -> None:
+    """`--json`, rewritten whole after every item (a temporary file renamed over it: never half written)."""
+    if path:
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -465,35 +719,72 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (a dry run at small sizes)")
     parser.add_argument("--quick", action="store_true", help="the main figures: fewer repeats, shorter runs")
     parser.add_argument("--only", default=",".join(ITEMS), help=f"comma-separated items (default: {','.join(ITEMS)})")
-    parser.add_argument("--json", help="also write the environment and the rows to this file")
+    parser.add_argument("--json", help="also write the environment and the rows to this file (after every item)")
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET,
+                        help=f"seconds for the whole run, from here on (default {DEFAULT_BUDGET}, inside a 10-minute "
+                             "call on a lent GPU machine); items that would not fit are skipped, an item past it "
+                             "stopped; 0: no limit")
+    parser.add_argument("--test-timeout", type=float, default=180,
+                        help="seconds per test of tests/test_cuda.py, where pytest-timeout is installed (default 180)")
     args = parser.parse_args(argv)
-    items = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = [s for s in items if s not in ITEMS]
+    budget = Budget(args.budget, {})
+    chosen = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in ITEMS]
     if unknown:
         parser.error(f"unknown item(s) {', '.join(unknown)}; choose from {', '.join(ITEMS)}")
-    if args.device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            parser.error("--device cuda, but torch sees no CUDA GPU (use --device cpu for a dry run)")
-        torch.cuda.set_device(torch.device(args.device))
-        torch.backends.cudnn.benchmark = True  # fixed sizes here; the same setting for torchvision and ours
+    items = [name for name in ITEMS if name in chosen]  # the tests last
+    try:
+        args.device = str(setup_device(args.device))
+    except ValueError as e:
+        parser.error(str(e))
+    budget.expected = {name: item_seconds(name, args.device, args.quick) for name in ITEMS}
     prof = profile(args.device, args.quick)
-    env = environment(args.device)
+    wanted = prof.workers
+    prof.workers, workers_note = fit_workers(wanted, loader_batch_bytes(prof), shm_free_bytes())
+    multiprocessing.set_start_method(prof.start_method, force=True)  # the DataLoader's default context
+    env = environment(args.device, budget)
+    env["loader workers"] = (f"{prof.workers}, started by {prof.start_method} (not fork: CUDA is initialized in "
+                             f"this process); {workers_note}")
+    env["time budget"] = (f"{args.budget:g} s" if args.budget > 0 else "none") + (
+        ", items expected to take: " + ", ".join(f"{n} {budget.expected[n]:.0f} s" for n in items))
     print(f"retinanet GPU benchmark, {time.strftime('%Y-%m-%d %H:%M')}: python benchmarks/gpu.py "
           f"{' '.join(argv if argv is not None else sys.argv[1:])}")
     for key, value in env.items():
         print(f"  {key}: {value}")
     print(f"  profile: {asdict(prof)}")
+    missing = library_origins()[1]
+    if missing:
+        print(f"  WARNING: {', '.join(missing)} do not import: evaluation (tests/test_cuda.py, the engine) needs "
+              "them; carry the wheels as BENCHMARKS.md (GPU benchmark script) says", flush=True)
     rows, shared, started = [], {}, time.perf_counter()
-    for name in items:
+    report = {"environment": env, "profile": asdict(prof), "rows": [], "finished": False}
+    for k, name in enumerate(items):
         start = time.perf_counter()
-        print(f"[{name}] running ...", flush=True)
-        try:
-            new = RUNNERS[name](args, prof, shared)
-        except Exception as e:  # reported in the table; the other items still run
-            traceback.print_exc()
-            new = [Row(name, "-", "FAILED", "", "", f"{type(e).__name__}: {e}"[:300].replace("\n", " "), failed=True)]
+        skip = budget.skip_reason(name, items[k + 1:])
+        if skip:
+            new = [Row(name, "-", "skipped", "", "", skip)]
+        else:
+            shared["limit"] = budget.limit(name, items[k + 1:])
+            print(f"\n[{name}] running (about {budget.expected[name]:.0f} s expected, at most "
+                  f"{shared['limit']:.0f} s) ...", flush=True)
+            try:
+                with stop_after(shared["limit"]):
+                    new = RUNNERS[name](args, prof, shared)
+            except BudgetExceeded as e:
+                new = [Row(name, "-", "STOPPED", "", "", f"{e} (the time budget); its rows are lost", failed=True)]
+            except KeyboardInterrupt:
+                rows.append(Row(name, "-", "INTERRUPTED", "", "", "KeyboardInterrupt", failed=True))
+                break
+            except Exception as e:  # reported in the table; the other items still run
+                traceback.print_exc()
+                new = [Row(name, "-", "FAILED", "", "", f"{type(e).__name__}: {e}"[:300].replace("\n", " "),
+                           failed=True)]
         rows += new
-        print(f"[{name}] {time.perf_counter() - start:.0f} s", flush=True)
+        print(f"[{name}] {time.perf_counter() - start:.0f} s; {time.perf_counter() - started:.0f} s since the start",
+              flush=True)
+        print_table(new)
+        report.update(rows=[asdict(r) for r in rows], elapsed_s=round(time.perf_counter() - started, 1))
+        write_report(args.json, report)
         gc.collect()
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -504,9 +795,8 @@ def main(argv=None) -> int:
     print(f"\nSummary ({args.device}{', quick' if args.quick else ''}; {time.perf_counter() - started:.0f} s; "
           f"load average now {load_average()}):\n")
     print_table(rows)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"environment": env, "profile": asdict(prof),
-                                               "rows": [asdict(r) for r in rows]}, indent=1))
+    report.update(rows=[asdict(r) for r in rows], elapsed_s=round(time.perf_counter() - started, 1), finished=True)
+    write_report(args.json, report)
     return 1 if any(r.failed for r in rows) else 0
 
 
