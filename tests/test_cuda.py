@@ -23,6 +23,7 @@ from retinanet.modeling import build_model
 from retinanet.ops.nms import batched_nms, native_batched_nms, reference_nms
 
 from conftest import tiny_config, train_steps
+from detection_match import assert_same_detections
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -220,19 +221,7 @@ def test_postprocess_on_the_gpu_equals_the_cpu():
                                      gpu_batch)
     for c, d in zip(cpu, gpu):
         assert len(c["scores"]) == model.detections_per_image  # the full 100: the comparison is not empty
-        assert torch.equal(d["labels"].cpu(), c["labels"])
-        torch.testing.assert_close(d["scores"].cpu(), c["scores"], rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(d["boxes"].cpu(), c["boxes"], rtol=0, atol=1e-3)
-
-
-def _matched(a, b, box_tol=0.05, score_tol=1e-4) -> int:
-    """How many detections of `a` have one in `b` with the same label, score and box (within tolerances)."""
-    count = 0
-    for box, score, label in zip(a.boxes, a.scores, a.labels):
-        same = ((b.labels == label) & (np.abs(b.scores - score) <= score_tol)
-                & (np.abs(b.boxes - box).max(axis=1, initial=0) <= box_tol))
-        count += bool(same.any())
-    return count
+        assert_same_detections(d, c, score_atol=1e-6, box_atol=1e-3)
 
 
 def test_predictor_on_the_gpu_finds_the_cpus_detections(fp32_on_the_gpu):
@@ -250,8 +239,7 @@ def test_predictor_on_the_gpu_finds_the_cpus_detections(fp32_on_the_gpu):
     gpu = Predictor(copy.deepcopy(model), categories, device="cuda", score_threshold=0.2)(arrays)
     for c, d in zip(cpu, gpu):
         assert len(c.scores) >= 20  # enough detections for the comparison to mean something
-        assert abs(len(c.scores) - len(d.scores)) <= 1  # a score at the threshold may round either way
-        assert _matched(c, d) >= len(c.scores) - 1 and _matched(d, c) >= len(d.scores) - 1
+        assert_same_detections(d, c, score_atol=1e-4, box_atol=0.05)  # one at the threshold may round either way
 
 
 def test_evaluate_model_on_the_gpu_equals_the_cpu(tmp_path, monkeypatch, fp32_on_the_gpu):
@@ -261,7 +249,6 @@ def test_evaluate_model_on_the_gpu_equals_the_cpu(tmp_path, monkeypatch, fp32_on
     from retinanet.data.coco import CocoDataset
     from retinanet.data.synthetic import make_shapes_dataset
     from retinanet.engine import DistEnv, evaluate_model
-    from retinanet.predict import Detections
 
     shapes = make_shapes_dataset(str(tmp_path / "data"), num_train=1, num_val=4, image_size=64, seed=0)
     dataset = CocoDataset(shapes.val_json, shapes.val_images)
@@ -276,13 +263,10 @@ def test_evaluate_model_on_the_gpu_equals_the_cpu(tmp_path, monkeypatch, fp32_on
                             lambda dets, ids, cats, seen=seen: seen.extend(dets) or original(dets, ids, cats))
         env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device(device))
         metrics[device] = evaluate_model(copy.deepcopy(model).to(device), dataset, env, batch_size=2)
-    as_numpy = [[Detections(boxes=d["boxes"].cpu().numpy(), scores=d["scores"].cpu().numpy(),
-                            labels=d["labels"].cpu().numpy(), category_ids=None, names=[], image_size=(64, 64))
-                 for d in detections[device]] for device in ("cpu", "cuda")]
-    for c, d in zip(*as_numpy):
-        assert len(c.scores) >= 20  # enough detections for the comparison to mean something
-        assert abs(len(c.scores) - len(d.scores)) <= 1  # a score at the threshold may round either way
-        assert _matched(c, d) >= len(c.scores) - 1 and _matched(d, c) >= len(d.scores) - 1
+    assert len(detections["cpu"]) == len(detections["cuda"]) == 4
+    for c, d in zip(detections["cpu"], detections["cuda"]):
+        assert len(c["scores"]) >= 20  # enough detections for the comparison to mean something
+        assert_same_detections(d, c, score_atol=1e-4, box_atol=0.05)  # one at the threshold may round either way
     for key in ("AP", "AP50", "AP75"):
         assert metrics["cuda"][key] == pytest.approx(metrics["cpu"][key], abs=1e-3)
 
