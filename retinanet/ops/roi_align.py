@@ -15,10 +15,10 @@ feature map (1 / stride).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
+
+from .torchvision_ops import torchvision_op
 
 
 def _pair(size) -> tuple:
@@ -106,25 +106,12 @@ def _coo(rows: Tensor, cols: Tensor, values: Tensor, size: tuple) -> Tensor:
     return torch.sparse_coo_tensor(torch.stack([rows, cols]), values, size, is_coalesced=True, check_invariants=False)
 
 
-@functools.lru_cache(maxsize=None)
-def _torchvision_op(name: str):
-    """torchvision.ops.<name> (roi_align or roi_pool) if torchvision imports and its compiled ops run, else None."""
-    try:
-        import torchvision.ops
-
-        op = getattr(torchvision.ops, name)
-        op(torch.zeros(1, 1, 2, 2), torch.zeros(1, 5), 1)
-    except Exception:  # not installed, or its compiled ops do not load with this torch build
-        return None
-    return op
-
-
 def _kernel(name: str, backend: str):
     """torchvision's kernel for `name` if `backend` asks for it ("torchvision") or allows it ("auto") and
     it is importable; None for ours ("native", or "auto" without torchvision)."""
     if backend not in ("auto", "native", "torchvision"):
         raise ValueError(f"unknown {name} backend '{backend}'")
-    op = None if backend == "native" else _torchvision_op(name)
+    op = None if backend == "native" else torchvision_op(name)
     if op is None and backend == "torchvision":
         raise RuntimeError(f"torchvision {name} requested but torchvision is not importable")
     return op
