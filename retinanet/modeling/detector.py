@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.boxes import scale_boxes
 from ..ops.transform import resized_size
 from ..syncs import to_device
 
@@ -216,8 +217,7 @@ def rescale_to_original(detections: list, batch: ImageBatch) -> list:
     """Scale each image's boxes from its resized size to its original size (in place; returns the list)."""
     for det, (h, w), (oh, ow) in zip(detections, batch.image_sizes, batch.original_sizes):
         if (h, w) != (oh, ow):
-            scale = torch.tensor([ow / w, oh / h, ow / w, oh / h], device=det["boxes"].device)
-            det["boxes"] = det["boxes"] * scale
+            det["boxes"] = scale_boxes(det["boxes"], ow / w, oh / h)
     return detections
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..losses import giou_loss, smooth_l1_loss
-from ..ops.boxes import box_iou, decode, encode
+from ..ops.boxes import box_iou, clip_boxes, decode, encode
 from ..ops.matcher import BACKGROUND, FOREGROUND, Matcher, ignore_crowd, split_crowd
 from ..ops.nms import batched_nms
 from ..ops.poolers import as_rois, pool_pyramid, split_images
@@ -208,9 +208,7 @@ class RoIHeads(nn.Module):
         boxes = decode(rois[roi], deltas, self.box_weights, self.box_clamp)  # (M, 4)
         img = image[roi]
         sizes = torch.tensor(image_sizes, dtype=torch.float32, device=device).reshape(-1, 2)[img]  # (M, 2) h, w
-        boxes = torch.stack([boxes[:, 0].clamp(min=0).minimum(sizes[:, 1]), boxes[:, 1].clamp(min=0).minimum(sizes[:, 0]),
-                             boxes[:, 2].clamp(min=0).minimum(sizes[:, 1]), boxes[:, 3].clamp(min=0).minimum(sizes[:, 0])],
-                            dim=1)
+        boxes = clip_boxes(boxes, sizes[:, 0], sizes[:, 1])
         scores = probs[roi, cls]
         big = (boxes[:, 2] - boxes[:, 0] >= 1e-2) & (boxes[:, 3] - boxes[:, 1] >= 1e-2)
         boxes, scores, cls, img = boxes[big], scores[big], cls[big], img[big]

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .boxes import decode
+from .boxes import clip_boxes, decode
 from .nms import batched_nms
 
 
@@ -81,8 +81,7 @@ def postprocess(cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, level_s
     # Decode in float32 and clip to each image.
     boxes = decode(anchors[anchor_idx], box_deltas[img_idx, anchor_idx], box_weights, box_clamp)  # (C', 4)
     sizes = torch.tensor(image_sizes, dtype=torch.float32, device=device)[img_idx]  # (C', 2) h, w
-    boxes = torch.stack([boxes[:, 0].clamp(min=0).minimum(sizes[:, 1]), boxes[:, 1].clamp(min=0).minimum(sizes[:, 0]),
-                         boxes[:, 2].clamp(min=0).minimum(sizes[:, 1]), boxes[:, 3].clamp(min=0).minimum(sizes[:, 0])], dim=1)
+    boxes = clip_boxes(boxes, sizes[:, 0], sizes[:, 1])
     groups = img_idx if class_agnostic else img_idx * k + cls
     keep = batched_nms(boxes, scores, groups, nms_thresh, backend=nms_backend)  # by decreasing score
     order, rank = segment_rank(img_idx[keep], scores[keep])
