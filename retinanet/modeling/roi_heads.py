@@ -23,7 +23,7 @@ from ..ops.boxes import box_iou, clip_boxes, decode, encode
 from ..ops.matcher import BACKGROUND, FOREGROUND, Matcher, ignore_crowd, split_crowd
 from ..ops.nms import batched_nms
 from ..ops.poolers import as_rois, pool_pyramid, split_images
-from ..ops.postprocess import segment_rank
+from ..ops.postprocess import top_per_image
 from ..ops.sampler import sample_balanced
 
 
@@ -213,9 +213,5 @@ class RoIHeads(nn.Module):
         big = (boxes[:, 2] - boxes[:, 0] >= 1e-2) & (boxes[:, 3] - boxes[:, 1] >= 1e-2)
         boxes, scores, cls, img = boxes[big], scores[big], cls[big], img[big]
         keep = batched_nms(boxes, scores, img * k + cls, nms_thresh)  # by decreasing score
-        order, rank = segment_rank(img[keep], scores[keep])
-        keep = keep[order[rank < max_det]]  # grouped by image, by decreasing score within
-        per_image = torch.bincount(img[keep], minlength=b).tolist()
-        return [{"boxes": bx, "scores": sc, "labels": lb}
-                for bx, sc, lb in zip(boxes[keep].split(per_image), scores[keep].split(per_image),
-                                      cls[keep].split(per_image))]
+        return top_per_image(img[keep], scores[keep], max_det, b,
+                             {"boxes": boxes[keep], "scores": scores[keep], "labels": cls[keep]})
