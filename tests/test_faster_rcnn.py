@@ -16,6 +16,7 @@ from retinanet.cli import main
 from retinanet.config import ConfigError, load_config
 from retinanet.modeling import build_model
 from retinanet.modeling.faster_rcnn import FasterRCNN
+from retinanet.ops.transform import default_image_sizes
 
 from conftest import tiny_config, train_steps
 
@@ -81,6 +82,25 @@ def test_batched_inference_equals_per_image():
         assert len(a["scores"]) > 0
         assert torch.equal(a["labels"], b["labels"])
         assert torch.allclose(a["boxes"], b["boxes"], atol=1e-4) and torch.allclose(a["scores"], b["scores"], atol=1e-6)
+
+
+def test_default_image_sizes_are_the_padded_batchs():
+    """network(images) without image_sizes: every image fills the batch; as the copies it replaced
+    (faster_rcnn.py, and segment_proposals.py's two) computed them."""
+    images = torch.zeros(3, 3, 64, 96)
+    sizes = default_image_sizes(images)
+    assert sizes.dtype == torch.int64 and sizes.tolist() == [[64, 96]] * 3
+    assert torch.equal(sizes, torch.tensor([images.shape[-2:]], device=images.device).expand(images.shape[0], 2))
+    assert torch.equal(sizes, images.new_tensor([[64, 96]], dtype=torch.int64).expand(3, 2))
+    given = torch.tensor([[64, 80], [50, 96], [64, 96]])
+    assert default_image_sizes(images, given) is given
+    assert torch.equal(default_image_sizes(images, [(64, 80), (50, 96), (64, 96)]), given)
+    torch.manual_seed(0)
+    model = build_model(_config()).eval()
+    with torch.no_grad():
+        x = torch.randn(2, 3, 64, 96)
+        for a, b in zip(model.network(x), model.network(x, torch.tensor([[64, 96], [64, 96]]))):
+            assert torch.equal(a, b)
 
 
 def test_training_lowers_the_loss_of_a_fixed_batch():
