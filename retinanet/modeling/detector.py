@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.boxes import scale_boxes
+from ..ops.matcher import check_labels
 from ..ops.transform import resized_size
 from ..syncs import to_device
 
@@ -208,9 +209,7 @@ def check_targets(targets: list, num_classes: Optional[int] = None) -> None:
             if key in t and t[key].numel() != g:
                 raise ValueError(f"{where}: {g} boxes but {t[key].numel()} {key}")
         if num_classes is not None and "labels" in t:
-            labels = t["labels"].detach().cpu().reshape(-1).numpy()
-            if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-                raise ValueError(f"{where}: labels must be in 0..{num_classes - 1}, got {labels.tolist()}")
+            check_labels(t["labels"].detach().cpu().reshape(-1), num_classes, where)
 
 
 def rescale_to_original(detections: list, batch: ImageBatch) -> list:
