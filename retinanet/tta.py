@@ -20,16 +20,11 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .ops.boxes import box_iou
+from .ops.boxes import box_iou, flip_boxes
 from .ops.nms import batched_nms
 
 DEFAULT_SCALES = (0.75, 1.0, 1.25)
 DEFAULT_VOTE_IOU = 0.8  # Detectron's TEST.BBOX_VOTE.VOTE_TH; not tuned on the demo
-
-
-def flip_boxes(boxes: Tensor, width: int) -> Tensor:
-    """Boxes (N, 4) xyxy of a horizontally flipped image of `width` px -> the same boxes in the unflipped image."""
-    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
 
 
 def merge_detections(parts: list, nms_thresh: float, max_detections: int, class_agnostic: bool = False,

@@ -1,7 +1,8 @@
+import pytest
 import torch
 
 from retinanet.ops.boxes import box_iou
-from retinanet.ops.matcher import Matcher, ignore_crowd
+from retinanet.ops.matcher import Matcher, check_labels, ignore_crowd, match_targets, pad_targets
 
 
 def test_matcher_hand_matrix():
@@ -61,3 +62,50 @@ def test_crowd_ignores_background_only():
     crowd = torch.tensor([[0.0, 0, 10, 7]])  # covers 70% of anchors 0, 1 and 35% of anchor 3
     out = ignore_crowd(labels, anchors, crowd, 0.7)
     assert out.tolist() == [-1, 1, 0, 0]
+
+
+def random_anchors(g, n, extent=120.0):
+    xy = torch.rand(n, 2, generator=g) * extent
+    return torch.cat([xy, xy + 4 + torch.rand(n, 2, generator=g) * 50], 1)
+
+
+@pytest.mark.parametrize("allow_low_quality", [False, True])
+@pytest.mark.parametrize("chunk_elems", [1 << 24, 300])  # one IoU block, and one box of every image at a time
+def test_each_images_own_anchors_equal_matching_each_image_alone(allow_low_quality, chunk_elems):
+    """Anchors (B, N, 4), one set per image (the RoI heads' proposals, padded with zero boxes), give each
+    image what match_targets gives it alone with its (N, 4): crowd boxes, an image without boxes, an image
+    with only crowd boxes, duplicate boxes (ties: the first wins)."""
+    g = torch.Generator().manual_seed(0)
+    targets = []
+    for m, crowd in ((4, [0, 1, 0, 0]), (0, []), (3, [1, 1, 1]), (5, [0, 0, 0, 1, 0])):
+        boxes = random_anchors(g, m)
+        if m >= 3:
+            boxes[2] = boxes[0]
+        targets.append({"boxes": boxes, "labels": torch.randint(0, 4, (m,), generator=g),
+                        "iscrowd": torch.tensor(crowd, dtype=torch.bool)})
+        if m == 5:  # a crowd box over some anchors of this image
+            targets[-1]["boxes"][3] = torch.tensor([0.0, 0, 120, 60])
+    anchors = torch.stack([random_anchors(g, 90) for _ in targets])  # (B, N, 4)
+    anchors[1, 70:] = anchors[3, 80:] = 0  # padding, as the RoI heads give it
+    matcher = Matcher(0.5, 0.4, allow_low_quality=allow_low_quality, chunk_elems=chunk_elems)
+    labels, boxes, classes = match_targets(matcher, anchors, targets, 0.7)
+    for i, t in enumerate(targets):
+        one = match_targets(matcher, anchors[i], [t], 0.7)
+        assert torch.equal(labels[i], one[0][0]) and torch.equal(boxes[i], one[1][0]) and torch.equal(classes[i], one[2][0])
+    assert (labels == 1).any() and (labels == -1).any() and not labels[1].any() and not labels[2].any()
+    assert torch.equal(match_targets(matcher, anchors, targets, 0.7, padded=pad_targets(targets))[0], labels)
+
+
+def test_check_labels_names_the_first_bad_image():
+    check_labels(torch.tensor([0, 2, 1]), 3, "image 0")
+    check_labels(torch.zeros(0, dtype=torch.int64), 3, "image 0")
+    with pytest.raises(ValueError, match=r"^image 4 \(image id 17\): labels must be in 0..2, got \[0, 3\]$"):
+        check_labels(torch.tensor([0, 3]), 3, "image 4 (image id 17)")
+    with pytest.raises(ValueError, match=r"labels must be in 0..2, got \[-1\]"):
+        check_labels(torch.tensor([-1]), 3, "image 0")
+    # a padded batch: padding (and crowd) entries are not labels; the first image with a bad one is named
+    labels = torch.tensor([[0, 9, 0], [1, 2, 5], [7, 0, 0]])
+    valid = torch.tensor([[True, False, False], [True, True, True], [True, False, False]])
+    with pytest.raises(ValueError, match=r"^b: labels must be in 0..2, got \[1, 2, 5\]$"):
+        check_labels(labels, 3, ["a", "b", "c"], valid=valid)
+    check_labels(labels[:1], 3, ["a"], valid=valid[:1])

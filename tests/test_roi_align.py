@@ -222,3 +222,90 @@ def test_many_rois_at_once_equal_one_at_a_time(sampling_ratio):
     assert torch.allclose(together, alone, atol=1e-6)
     assert torch.equal(roi_pool(feat, rois, 7, 0.25, backend="native"),
                        torch.cat([roi_pool(feat, rois[i:i + 1], 7, 0.25, backend="native") for i in range(40)]))
+
+
+def smooth_pyramid_level(channels=4, height=200, width=256):
+    """(1, C, H, W) smooth features: a stride-4 level of an 800 x 1024 image, where bf16 positions
+    (8 significant bits) would move in whole-pixel steps."""
+    y = torch.linspace(0, 6.28, height)[:, None]
+    x = torch.linspace(0, 8.2, width)[None, :]
+    return torch.stack([torch.sin(3 * y + c) * torch.cos(2 * x - c) + 0.1 * c for c in range(channels)])[None]
+
+
+def low_precision(dtype):
+    """Skip where this CPU's torch cannot run `dtype` under autocast (fp16 on older builds)."""
+    try:
+        with torch.autocast("cpu", dtype=dtype):
+            torch.ones(2, 2).to(dtype) @ torch.ones(2, 2)
+    except RuntimeError as e:  # pragma: no cover - depends on the build
+        pytest.skip(f"{dtype} not supported on this CPU: {e}")
+    return dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_features_are_pooled_at_float32_positions(dtype):
+    """bf16 / fp16 features (train.amp, eval --bf16, Predictor(bf16=True)) are pooled as their float32 values
+    would be, rounded once: coordinates, bilinear weights and sums in float32. Exact, since the float32
+    computation on the same values is the same sparse product. Before the fix, positions computed in bf16
+    (and weights summed in it) gave errors of 27x the output's own rounding on this level (0.107 against
+    0.0039; fp16: 0.012 against 0.0005); RoI max pooling, which rounds only the corners, was off by 0.18."""
+    dtype = low_precision(dtype)
+    g = torch.Generator().manual_seed(0)
+    feat = smooth_pyramid_level().to(dtype)  # the reference below pools exactly these values, in float32
+    xy = torch.rand(64, 2, generator=g) * torch.tensor([824.0, 600.0])
+    rois = torch.cat([torch.zeros(64, 1), xy, xy + 16 + torch.rand(64, 2, generator=g) * 180], 1)
+    ref = roi_align(feat.float(), rois, 7, 0.25, 2, backend="native")
+    rounding = (ref.to(dtype).float() - ref).abs().max().item()  # what the output dtype alone costs
+    assert 0 < rounding < 0.01
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+            out = roi_align(feat, rois, 7, 0.25, 2, backend="native")
+            pooled = roi_pool(feat, rois, 7, 0.25, backend="native")
+        assert out.dtype == dtype and pooled.dtype == dtype
+        assert (out.float() - ref).abs().max().item() <= rounding
+        assert torch.equal(out, ref.to(dtype))
+        assert torch.equal(pooled, roi_pool(feat.float(), rois, 7, 0.25, backend="native").to(dtype))
+    # the gradient, likewise: A^T @ grad_out in float32, rounded once
+    a, b = feat.clone().requires_grad_(), feat.float().requires_grad_()
+    with torch.autocast("cpu", dtype=dtype):
+        roi_align(a, rois, 7, 0.25, 2, backend="native").sum().backward()
+    roi_align(b, rois, 7, 0.25, 2, backend="native").sum().backward()
+    assert a.grad.dtype == dtype and torch.equal(a.grad, b.grad.to(dtype))
+
+
+def test_torchvision_kernels_get_float32_rois_and_features(monkeypatch):
+    """torchvision's kernels compute in their inputs' dtype: with bf16 features they are called on float32
+    features and RoIs (before the fix, RoIs cast to bf16: image coordinates in 4-pixel steps at 512-1024
+    px) and their output is rounded to bf16 once. Checked with a stand-in kernel that records its inputs,
+    so that it runs where torchvision does not."""
+    import retinanet.ops.roi_align as ra
+
+    seen = []
+
+    def stand_in(name):
+        native = {"roi_align": roi_align, "roi_pool": roi_pool}[name]
+
+        def op(features, rois, *args):
+            seen.append((name, features.dtype, rois.dtype))
+            return native(features, rois, *args, backend="native")
+        return op
+
+    monkeypatch.setattr(ra, "torchvision_op", stand_in)
+    feat = smooth_pyramid_level(2).bfloat16()
+    rois = torch.tensor([[0.0, 513.0, 517.0, 771.0, 783.0]])  # bf16 would make them 512, 516, 772, 784
+    out = roi_align(feat, rois, 7, 0.25, 2, backend="torchvision")
+    pooled = roi_pool(feat, rois, 7, 0.25, backend="torchvision")
+    assert seen == [("roi_align", torch.float32, torch.float32), ("roi_pool", torch.float32, torch.float32)]
+    assert out.dtype == pooled.dtype == torch.bfloat16
+    assert torch.equal(out, roi_align(feat.float(), rois, 7, 0.25, 2, backend="native").bfloat16())
+    assert torch.equal(pooled, roi_pool(feat.float(), rois, 7, 0.25, backend="native").bfloat16())
+
+
+@needs_tv
+def test_torchvision_kernels_with_bf16_features_equal_float32_rounded_once():
+    feat = smooth_pyramid_level().bfloat16()
+    rois = pyramid_rois(200, 11, image=(800, 1024), batch=1)
+    for ours, ref in ((roi_align(feat, rois, 7, 0.25, 2, backend="torchvision"),
+                       tv_roi_align(feat.float(), rois, 7, 0.25, 2)),
+                      (roi_pool(feat, rois, 7, 0.25, backend="torchvision"), tv_roi_pool(feat.float(), rois, 7, 0.25))):
+        assert ours.dtype == torch.bfloat16 and torch.equal(ours, ref.bfloat16())

@@ -137,6 +137,104 @@ def test_batched_equals_per_image():
         assert_same_detections(batch[i], alone, score_atol=1e-6, box_atol=1e-4)
 
 
+def per_image_sample(heads, proposals, image, targets):
+    """`RoIHeads.sample` as it was before `match_targets` served it: one matching per image. The reference."""
+    from retinanet.ops.boxes import box_iou
+    from retinanet.ops.matcher import BACKGROUND, FOREGROUND, ignore_crowd, split_crowd
+    from retinanet.ops.sampler import sample_balanced
+
+    boxes, labels, matched = [], [], []
+    for i, (props, t) in enumerate(zip(split_images(proposals, image, len(targets)), targets)):
+        gt, gt_cls, crowd = split_crowd(t)
+        if gt_cls.numel() and (gt_cls.min() < 0 or gt_cls.max() >= heads.num_classes):
+            raise ValueError(f"image {i}: labels must be in 0..{heads.num_classes - 1}, got {gt_cls.tolist()}")
+        props = torch.cat([props.float(), gt])
+        idx, lab = heads.matcher(box_iou(gt, props))
+        lab = ignore_crowd(lab, props, crowd, heads.crowd_ioa)
+        if gt.shape[0] == 0:
+            gt, gt_cls = props.new_zeros(1, 4), gt_cls.new_zeros(1)
+        cls = torch.where(lab == FOREGROUND, gt_cls[idx] + 1, torch.where(lab == BACKGROUND, 0 * idx, -1 + 0 * idx))
+        boxes.append(props), labels.append(cls), matched.append(gt[idx])
+    counts = [b.shape[0] for b in boxes]
+    padded = torch.full((len(boxes), max(counts)), -1, dtype=torch.int64)
+    for i, lab in enumerate(labels):
+        padded[i, :lab.numel()] = lab
+    keep = sample_balanced(padded, heads.batch_size_per_image, heads.positive_fraction)
+    img, idx = torch.nonzero(keep, as_tuple=True)
+    flat = torch.tensor([0] + counts[:-1]).cumsum(0)[img] + idx
+    return as_rois(torch.cat(boxes)[flat], img), torch.cat(labels)[flat], torch.cat(matched)[flat]
+
+
+def random_case(g, counts, num_boxes, num_classes=3):
+    """Proposals (counts[i] for image i, some 0) and targets (num_boxes[i] boxes, some crowd, some 0, a
+    duplicate box of another class for exact IoU ties, boxes that tie at IoU 0.5 with a proposal, a
+    proposal inside a crowd box)."""
+    proposals, targets = [], []
+    for n, m in zip(counts, num_boxes):
+        xy = torch.rand(m, 2, generator=g) * 80
+        gt = torch.cat([xy, xy + 8 + torch.rand(m, 2, generator=g) * 40], 1)
+        cls = torch.randint(0, num_classes, (m,), generator=g)
+        if m >= 3:
+            gt[2], cls[2] = gt[0], (cls[0] + 1) % num_classes  # the same box twice: the first must win
+        pxy = torch.rand(n, 2, generator=g) * 100
+        props = torch.cat([pxy, pxy + 2 + torch.rand(n, 2, generator=g) * 50], 1)
+        if m >= 1 and n >= 4:  # [x0, x0 + 2w] with the box [x0, x0 + w] and its right neighbour: IoU 0.5 with both
+            x0, y0, x1, y1 = gt[0].tolist()
+            props[3] = torch.tensor([x0, y0, 2 * x1 - x0, y1])
+            if m >= 2:
+                gt[1], cls[1] = torch.tensor([x1, y0, 2 * x1 - x0, y1]), (cls[0] + 2) % num_classes
+        crowd = torch.rand(m, generator=g) < 0.3
+        if crowd.any() and n >= 6:  # a proposal inside a crowd box: ignored unless a box claims it
+            props[5] = gt[crowd][0] + torch.tensor([1.0, 1, -1, -1])
+        proposals.append(props)
+        targets.append({"boxes": gt, "labels": cls, "iscrowd": crowd})
+    return proposals, targets
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batched_sampling_equals_per_image_sampling(seed):
+    """`sample` on the whole batch (`match_targets`, no loop over images) == the per-image matching it
+    replaced, bitwise and with the same random draws: crowd boxes, images without boxes or without
+    proposals, duplicate boxes and IoU ties at the foreground threshold, fewer and more RoIs than sampled."""
+    g = torch.Generator().manual_seed(seed)
+    counts = [int(c) for c in torch.randint(0, 40, (4,), generator=g)]
+    counts[seed % 4] = 0 if seed % 2 else counts[seed % 4]
+    num_boxes = [int(c) for c in torch.randint(0, 6, (4,), generator=g)]
+    num_boxes[(seed + 1) % 4] = 0
+    proposals, targets = random_case(g, counts, num_boxes)
+    heads = make_heads(batch_size_per_image=16 if seed % 3 == 0 else 512)
+    if seed == 5:  # no crowd flags at all, as a dataset without "iscrowd"
+        targets = [{k: v for k, v in t.items() if k != "iscrowd"} for t in targets]
+    flat, image = concat_images(proposals)
+    torch.manual_seed(seed)
+    rois, labels, matched = heads.sample(flat, image, targets)
+    torch.manual_seed(seed)
+    ref_rois, ref_labels, ref_matched = per_image_sample(heads, flat, image, targets)
+    assert torch.equal(rois, ref_rois) and torch.equal(labels, ref_labels) and torch.equal(matched, ref_matched)
+    assert (labels > 0).any() and (labels == 0).any()
+
+
+def test_batched_sampling_handles_ties_crowd_and_empty_images_by_hand():
+    """The cases of the random test, by hand: image 0 has GT and a crowd box; image 1 no boxes; image 2
+    two boxes that a proposal overlaps with IoU exactly 0.5 each (the first box wins), and no proposals
+    of its own besides that one."""
+    crowd = {"boxes": torch.cat([GT["boxes"], torch.tensor([[48.0, 48, 62, 62]])]), "labels": torch.tensor([2, 0, 1]),
+             "iscrowd": torch.tensor([0, 0, 1])}
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "iscrowd": torch.zeros(0)}
+    tie = {"boxes": torch.tensor([[0.0, 0, 10, 10], [10, 0, 20, 10]]), "labels": torch.tensor([1, 2]),
+           "iscrowd": torch.tensor([0, 0])}
+    flat, image = concat_images([PROPOSALS, PROPOSALS[:2], torch.tensor([[0.0, 0, 20, 10]])])
+    rois, labels, matched = make_heads().sample(flat, image, [crowd, empty, tie])
+    assert rois[:, 0].tolist() == [0] * 5 + [1] * 2 + [2] * 3
+    assert labels.tolist() == [3, 0, 1, 3, 1] + [0, 0] + [2, 2, 3]  # p3 ignored (crowd); 0.5 ties: the first box
+    assert torch.equal(rois[7:, 1:], torch.tensor([[0.0, 0, 20, 10], [0, 0, 10, 10], [10, 0, 20, 10]]))
+    assert torch.equal(matched[7:], tie["boxes"][[0, 0, 1]])
+    with pytest.raises(ValueError, match=r"image 2: labels must be in 0..2, got \[1, 3\]"):
+        make_heads().sample(flat, image, [crowd, empty, dict(tie, labels=torch.tensor([1, 3]))])
+    with pytest.raises(ValueError, match="image 1: 0 boxes but 1 labels"):
+        make_heads().sample(flat, image, [crowd, dict(empty, labels=torch.tensor([0])), tie])
+
+
 def torchvision_pair(num_classes=5, std=0.05, pool_backend=None):
     """torchvision's fasterrcnn_resnet50_fpn RPN and RoI heads (random weights, spread out so that
     proposals and scores differ) and ours with the same weights, built with our defaults."""

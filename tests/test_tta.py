@@ -13,8 +13,9 @@ from retinanet import Predictor
 from retinanet.checkpoint import make_checkpoint, save_atomic
 from retinanet.cli import main
 from retinanet.modeling import build_model
+from retinanet.ops.boxes import flip_boxes  # (by hand: tests/test_boxes.py)
 from retinanet.ops.nms import reference_nms
-from retinanet.tta import flip_boxes, merge_detections, tta_detections
+from retinanet.tta import merge_detections, tta_detections
 
 from conftest import tiny_config
 from detection_match import assert_same_detections
@@ -33,12 +34,6 @@ def _model():
 
 def _image(seed=0, h=96, w=128):
     return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).permute(2, 0, 1)
-
-
-def test_flip_boxes_by_hand():
-    boxes = torch.tensor([[10.0, 20.0, 30.0, 40.0], [0.0, 0.0, 100.0, 5.0]])
-    assert torch.equal(flip_boxes(boxes, 100), torch.tensor([[70.0, 20.0, 90.0, 40.0], [0.0, 0.0, 100.0, 5.0]]))
-    assert torch.equal(flip_boxes(flip_boxes(boxes, 100), 100), boxes)
 
 
 def test_a_flipped_pass_maps_back_onto_the_original_image():

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops.boxes import flip_boxes, scale_boxes
 from ..ops.masks import flip_masks, resize_masks
 from ..ops.transform import resized_size
 from ..syncs import to_device
@@ -165,8 +166,7 @@ class ResizeShortestSide:
         if (new_h, new_w) == (height, width):
             return image, target
         image = resize_image(image, new_h, new_w)
-        scale = torch.tensor([new_w / width, new_h / height, new_w / width, new_h / height])  # (4,) x, y, x, y
-        target = {**target, "boxes": target["boxes"] * scale}
+        target = {**target, "boxes": scale_boxes(target["boxes"], new_w / width, new_h / height)}
         if "masks" in target:
             target["masks"] = resize_masks(target["masks"], new_h, new_w)
         return image, target
@@ -184,9 +184,7 @@ class RandomHorizontalFlip:
         if float(torch.rand((), generator=generator)) >= self.prob:  # always one draw, so the RNG stream is stable
             return image, target
         width = image.shape[-1]
-        boxes = target["boxes"]  # (G, 4) xyxy
-        flipped = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
-        target = {**target, "boxes": flipped}
+        target = {**target, "boxes": flip_boxes(target["boxes"], width)}  # (G, 4) xyxy
         if "masks" in target:
             target["masks"] = flip_masks(target["masks"])
         return flip_image(image), target
@@ -233,7 +231,7 @@ class ScaleJitterCrop:
         masks = target.get("masks")  # (G, H, W) uint8 or None
         if (new_h, new_w) != (height, width):
             image = resize_image(image, new_h, new_w)
-            boxes = boxes * torch.tensor([new_w / width, new_h / height, new_w / width, new_h / height])
+            boxes = scale_boxes(boxes, new_w / width, new_h / height)
             if masks is not None:
                 masks = resize_masks(masks, new_h, new_w)
         window_h, window_w = min(size, new_h - top), min(size, new_w - left)  # image pixels inside the crop

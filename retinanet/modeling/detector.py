@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.boxes import scale_boxes
+from ..ops.matcher import check_labels
 from ..ops.transform import resized_size
 from ..syncs import to_device
 
@@ -207,17 +209,14 @@ def check_targets(targets: list, num_classes: Optional[int] = None) -> None:
             if key in t and t[key].numel() != g:
                 raise ValueError(f"{where}: {g} boxes but {t[key].numel()} {key}")
         if num_classes is not None and "labels" in t:
-            labels = t["labels"].detach().cpu().reshape(-1).numpy()
-            if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-                raise ValueError(f"{where}: labels must be in 0..{num_classes - 1}, got {labels.tolist()}")
+            check_labels(t["labels"].detach().cpu().reshape(-1), num_classes, where)
 
 
 def rescale_to_original(detections: list, batch: ImageBatch) -> list:
     """Scale each image's boxes from its resized size to its original size (in place; returns the list)."""
     for det, (h, w), (oh, ow) in zip(detections, batch.image_sizes, batch.original_sizes):
         if (h, w) != (oh, ow):
-            scale = torch.tensor([ow / w, oh / h, ow / w, oh / h], device=det["boxes"].device)
-            det["boxes"] = det["boxes"] * scale
+            det["boxes"] = scale_boxes(det["boxes"], ow / w, oh / h)
     return detections
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from .backbone import FPN, ResNet
 from ..ops.poolers import as_rois
+from ..ops.transform import default_image_sizes
 from .detector import Detector, ImageBatch, check_targets
 from .roi_heads import RoIHeads
 from .rpn import RegionProposalNetwork
@@ -55,8 +55,7 @@ class FasterRCNN(Detector):
     # ------------------------------------------------------------------ the Detector contract
     def network(self, images: Tensor, image_sizes: Optional[Tensor] = None) -> tuple:
         """images (B, 3, H, W), image_sizes (B, 2) int (h, w) of each resized image (default: the padded size)."""
-        if image_sizes is None:
-            image_sizes = torch.tensor([images.shape[-2:]], device=images.device).expand(images.shape[0], 2)
+        image_sizes = default_image_sizes(images, image_sizes)
         features = self.fpn(self.backbone(images))
         proposals, image, _ = self.rpn(features, images.shape[-2:], image_sizes)
         class_logits, box_regression = self.roi_heads.predict(self._roi_features(features), as_rois(proposals, image))

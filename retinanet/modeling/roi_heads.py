@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..losses import giou_loss, smooth_l1_loss
-from ..ops.boxes import box_iou, decode, encode
-from ..ops.matcher import BACKGROUND, FOREGROUND, Matcher, ignore_crowd, split_crowd
+from ..ops.boxes import clip_boxes, decode, encode
+from ..ops.matcher import BACKGROUND, FOREGROUND, Matcher, check_labels, match_targets, pad_targets
 from ..ops.nms import batched_nms
-from ..ops.poolers import as_rois, pool_pyramid, split_images
-from ..ops.postprocess import segment_rank
+from ..ops.poolers import as_rois, pool_pyramid
+from ..ops.postprocess import top_per_image
 from ..ops.sampler import sample_balanced
 
 
@@ -125,38 +125,22 @@ class RoIHeads(nn.Module):
 
         -> rois (S, 5) [image, x0, y0, x1, y1] sampled RoIs (by image, then by index within it),
         labels (S,) int64 (class + 1, 0 background), matched boxes (S, 4) (meaningful where labels > 0).
-        Matching is per image (box counts differ); sampling is batched over images.
+        The whole batch at once, no loop over images: each image's proposals and then its boxes, padded
+        into (B, P, 4), are matched by `match_targets` (crowd boxes are not added, match nothing, and make
+        the background proposals they cover ignored) and sampled by `sample_balanced`. A label outside
+        0..K-1 is a ValueError naming the image.
         """
-        device = proposals.device
-        per_image = split_images(proposals, image, len(targets))
-        boxes, labels, matched = [], [], []
-        for i, (props, t) in enumerate(zip(per_image, targets)):
-            try:
-                gt, gt_cls, crowd = split_crowd(t, device)
-            except ValueError as e:
-                raise ValueError(f"image {i}: {e}") from None
-            if gt_cls.numel() and (gt_cls.min() < 0 or gt_cls.max() >= self.num_classes):
-                raise ValueError(f"image {i}: labels must be in 0..{self.num_classes - 1}, got {gt_cls.tolist()}")
-            props = torch.cat([props.detach().float(), gt])  # the boxes are proposals too (as torchvision)
-            idx, lab = self.matcher(box_iou(gt, props))  # (P,) matched box, label in {-1, 0, 1}
-            lab = ignore_crowd(lab, props, crowd, self.crowd_ioa)
-            if gt.shape[0] == 0:  # every proposal is background; idx is all 0
-                gt, gt_cls = props.new_zeros(1, 4), gt_cls.new_zeros(1)
-            minus_one = torch.full_like(idx, -1)
-            cls = torch.where(lab == FOREGROUND, gt_cls[idx] + 1, torch.where(lab == BACKGROUND, 0 * idx, minus_one))
-            boxes.append(props)
-            labels.append(cls)
-            matched.append(gt[idx])
-        counts = [b.shape[0] for b in boxes]
-        padded = torch.full((len(boxes), max(counts)), -1, dtype=torch.int64, device=device)  # (B, Pmax), -1 = pad
-        for i, lab in enumerate(labels):
-            padded[i, :lab.numel()] = lab
-        keep = sample_balanced(padded, self.batch_size_per_image, self.positive_fraction)  # (B, Pmax)
+        b = len(targets)
+        padded = pad_targets(targets, proposals.device)
+        gt, gt_cls, real, _ = padded  # (B, G, 4), (B, G), (B, G)
+        check_labels(gt_cls, self.num_classes, [f"image {i}" for i in range(b)], valid=real)
+        boxes, present = _proposals_then_boxes(proposals.detach().float(), image, gt, real)  # (B, P, 4), (B, P)
+        labels, matched, classes = match_targets(self.matcher, boxes, targets, self.crowd_ioa, padded=padded)
+        labels = torch.where(labels == FOREGROUND, classes + 1, torch.where(labels == BACKGROUND, 0, -1))
+        labels = torch.where(present, labels, -1)  # (B, P) int64: class + 1, 0 background, -1 ignored or padding
+        keep = sample_balanced(labels, self.batch_size_per_image, self.positive_fraction)  # (B, P)
         img, idx = torch.nonzero(keep, as_tuple=True)  # (S,), by image then index
-        starts = torch.tensor([0] + counts[:-1], device=device).cumsum(0)
-        flat = starts[img] + idx  # into the concatenated per-image tensors
-        rois = as_rois(torch.cat(boxes)[flat], img)
-        return rois, torch.cat(labels)[flat], torch.cat(matched)[flat]
+        return as_rois(boxes[img, idx], img), labels[img, idx], matched[img, idx]
 
     def forward_train(self, features: list, proposals: Tensor, image: Tensor, targets: list) -> dict:
         """-> {"roi_cls": cross entropy averaged over the sampled RoIs, "roi_box": box loss of the
@@ -208,16 +192,33 @@ class RoIHeads(nn.Module):
         boxes = decode(rois[roi], deltas, self.box_weights, self.box_clamp)  # (M, 4)
         img = image[roi]
         sizes = torch.tensor(image_sizes, dtype=torch.float32, device=device).reshape(-1, 2)[img]  # (M, 2) h, w
-        boxes = torch.stack([boxes[:, 0].clamp(min=0).minimum(sizes[:, 1]), boxes[:, 1].clamp(min=0).minimum(sizes[:, 0]),
-                             boxes[:, 2].clamp(min=0).minimum(sizes[:, 1]), boxes[:, 3].clamp(min=0).minimum(sizes[:, 0])],
-                            dim=1)
+        boxes = clip_boxes(boxes, sizes[:, 0], sizes[:, 1])
         scores = probs[roi, cls]
         big = (boxes[:, 2] - boxes[:, 0] >= 1e-2) & (boxes[:, 3] - boxes[:, 1] >= 1e-2)
         boxes, scores, cls, img = boxes[big], scores[big], cls[big], img[big]
         keep = batched_nms(boxes, scores, img * k + cls, nms_thresh)  # by decreasing score
-        order, rank = segment_rank(img[keep], scores[keep])
-        keep = keep[order[rank < max_det]]  # grouped by image, by decreasing score within
-        per_image = torch.bincount(img[keep], minlength=b).tolist()
-        return [{"boxes": bx, "scores": sc, "labels": lb}
-                for bx, sc, lb in zip(boxes[keep].split(per_image), scores[keep].split(per_image),
-                                      cls[keep].split(per_image))]
+        return top_per_image(img[keep], scores[keep], max_det, b,
+                             {"boxes": boxes[keep], "scores": scores[keep], "labels": cls[keep]})
+
+
+def _proposals_then_boxes(proposals: Tensor, image: Tensor, gt: Tensor, real: Tensor) -> tuple:
+    """Each image's proposals followed by its boxes (the boxes are proposals too, as torchvision), as one
+    padded batch: proposals (R, 4) with image (R,) in 0..B-1, boxes gt (B, G, 4) with real (B, G) bool
+    (the boxes to add: not padding, not crowd) -> boxes (B, P, 4) (zeros after each image's own) and
+    present (B, P) bool, P = the most proposals + boxes of an image. Each image's proposals keep their
+    order, its boxes follow in theirs. One host read (P)."""
+    b, g = real.shape
+    device = proposals.device
+    num_proposals = torch.bincount(image, minlength=b)  # (B,)
+    num = num_proposals + real.sum(dim=1)  # (B,)
+    p = int(num.max()) if b else 0
+    by_image = torch.sort(image, stable=True).indices  # (R,)
+    first = num_proposals.cumsum(0) - num_proposals  # (B,) where each image's proposals start in by_image
+    position = torch.empty_like(image)  # (R,) of each proposal within its image
+    position[by_image] = torch.arange(image.numel(), device=device) - first[image[by_image]]
+    out = proposals.new_zeros(b, p + g, 4)  # columns p.. take the boxes not added (one each), then are cut off
+    out[image, position] = proposals
+    column = torch.where(real, num_proposals[:, None] + real.cumsum(dim=1) - 1, p + torch.arange(g, device=device))
+    out.scatter_(1, column[..., None].expand(-1, -1, 4), gt)  # (B, G) columns, distinct within each row
+    present = torch.arange(p, device=device)[None, :] < num[:, None]  # (B, P)
+    return out[:, :p], present

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..losses import giou_loss, smooth_l1_loss
 from ..ops.anchors import AnchorGenerator
-from ..ops.boxes import decode, encode
+from ..ops.boxes import clip_boxes, decode, encode
 from ..ops.matcher import FOREGROUND, Matcher, match_targets
 from ..ops.nms import nms_by_class
 from ..ops.sampler import sample_balanced
@@ -148,9 +148,7 @@ class RegionProposalNetwork(nn.Module):
             level.append(torch.full_like(idx[0], lv))
         boxes, logits, level = torch.cat(boxes, 1), torch.cat(logits, 1), torch.cat(level)  # (B, K, 4), (B, K), (K,)
         sizes = torch.as_tensor(image_sizes, device=device).to(boxes.dtype).reshape(-1, 2)  # (B, 2) h, w
-        h, w = sizes[:, 0, None], sizes[:, 1, None]  # (B, 1)
-        boxes = torch.stack([boxes[..., 0].clamp(min=0).minimum(w), boxes[..., 1].clamp(min=0).minimum(h),
-                             boxes[..., 2].clamp(min=0).minimum(w), boxes[..., 3].clamp(min=0).minimum(h)], dim=-1)
+        boxes = clip_boxes(boxes, sizes[:, 0, None], sizes[:, 1, None])  # each image's to its own (h, w)
         scores = torch.sigmoid(logits.float())  # (B, K)
         valid = ((boxes[..., 2] - boxes[..., 0] >= self.min_size) & (boxes[..., 3] - boxes[..., 1] >= self.min_size)
                  & (scores >= self.score_thresh))

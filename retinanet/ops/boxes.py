@@ -118,8 +118,28 @@ def decode(anchors: Tensor, deltas: Tensor, weights=(1.0, 1.0, 1.0, 1.0), clamp:
     return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
 
 
-def clip_boxes(boxes: Tensor, height: float, width: float) -> Tensor:
-    """Clip (..., 4) xyxy boxes to the image [0, width] x [0, height]."""
-    x = boxes[..., 0::2].clamp(0, width)
-    y = boxes[..., 1::2].clamp(0, height)
+def clip_boxes(boxes: Tensor, height, width) -> Tensor:
+    """Clip (..., 4) xyxy boxes to their image [0, width] x [0, height].
+
+    height, width: numbers (one image), or tensors that broadcast with boxes[..., 0], one size per box:
+    e.g. (N,) for N boxes of different images, (B, 1) for a (B, K, 4) batch of B images' boxes.
+    """
+    h = torch.as_tensor(height, dtype=boxes.dtype, device=boxes.device)[..., None]  # (..., 1), against (..., 2)
+    w = torch.as_tensor(width, dtype=boxes.dtype, device=boxes.device)[..., None]
+    x = boxes[..., 0::2].clamp(min=0).minimum(w)  # (..., 2) x0, x1
+    y = boxes[..., 1::2].clamp(min=0).minimum(h)
     return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
+
+
+def flip_boxes(boxes: Tensor, width) -> Tensor:
+    """(..., 4) xyxy boxes in an image `width` pixels wide -> the same boxes in that image mirrored
+    left-right: x -> width - x, so (x0, x1) -> (width - x1, width - x0). Its own inverse."""
+    return torch.stack([width - boxes[..., 2], boxes[..., 1], width - boxes[..., 0], boxes[..., 3]], dim=-1)
+
+
+def scale_boxes(boxes: Tensor, sx: float, sy: float) -> Tensor:
+    """(..., 4) xyxy boxes times (sx, sy, sx, sy): the same boxes in the image resized by sx horizontally and
+    sy vertically (sx = new width / width). The factors are float32 (float64 for float64 boxes), so the
+    result is float32 for float32, bf16 or integer boxes."""
+    dtype = torch.float64 if boxes.dtype == torch.float64 else torch.float32
+    return boxes * torch.tensor([sx, sy, sx, sy], dtype=dtype, device=boxes.device)

@@ -79,10 +79,10 @@ class Matcher:
         """Like `__call__` on box_iou(gt_boxes, anchors), without holding the whole IoU matrix when
         it would exceed `chunk_elems` elements: IoU is computed for a few boxes (of every image) at a time.
 
-        gt_boxes (G, 4), or a padded batch (B, G, 4) with valid (B, G) bool; anchors (N, 4) ->
-        matched (N,) or (B, N) int64, labels (N,) or (B, N) int8.
+        gt_boxes (G, 4), or a padded batch (B, G, 4) with valid (B, G) bool; anchors (N, 4), or (B, N, 4)
+        each image's own (the RoI heads' proposals) -> matched (N,) or (B, N) int64, labels (N,) or (B, N) int8.
         """
-        g, n = gt_boxes.shape[-2], anchors.shape[0]
+        g, n = gt_boxes.shape[-2], anchors.shape[-2]
         lead = gt_boxes.shape[:-2]  # () or (B,)
         per_row = n * math.prod(lead)  # IoU values of one row of every image
         if g * per_row <= self.chunk_elems or g == 0:
@@ -112,13 +112,14 @@ def ignore_crowd(labels: Tensor, anchors: Tensor, crowd_boxes: Tensor, threshold
     """Background anchors covered by a crowd box for >= `threshold` of their own area become ignored.
 
     labels: (N,) in {-1, 0, 1}; anchors (N, 4); crowd_boxes (C, 4). Or a padded batch: labels
-    (B, N), crowd_boxes (B, C, 4) with valid (B, C) bool (False: padding, or not a crowd box).
+    (B, N), crowd_boxes (B, C, 4) with valid (B, C) bool (False: padding, or not a crowd box), anchors
+    (N, 4) or each image's own (B, N, 4).
     Foreground anchors (matched to a real box) stay foreground. Returns new labels. The IoA is
     computed for a few crowd boxes at a time (at most about `chunk_elems` values), with no host
     synchronization.
     """
-    c, n = crowd_boxes.shape[-2], anchors.shape[0]
-    if c == 0:
+    c, n = crowd_boxes.shape[-2], anchors.shape[-2]
+    if c == 0 or n == 0:  # (no anchors: an image with no proposals and only crowd boxes)
         return labels
     rows = max(1, chunk_elems // (n * math.prod(crowd_boxes.shape[:-2])))
     covered = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
@@ -153,7 +154,8 @@ def pad_targets(targets: list, device=None) -> tuple:
     crowd (B, G) bool (None when no target has "iscrowd", or, on the CPU, none is set), with
     G = max(1, max G_i); padding rows are zero and in neither mask. Padded where the targets are (on
     the CPU: host work only), then moved to `device` without waiting for it. Shapes come from the
-    tensors' sizes; values are read only from host memory (the crowd flags, on the CPU).
+    tensors' sizes; values are read only from host memory (the crowd flags, on the CPU). A target whose
+    labels or crowd flags are not one per box is a ValueError naming the image.
     """
     b = len(targets)
     src = targets[0]["boxes"].device if b else torch.device("cpu")
@@ -167,6 +169,9 @@ def pad_targets(targets: list, device=None) -> tuple:
     crowd = torch.zeros(b, g, dtype=torch.bool, device=src)
     for i, t in enumerate(targets):
         n = t["boxes"].numel() // 4
+        for key in ("labels", "iscrowd"):
+            if key in t and t[key].numel() != n:
+                raise ValueError(f"image {i}: {n} boxes but {t[key].numel()} {key}")
         boxes[i, :n] = t["boxes"].reshape(-1, 4)
         if "labels" in t:  # (the RPN's targets need boxes only)
             labels[i, :n] = t["labels"].reshape(-1)
@@ -179,17 +184,22 @@ def pad_targets(targets: list, device=None) -> tuple:
 
 
 @torch.no_grad()
-def match_targets(matcher: Matcher, anchors: Tensor, targets: list, crowd_ioa: float) -> tuple:
-    """Match anchors to each image's boxes, the whole batch at once (RetinaNet's anchors, the RPN's).
+def match_targets(matcher: Matcher, anchors: Tensor, targets: list, crowd_ioa: float,
+                  padded: Optional[tuple] = None) -> tuple:
+    """Match anchors to each image's boxes, the whole batch at once: RetinaNet's and the RPN's anchors
+    (N, 4), the same for every image, or the RoI heads' proposals, each image's own (B, N, 4).
 
     Returns labels (B, N) int8 in {-1 ignore, 0 background, 1 foreground}, matched boxes (B, N, 4)
     xyxy and matched classes (B, N) int64 (both meaningful where labels == 1; an image without boxes
     gets zeros). Crowd boxes match nothing, and background anchors they cover (IoA >= crowd_ioa) are
     ignored. The boxes are padded into (B, G, 4) with a mask, so the result is each image's own
-    matching (tests/test_assign_targets.py) without a host synchronization: targets are not checked
-    here (`retinanet.modeling.detector.check_targets`).
+    matching (tests/test_assign_targets.py, tests/test_roi_heads.py) without a host synchronization:
+    label values are not checked here (`check_labels`). padded: `pad_targets(targets, anchors.device)`,
+    if the caller has it already.
     """
-    gt, gt_cls, real, crowd = pad_targets(targets, anchors.device)  # (B, G, 4), (B, G), (B, G), (B, G) or None
+    if padded is None:
+        padded = pad_targets(targets, anchors.device)
+    gt, gt_cls, real, crowd = padded  # (B, G, 4), (B, G), (B, G), (B, G) or None
     matched, labels = matcher.match_boxes(gt, anchors, valid=real)  # (B, N) index into G
     if crowd is not None:
         labels = ignore_crowd(labels, anchors, gt, crowd_ioa, valid=crowd, chunk_elems=matcher.chunk_elems)
@@ -197,3 +207,20 @@ def match_targets(matcher: Matcher, anchors: Tensor, targets: list, crowd_ioa: f
     boxes = torch.where(has_box[..., None], gt.gather(1, matched[..., None].expand(-1, -1, 4)), 0.0)
     classes = torch.where(has_box, gt_cls.gather(1, matched), 0)
     return labels, boxes, classes
+
+
+def check_labels(labels: Tensor, num_classes: int, names, valid: Optional[Tensor] = None) -> None:
+    """Raise a ValueError "<name>: labels must be in 0..K-1, got [...]" unless every label is a class index.
+
+    labels (G,) of one image, with `names` its name (e.g. "image 3 (image id 42)"); or a padded batch (B, G)
+    with `names` one name per image and valid (B, G) bool, the entries that are labels (default: all). The
+    first image with a bad label is named, with its labels. One read on the host (a wait on a GPU).
+    """
+    if labels.dim() == 1:
+        labels, names, valid = labels[None], [names], None if valid is None else valid[None]
+    labels = labels.detach()
+    valid = torch.ones_like(labels, dtype=torch.bool) if valid is None else valid
+    bad = valid & ((labels < 0) | (labels >= num_classes))  # (B, G)
+    if labels.numel() and bool(bad.any()):
+        i = int(bad.any(dim=1).nonzero()[0, 0])
+        raise ValueError(f"{names[i]}: labels must be in 0..{num_classes - 1}, got {labels[i][valid[i]].tolist()}")

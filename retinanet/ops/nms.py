@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .boxes import box_iou
+from .torchvision_ops import torchvision_op
 
 
 @functools.lru_cache(maxsize=1)
@@ -27,11 +28,8 @@ def torchvision_batched_nms():
     above 1000 boxes on CPU): each group's boxes are shifted by group * (extent + 1), so boxes of
     different groups never overlap; in float64 the shifted coordinates stay exact to ~1e-9 pixels.
     """
-    try:
-        from torchvision.ops import nms
-
-        nms(torch.zeros(1, 4), torch.zeros(1), 0.5)
-    except Exception:  # not installed, or its compiled ops do not load with this torch build
+    nms = torchvision_op("nms")
+    if nms is None:
         return None
 
     def grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, threshold: float) -> Tensor:

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .boxes import decode
+from .boxes import clip_boxes, decode
 from .nms import batched_nms
 
 
@@ -32,6 +32,19 @@ def segment_rank(segments: Tensor, scores: Tensor) -> tuple:
     is_start[1:] = seg[1:] != seg[:-1]
     start_pos = torch.cummax(torch.where(is_start, pos, torch.zeros_like(pos)), dim=0).values
     return order, pos - start_pos
+
+
+def top_per_image(image: Tensor, scores: Tensor, k: int, num_images: int, fields: dict) -> list:
+    """Each image's k best items, split into one dict per image.
+
+    image (N,) int64 in 0..num_images-1, scores (N,), fields {name: (N, ...) tensor} -> num_images dicts
+    {name: (D_i, ...)} with D_i <= k: image i's items, by decreasing score (equal scores: in input order).
+    """
+    order, rank = segment_rank(image, scores)
+    keep = order[rank < k]  # grouped by image, by decreasing score within
+    counts = torch.bincount(image[keep], minlength=num_images).tolist()
+    parts = [value[keep].split(counts) for value in fields.values()]  # per field, num_images tensors
+    return [dict(zip(fields, per_image)) for per_image in zip(*parts)]
 
 
 def postprocess(cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, level_sizes: list, image_sizes: list, *,
@@ -81,12 +94,8 @@ def postprocess(cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, level_s
     # Decode in float32 and clip to each image.
     boxes = decode(anchors[anchor_idx], box_deltas[img_idx, anchor_idx], box_weights, box_clamp)  # (C', 4)
     sizes = torch.tensor(image_sizes, dtype=torch.float32, device=device)[img_idx]  # (C', 2) h, w
-    boxes = torch.stack([boxes[:, 0].clamp(min=0).minimum(sizes[:, 1]), boxes[:, 1].clamp(min=0).minimum(sizes[:, 0]),
-                         boxes[:, 2].clamp(min=0).minimum(sizes[:, 1]), boxes[:, 3].clamp(min=0).minimum(sizes[:, 0])], dim=1)
+    boxes = clip_boxes(boxes, sizes[:, 0], sizes[:, 1])
     groups = img_idx if class_agnostic else img_idx * k + cls
     keep = batched_nms(boxes, scores, groups, nms_thresh, backend=nms_backend)  # by decreasing score
-    order, rank = segment_rank(img_idx[keep], scores[keep])
-    keep = keep[order[rank < max_detections]]  # grouped by image, by decreasing score within
-    counts = torch.bincount(img_idx[keep], minlength=b).tolist()
-    return [{"boxes": bx, "scores": sc, "labels": lb}
-            for bx, sc, lb in zip(boxes[keep].split(counts), scores[keep].split(counts), cls[keep].split(counts))]
+    return top_per_image(img_idx[keep], scores[keep], max_detections, b,
+                         {"boxes": boxes[keep], "scores": scores[keep], "labels": cls[keep]})

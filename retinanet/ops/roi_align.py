@@ -15,14 +15,22 @@ feature map (1 / stride).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
+
+from .torchvision_ops import torchvision_op
 
 
 def _pair(size) -> tuple:
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _coordinate_dtype(features: Tensor) -> torch.dtype:
+    """The dtype RoI coordinates, sample positions and weights are computed in: float32, or float64 for
+    float64 features. Never the features' bf16: with 8 significant bits, sample positions on a 128-256
+    pixel feature map would move in whole-pixel steps and RoI corners at 512-1024 image pixels in 4-pixel
+    steps (fp16, 11 bits: 1-pixel steps from 1024 pixels)."""
+    return torch.float64 if features.dtype == torch.float64 else torch.float32
 
 
 def _axis_taps(start: Tensor, bin_size: Tensor, grid: Tensor, num_bins: int, max_grid: int, length: int) -> tuple:
@@ -80,6 +88,10 @@ class _SparseRoIAlign(torch.autograd.Function):
     the rest of the network slows every op it reaches). Each output row is one thread's ordered sum:
     deterministic. torchvision's CPU RoIAlign backward loops over RoIs, channels and samples one float
     at a time on one thread; this runs vectorized over the C channels of each row, on every thread.
+
+    Both products are in the weights' dtype (float32, or float64), with autocast off, and rounded to the
+    features' dtype once at the end: with bf16 features, bf16 weights and sums would add several times
+    the output's own rounding error.
     """
 
     @staticmethod
@@ -89,15 +101,19 @@ class _SparseRoIAlign(torch.autograd.Function):
         ctx.save_for_backward(rows, cols, values)
         ctx.num_rows, ctx.shape = num_rows, features.shape
         ctx.channels_last = not features.is_contiguous() and features.is_contiguous(memory_format=torch.channels_last)
-        return torch.sparse.mm(_coo(rows, cols, values.to(flat.dtype), (num_rows, flat.shape[0])), flat)
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            a = _coo(rows, cols, values, (num_rows, flat.shape[0]))
+            return torch.sparse.mm(a, flat.to(values.dtype)).to(flat.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         rows, cols, values = ctx.saved_tensors
         b, c, h, w = ctx.shape
         by_col = torch.argsort(cols, stable=True)  # rows stay increasing within a column
-        a_t = _coo(cols[by_col], rows[by_col], values[by_col].to(grad_out.dtype), (b * h * w, ctx.num_rows))
-        grad = torch.sparse.mm(a_t, grad_out.contiguous()).view(b, h, w, c).permute(0, 3, 1, 2)  # channels_last
+        a_t = _coo(cols[by_col], rows[by_col], values[by_col], (b * h * w, ctx.num_rows))
+        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+            grad = torch.sparse.mm(a_t, grad_out.to(values.dtype).contiguous()).to(grad_out.dtype)
+        grad = grad.view(b, h, w, c).permute(0, 3, 1, 2)  # channels_last
         return (grad if ctx.channels_last else grad.contiguous()), None, None, None, None
 
 
@@ -106,25 +122,12 @@ def _coo(rows: Tensor, cols: Tensor, values: Tensor, size: tuple) -> Tensor:
     return torch.sparse_coo_tensor(torch.stack([rows, cols]), values, size, is_coalesced=True, check_invariants=False)
 
 
-@functools.lru_cache(maxsize=None)
-def _torchvision_op(name: str):
-    """torchvision.ops.<name> (roi_align or roi_pool) if torchvision imports and its compiled ops run, else None."""
-    try:
-        import torchvision.ops
-
-        op = getattr(torchvision.ops, name)
-        op(torch.zeros(1, 1, 2, 2), torch.zeros(1, 5), 1)
-    except Exception:  # not installed, or its compiled ops do not load with this torch build
-        return None
-    return op
-
-
 def _kernel(name: str, backend: str):
     """torchvision's kernel for `name` if `backend` asks for it ("torchvision") or allows it ("auto") and
     it is importable; None for ours ("native", or "auto" without torchvision)."""
     if backend not in ("auto", "native", "torchvision"):
         raise ValueError(f"unknown {name} backend '{backend}'")
-    op = None if backend == "native" else _torchvision_op(name)
+    op = None if backend == "native" else torchvision_op(name)
     if op is None and backend == "torchvision":
         raise RuntimeError(f"torchvision {name} requested but torchvision is not importable")
     return op
@@ -146,6 +149,9 @@ def roi_align(features: Tensor, rois: Tensor, output_size, spatial_scale: float 
     kernel when importable, except on the CPU when the features need a gradient (training): there
     ours, since torchvision's CPU backward is one thread of scalar loops (for the 1024 sampled RoIs of
     two 512 x 512 images, 0.8 s against 0.12 s for ours on one thread, forward 0.32 s against 0.14 s).
+
+    Either way, bf16 and fp16 features (autocast, bf16 inference) are pooled with positions, weights and
+    sums in float32, and the output rounded to the features' dtype once (`_coordinate_dtype`).
     """
     if torch.onnx.is_in_onnx_export():  # one op, which the exporters write as ONNX RoiAlign
         return torch.ops.retinanet.roi_align(features, rois, float(spatial_scale), *_pair(output_size),
@@ -158,14 +164,16 @@ def _roi_align(features: Tensor, rois: Tensor, output_size, spatial_scale: float
     tv = _kernel("roi_align", backend)
     if tv is not None and not (backend == "auto" and features.device.type == "cpu" and features.requires_grad
                                and torch.is_grad_enabled()):
-        return tv(features, rois.to(features.dtype), _pair(output_size), spatial_scale, sampling_ratio, aligned)
+        coord = _coordinate_dtype(features)  # its kernel computes positions in its inputs' dtype
+        return tv(features.to(coord), rois.to(coord), _pair(output_size), spatial_scale, sampling_ratio,
+                  aligned).to(features.dtype)
     out_h, out_w = _pair(output_size)
     b, c, height, width = features.shape
     r = rois.shape[0]
     if r == 0:
         return features.new_zeros(r, c, out_h, out_w)
     rows, cols, values, order = _roi_align_matrix(
-        rois.to(features.dtype if features.is_floating_point() else torch.float32), (out_h, out_w), spatial_scale,
+        rois.to(_coordinate_dtype(features)), (out_h, out_w), spatial_scale,
         sampling_ratio, aligned, (height, width))
     out = _SparseRoIAlign.apply(features, rows, cols, values, r * out_h * out_w).view(r, out_h, out_w, c)  # in `order`
     if not torch.equal(order, torch.arange(r, device=order.device)):
@@ -178,10 +186,10 @@ def _roi_align_matrix(rois: Tensor, output_size: tuple, spatial_scale: float, sa
     """RoIAlign as a sparse matrix A: out[m] = sum_n A[m, n] flat[n] for the bins m = (roi, i, j) of
     roi_align's output and the feature pixels n = (image, y, x) of the (B*H*W, C) rows.
 
-    rois (R, 5) in the features' float dtype. Returns COO entries rows, cols (int64) and values
-    (nnz,), sorted by (row, col), unique, zeros left out: each bin's bilinear weights, summed over its
-    samples and divided by their count; and order (R,): the RoIs are grouped (below), so row m is bin
-    (i, j) of RoI order[m // (h * w)].
+    rois (R, 5) in `_coordinate_dtype` (float32 also for bf16 and fp16 features). Returns COO entries
+    rows, cols (int64) and values (nnz,) in the rois' dtype, sorted by (row, col), unique, zeros left
+    out: each bin's bilinear weights, summed over its samples and divided by their count; and order
+    (R,): the RoIs are grouped (below), so row m is bin (i, j) of RoI order[m // (h * w)].
     """
     out_h, out_w = output_size
     height, width = map_size
@@ -296,23 +304,25 @@ def roi_pool(features: Tensor, rois: Tensor, output_size, spatial_scale: float =
 def _roi_pool(features: Tensor, rois: Tensor, output_size, spatial_scale: float, backend: str) -> Tensor:
     tv = _kernel("roi_pool", backend)
     if tv is not None:
-        return tv(features, rois.to(features.dtype), _pair(output_size), spatial_scale)
+        coord = _coordinate_dtype(features)  # its kernel computes the bins in its inputs' dtype
+        return tv(features.to(coord), rois.to(coord), _pair(output_size), spatial_scale).to(features.dtype)
     out_h, out_w = _pair(output_size)
     b, c, height, width = features.shape
     r = rois.shape[0]
     if r == 0:
         return features.new_zeros(r, c, out_h, out_w)
-    rois = rois.to(features.dtype)
+    coord = _coordinate_dtype(features)
+    rois = rois.to(coord)
     start_x = _round_half_away(rois[:, 1] * spatial_scale).to(torch.int64)
     start_y = _round_half_away(rois[:, 2] * spatial_scale).to(torch.int64)
     end_x = _round_half_away(rois[:, 3] * spatial_scale).to(torch.int64)
     end_y = _round_half_away(rois[:, 4] * spatial_scale).to(torch.int64)
-    roi_w = (end_x - start_x + 1).clamp(min=1).to(features.dtype)
-    roi_h = (end_y - start_y + 1).clamp(min=1).to(features.dtype)
+    roi_w = (end_x - start_x + 1).clamp(min=1).to(coord)
+    roi_h = (end_y - start_y + 1).clamp(min=1).to(coord)
     bin_w, bin_h = roi_w / out_w, roi_h / out_h  # (R,)
 
     def bounds(bin_size: Tensor, start: Tensor, n: int, length: int) -> tuple:
-        p = torch.arange(n, device=features.device, dtype=features.dtype)
+        p = torch.arange(n, device=features.device, dtype=coord)
         lo = torch.floor(p[None] * bin_size[:, None]).to(torch.int64) + start[:, None]
         hi = torch.ceil((p[None] + 1) * bin_size[:, None]).to(torch.int64) + start[:, None]
         return lo.clamp(0, length), hi.clamp(0, length)  # (R, n) each, [lo, hi)

@@ -1,8 +1,12 @@
-"""Image batching shared by every detector: the resize rule (and, in `Detector`, normalize and pad)."""
+"""Image batching shared by every detector: the resize rule and the default image sizes of a padded batch
+(and, in `Detector`, normalize and pad)."""
 
 from __future__ import annotations
 
 import math
+
+import torch
+from torch import Tensor
 
 
 def resized_size(height: int, width: int, min_size: int, max_size: int, rounding: str = "round") -> tuple:
@@ -11,8 +15,22 @@ def resized_size(height: int, width: int, min_size: int, max_size: int, rounding
     rounding "floor" is torchvision's GeneralizedRCNNTransform (checked against torchvision 0.29):
     the scale in float64, then interpolate(scale_factor=..., recompute_scale_factor=True) floors
     size * scale. E.g. 375 x 500 -> 800 x 1066 (rounding gives 800 x 1067).
+    Each side is at least 1 pixel: at an aspect ratio above 2 max_size (2666 for 1333; with "floor",
+    above max_size) the shorter side would otherwise be 0, e.g. 1 x 3000 -> 1 x 1333.
     """
     scale = min(min_size / min(height, width), max_size / max(height, width))
     if rounding == "floor":
-        return int(math.floor(height * scale)), int(math.floor(width * scale))
-    return int(round(height * scale)), int(round(width * scale))
+        return max(1, int(math.floor(height * scale))), max(1, int(math.floor(width * scale)))
+    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+
+
+def default_image_sizes(images: Tensor, image_sizes=None) -> Tensor:
+    """The (h, w) of each image in a padded batch, for a network that takes them: images (B, C, H, W),
+    image_sizes (B, 2) int (h, w) of each image's region (top-left) as given (a tensor, returned as is,
+    or a list of pairs), or None: every image fills the batch, (H, W) each. -> (B, 2) int64 on the
+    images' device."""
+    if image_sizes is None:
+        return torch.tensor([images.shape[-2:]], dtype=torch.int64, device=images.device).expand(images.shape[0], 2)
+    if isinstance(image_sizes, Tensor):
+        return image_sizes
+    return torch.as_tensor(image_sizes, dtype=torch.int64, device=images.device).reshape(-1, 2)

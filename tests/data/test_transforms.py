@@ -59,6 +59,21 @@ def test_resize_uses_the_models_rule_per_axis_scale():
     assert tuple(out.shape[1:]) == resized_size(37, 53, 25, 64, "floor") == (25, 35)
 
 
+def test_extreme_aspect_ratios_keep_at_least_one_pixel():
+    """A 1 x 3000 strip at max_size 1333 scales by 0.444: its height rounds to 0 (and floors to 0 from a
+    ratio of 1333: 1 x 1400), which interpolate cannot make. The shorter side keeps at least 1 pixel."""
+    assert resized_size(1, 3000, 800, 1333) == (1, 1333)
+    assert resized_size(3000, 1, 800, 1333) == (1333, 1)
+    assert resized_size(1, 1400, 800, 1333, "floor") == (1, 1333)
+    assert resized_size(2, 4000, 800, 1333) == (1, 1333)  # 2 * 0.333 = 0.67 rounds to 1 already: unchanged
+    out, target = ResizeShortestSide([800], 1333)(torch.zeros(3, 1, 3000), _target([[0.0, 0.0, 3000.0, 1.0]]))
+    assert out.shape == (3, 1, 1333) and target["boxes"].tolist() == [[0.0, 0.0, 1333.0, 1.0]]
+    from retinanet.modeling.detector import Detector
+
+    batch = Detector(min_size=800, max_size=1333).preprocess([torch.rand(3, 1, 3000), torch.rand(3, 4000, 1)])
+    assert batch.image_sizes == [(1, 1333), (1333, 1)] and batch.tensor.shape == (2, 3, 1344, 1344)
+
+
 def test_resize_to_the_same_size_returns_the_input():
     image, target = torch.rand(3, 10, 12), _target([[1, 1, 3, 3]])
     out, out_target = ResizeShortestSide([10], 100)(image, target)
