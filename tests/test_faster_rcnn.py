@@ -21,6 +21,7 @@ from retinanet.ops.boxes import box_iou
 from retinanet.ops.transform import default_image_sizes
 
 from conftest import tiny_config, train_steps
+from detection_match import assert_same_detections
 
 TWO_STAGE = {"arch": "faster_rcnn", "min_level": 2, "max_level": 6, "p6_from": "pool",
              "anchor_sizes": [8.0, 16.0, 32.0, 64.0, 128.0], "anchor_scales": [1.0], "roi_head_dim": 32,
@@ -89,9 +90,8 @@ def test_batched_inference_equals_per_image():
             canvas = ImageBatch(batch.tensor[i:i + 1], batch.image_sizes[i:i + 1], batch.original_sizes[i:i + 1])
             alone = model.postprocess(model.run_network(canvas), canvas)[0]
             a = together[i]
-            assert len(a["scores"]) > 10 and torch.equal(a["labels"], alone["labels"])
-            assert torch.allclose(a["boxes"], alone["boxes"], atol=1e-4)
-            assert torch.allclose(a["scores"], alone["scores"], atol=1e-6)
+            assert len(a["scores"]) > 10  # a batch of one may round otherwise: near-equal scores may swap
+            assert_same_detections(a, alone, score_atol=1e-6, box_atol=1e-4)
             h, w = image.shape[-2:]
             assert a["boxes"][:, 2].max() <= w and a["boxes"][:, 3].max() <= h
             assert ((a["boxes"][:, 2] == w) | (a["boxes"][:, 3] == h)).sum() >= 5  # clipped at its own border
