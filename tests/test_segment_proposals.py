@@ -1,6 +1,7 @@
 """Segment proposals (thesis ch. 3, sec. 4.6): window geometry by hand, the three models' contract, training,
 batched == per-image, and the shared commands (train, eval, predict, export)."""
 
+import copy
 import json
 import math
 
@@ -237,6 +238,18 @@ def test_sharpmask_trains_in_two_stages():
         refine_grad = model.refinement[0].merge.weight.grad is not None
         assert (trunk_grad, refine_grad) == ((True, False) if stage == "feedforward" else (False, True))
     assert int(model.train_steps) == 2 and not model.trunk.training  # frozen: BatchNorm statistics fixed
+
+
+def test_sharpmask_refinement_without_positive_windows():
+    """An empty image, and one whose only box LSJ cropped away, in the refinement stage (item 4 of issue 20)."""
+    model = build_model(tiny("sharpmask", segprop_refine_after=0)).train()
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+             "masks": torch.zeros(0, 64, 64, dtype=torch.uint8)}
+    cropped = {**copy.deepcopy(empty), "masks": torch.zeros(0, 64, 48, dtype=torch.uint8)}
+    losses = model([torch.rand(3, 64, 64), torch.rand(3, 64, 48)], [empty, cropped])
+    assert losses["refine"].item() == 0.0 and losses["mask"].item() == 0.0 and math.isfinite(losses["score"].item())
+    losses["refine"].backward()  # a gradient path, zero: the step is a no-op for the refinement
+    assert all(p.grad is not None and not p.grad.any() for p in model.refinement.parameters())
 
 
 def test_config_refuses_options_of_other_models():

@@ -215,7 +215,8 @@ class DeepMask(SegmentProposer):
     def _refine(self, vector: Tensor, crops: list) -> Tensor:
         """vector (n, 512) and each window's crops of the three skip maps -> (n, 8k, 8k) refined mask logits."""
         k = self.window // TRUNK_STRIDE
-        m = self.encoding(vector[:, :, None, None]).reshape(vector.shape[0], -1, k, k)  # M^1 (n, k_m^1, k, k)
+        km = self.encoding.out_channels // (k * k)  # k_m^1, named: n may be 0 (no positive window in the batch)
+        m = self.encoding(vector[:, :, None, None]).reshape(vector.shape[0], km, k, k)  # M^1 (n, k_m^1, k, k)
         for module, skip in zip(self.refinement, crops):
             m = module(m, skip)
         return self.refined(m)[:, 0]
