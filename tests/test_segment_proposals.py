@@ -81,6 +81,27 @@ def test_label_windows_by_hand():
     assert labels.tolist() == [0] and matched.tolist() == [0]
 
 
+def test_label_windows_with_crowd_regions_by_hand():
+    """Crowd regions are neither objects nor background (item 7 of issue 20)."""
+    window = torch.tensor([[0.0, 0, 100, 100]])
+    rules = dict(object_ratio=0.5, shift=0.1, neg_shift=0.3, scale_tol=0.25)
+
+    def label(objects, crowd):
+        labels, matched = label_windows(window, torch.tensor(objects, dtype=torch.float32).reshape(-1, 4), **rules,
+                                        crowd_boxes=torch.tensor(crowd, dtype=torch.float32).reshape(-1, 4))
+        return labels.item(), matched.item()
+
+    assert label([], [[30, 30, 80, 80]]) == (-1, 0)  # where an object would be positive: ignored, not positive
+    assert label([], [[45, 45, 95, 95]]) == (-1, 0)  # where an object would be ignored: ignored
+    assert label([], [[60, 60, 110, 110]]) == (0, 0)  # 35 px off, covering 16% of the window: negative
+    # centred but 130 px (an octave off: negative by the rules), covering the whole window (IoA 1 >= 0.7): ignored
+    assert label([], [[-15, -15, 115, 115]]) == (-1, 0)
+    assert label([], [[30, 0, 130, 100]]) == (-1, 0)  # 30 px off (>= 0.3 W), but IoA 70 x 100 / 100^2 = 0.7
+    assert label([], [[31, 0, 131, 100]]) == (0, 0)  # IoA 0.69: negative
+    assert label([[60, 60, 110, 110], [30, 30, 80, 80]], [[-15, -15, 115, 115]]) == (1, 1)  # positives stay
+    assert label([[60, 60, 110, 110]], []) == (0, 0)  # no crowd region: the rules alone
+
+
 def test_paste_a_known_window_mask():
     # a 2 x 2 mask [[1, 0], [0, 0]] over the window (0, 0, 4, 4): per axis, the bilinear values at the pixel
     # centres 0.5 .. 3.5 are [1, 0.75, 0.25, 0] (border-clamped), so the 2-D values are their outer product
@@ -250,6 +271,24 @@ def test_sharpmask_refinement_without_positive_windows():
     assert losses["refine"].item() == 0.0 and losses["mask"].item() == 0.0 and math.isfinite(losses["score"].item())
     losses["refine"].backward()  # a gradient path, zero: the step is a no-op for the refinement
     assert all(p.grad is not None and not p.grad.any() for p in model.refinement.parameters())
+
+
+@pytest.mark.parametrize("arch", ["deepmask", "sharpmask", "fpn_masks"])
+def test_crowd_regions_are_neither_objects_nor_background(arch):
+    """An image whose only box is a crowd region trains no mask (item 7 of issue 20: mask loss 0.70 before); the
+    same box as an object does."""
+    model = build_model(tiny(arch, **({"segprop_refine_after": 0} if arch == "sharpmask" else {}))).train()
+    image = torch.rand(3, 64, 64)
+    mask_losses = {}
+    for crowd in (1, 0):
+        target = two_objects()
+        target = {"boxes": target["boxes"][:1], "labels": target["labels"][:1], "masks": target["masks"][:1],
+                  "iscrowd": torch.tensor([crowd])}
+        torch.manual_seed(0)
+        losses = model([image], [target])
+        assert math.isfinite(losses["score"].item())
+        mask_losses[crowd] = losses["refine" if arch == "sharpmask" else "mask"].item()
+    assert mask_losses[1] == 0.0 and mask_losses[0] > 0.1
 
 
 def test_config_refuses_options_of_other_models():

@@ -23,6 +23,9 @@ on the masks' boxes only when `nms_thresh` < 1 (the released DeepMask code appli
   on 5 x 5 windows (a k x k conv, ReLU, 1 x 1 convs to the score and a 14 x 14 mask), fully
   convolutional, and optionally a second MLP on 7 x 7 windows for half octaves; trained end to end
   on every window of the full image, no image pyramid.
+
+In training, crowd regions (iscrowd) are neither objects nor background, as for the detectors
+(`ops.segprop.label_windows`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.masks import masks_to_boxes
+from ..ops.matcher import split_crowd
 from ..ops.nms import batched_nms
 from ..ops.segprop import crop_windows, grid_windows, label_windows, mask_targets, paste_masks
 from .backbone import FPN, ResNet
@@ -284,13 +288,13 @@ class DeepMask(SegmentProposer):
     # ------------------------------------------------------------------ training
     def sample_windows(self, targets: list, image_sizes: list, device) -> Tensor:
         """Training windows (B, n, 4) xyxy: half centred on objects (shift and scale jitter within the positive
-        tolerance), half at random places and pyramid scales; n = windows_per_image."""
+        tolerance; crowd regions are not objects), half at random places and pyramid scales; n = windows_per_image."""
         n = self.windows_per_image
         half = n // 2
         lo, hi = math.log2(min(self.scales)), math.log2(max(self.scales))
         out = []
         for t, (h, w) in zip(targets, image_sizes):
-            boxes = t["boxes"].to(device).float().reshape(-1, 4)
+            boxes = split_crowd(t, device)[0]  # (G, 4) the objects
             # random windows: side W / s at a random pyramid scale, centre anywhere in the image
             side = self.window / 2.0 ** (lo + (hi - lo) * torch.rand(n, device=device))
             centre = torch.rand(n, 2, device=device) * torch.tensor([w, h], device=device, dtype=torch.float32)
@@ -306,17 +310,15 @@ class DeepMask(SegmentProposer):
 
     def losses(self, batch: ImageBatch, targets: list) -> dict:
         device = batch.tensor.device
+        objects = [_objects(t, device) for t in targets]  # per image: objects' boxes and masks, crowd regions' boxes
         windows = self.sample_windows(targets, batch.image_sizes, device)  # (B, n, 4)
         labels, matched_masks = [], []
-        for t, win in zip(targets, windows):
-            lab, matched = label_windows(win, t["boxes"].to(device).float().reshape(-1, 4),
-                                         object_ratio=self.object_ratio, shift=self.shift, neg_shift=self.neg_shift,
-                                         scale_tol=self.scale_tol)
+        for (boxes, masks, crowd), win in zip(objects, windows):
+            lab, matched = label_windows(win, boxes, object_ratio=self.object_ratio, shift=self.shift,
+                                         neg_shift=self.neg_shift, scale_tol=self.scale_tol, crowd_boxes=crowd)
             labels.append(lab)
             pos = (lab == 1).nonzero().flatten()
-            if "masks" not in t:
-                raise ValueError("segment proposal models train on masks: set data.masks: true")
-            matched_masks.append((t["masks"].to(device)[matched[pos]], win[pos]))
+            matched_masks.append((masks[matched[pos]], win[pos]))
         labels = torch.cat(labels)  # (B * n,)
         grow = windows.new_tensor([-1.0, -1.0, 1.0, 1.0]) * (self.context / self.window)
         sides = (windows[..., 2:3] - windows[..., 0:1])  # (B, n, 1)
@@ -356,6 +358,18 @@ class DeepMask(SegmentProposer):
         """[(object masks (P, H, W), windows (P, 4))] per image -> (sum P, size, size) targets."""
         parts = [mask_targets(m, win, size) for m, win in matched_masks]
         return torch.cat(parts) if parts else torch.zeros((0, size, size))
+
+
+def _objects(target: dict, device) -> tuple:
+    """One image's target -> (boxes (G, 4) float32 and masks (G, H, W) of its objects, boxes (C, 4) of its crowd
+    regions (iscrowd), which are neither objects nor background), on `device`."""
+    if "masks" not in target:
+        raise ValueError("segment proposal models train on masks: set data.masks: true")
+    boxes, _, crowd_boxes = split_crowd(target, device)
+    masks = target["masks"]
+    if "iscrowd" in target:
+        masks = masks[~torch.as_tensor(target["iscrowd"], device=masks.device).reshape(-1).bool()]
+    return boxes, masks.to(device), crowd_boxes
 
 
 def _mean_bce(logits: Tensor, target: Tensor) -> Tensor:
@@ -433,14 +447,12 @@ class FPNMaskProposals(SegmentProposer):
         scores, masks, windows = self._dense(batch.tensor)
         labels, pos_masks, pos_windows, pos_logits = [], [], [], []
         for i, t in enumerate(targets):
-            if "masks" not in t:
-                raise ValueError("segment proposal models train on masks: set data.masks: true")
-            lab, matched = label_windows(windows, t["boxes"].to(windows.device).float().reshape(-1, 4),
-                                         object_ratio=self.object_ratio, shift=self.shift, neg_shift=self.neg_shift,
-                                         scale_tol=self.scale_tol)
+            boxes, object_masks, crowd = _objects(t, windows.device)
+            lab, matched = label_windows(windows, boxes, object_ratio=self.object_ratio, shift=self.shift,
+                                         neg_shift=self.neg_shift, scale_tol=self.scale_tol, crowd_boxes=crowd)
             labels.append(lab)
             pos = (lab == 1).nonzero().flatten()
-            pos_masks.append(t["masks"].to(windows.device)[matched[pos]])
+            pos_masks.append(object_masks[matched[pos]])
             pos_windows.append(windows[pos])
             pos_logits.append(masks[i, pos])
         labels = torch.stack(labels)  # (B, N)

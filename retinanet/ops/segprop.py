@@ -15,10 +15,13 @@ is at least `neg_shift` window px away or its size is an octave or more off; ign
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .matcher import ignore_crowd
 
 
 def pyramid_scales(min_exp: float, max_exp: float, step: float) -> list:
@@ -50,34 +53,56 @@ def grid_windows(grid_h: int, grid_w: int, *, stride: float, window: float, offs
 
 
 def label_windows(windows: Tensor, gt_boxes: Tensor, *, object_ratio: float, shift: float, neg_shift: float,
-                  scale_tol: float) -> tuple:
+                  scale_tol: float, crowd_boxes: Optional[Tensor] = None, crowd_ioa: float = 0.7) -> tuple:
     """Label square windows against one image's objects (the released DeepMask code's rules; module docstring).
 
     windows (P, 4) xyxy squares; gt_boxes (G, 4) xyxy. object_ratio: canonical object size / window
     size; shift, neg_shift: centre distances as fractions of the window side; scale_tol: log2
-    tolerance of the size for positives.
+    tolerance of the size for positives. crowd_boxes (C, 4): crowd regions (COCO's iscrowd), neither
+    objects nor background, as for the detectors (`ops.matcher.ignore_crowd`) and in COCO evaluation:
+    they make no window positive, and a window that is not positive for an object is ignored where a
+    crowd region would have made it positive or ignored by the rules, or covers >= crowd_ioa of it.
     Returns (labels (P,) int64 in {1 positive, 0 negative, -1 ignored}, matched (P,) int64: the
     positive's object (the closest centre among qualifying ones), 0 elsewhere).
 
     Example: window (0, 0, 100, 100), object_ratio 0.5, shift 0.1, neg_shift 0.3, scale_tol 0.25;
     object (30, 30, 80, 80) (centre 55, size 50): centre 5 px off, size exact -> positive;
-    object (60, 60, 110, 110) (centre 85): 35 px off >= 30 -> negative.
+    object (60, 60, 110, 110) (centre 85): 35 px off >= 30 -> negative; the same as a crowd region:
+    also negative; (30, 30, 80, 80) as a crowd region: ignored.
     """
+    rules = dict(object_ratio=object_ratio, shift=shift, neg_shift=neg_shift, scale_tol=scale_tol)
+    qualifies, near = _window_relations(windows, gt_boxes, **rules)  # (P, G) each
+    labels = torch.where(qualifies.any(1), 1, torch.where(near.any(1), -1, 0))  # (P,)
+    dist = _centre_distance(windows, gt_boxes)  # (P, G)
+    matched = torch.where(qualifies, dist, torch.full_like(dist, float("inf"))).argmin(dim=1) if dist.shape[1] \
+        else torch.zeros_like(labels)
+    if crowd_boxes is not None and crowd_boxes.shape[0]:
+        crowd_qualifies, crowd_near = _window_relations(windows, crowd_boxes, **rules)
+        labels = torch.where((labels == 0) & (crowd_qualifies | crowd_near).any(1), -1, labels)
+        labels = ignore_crowd(labels, windows, crowd_boxes, crowd_ioa)
+    return labels.to(torch.int64), torch.where(labels == 1, matched, torch.zeros_like(matched)).to(torch.int64)
+
+
+def _centre_distance(windows: Tensor, boxes: Tensor) -> Tensor:
+    """(P, 4) windows, (G, 4) boxes -> (P, G) Chebyshev distance of the centres in window sides."""
     side = windows[:, 2] - windows[:, 0]  # (P,)
     centre = (windows[:, :2] + windows[:, 2:]) / 2  # (P, 2)
-    if gt_boxes.shape[0] == 0:
-        zeros = torch.zeros(windows.shape[0], dtype=torch.int64, device=windows.device)
-        return zeros, zeros.clone()
-    gt_centre = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2  # (G, 2)
-    gt_size = (gt_boxes[:, 2:] - gt_boxes[:, :2]).amax(dim=1).clamp(min=1e-6)  # (G,)
-    dist = (gt_centre[None] - centre[:, None]).abs().amax(dim=2) / side[:, None]  # (P, G) Chebyshev, window units
-    log_ratio = torch.log2(gt_size[None] / (object_ratio * side[:, None])).abs()  # (P, G)
+    box_centre = (boxes[:, :2] + boxes[:, 2:]) / 2  # (G, 2)
+    return (box_centre[None] - centre[:, None]).abs().amax(dim=2) / side[:, None]
+
+
+def _window_relations(windows: Tensor, boxes: Tensor, *, object_ratio: float, shift: float, neg_shift: float,
+                      scale_tol: float) -> tuple:
+    """(P, 4) windows, (G, 4) boxes -> (qualifies (P, G): the box would make the window positive, near (P, G):
+    the box rules out a negative), by the rules of `label_windows`."""
+    side = windows[:, 2] - windows[:, 0]  # (P,)
+    size = (boxes[:, 2:] - boxes[:, :2]).amax(dim=1).clamp(min=1e-6)  # (G,)
+    dist = _centre_distance(windows, boxes)  # (P, G)
+    log_ratio = torch.log2(size[None] / (object_ratio * side[:, None])).abs()  # (P, G)
     eps = 1e-6
-    qualifies = (dist <= shift + eps) & (log_ratio <= scale_tol + eps)  # (P, G)
-    near = (dist < neg_shift - eps) & (log_ratio < 1.0 - eps)  # (P, G): rules out a negative
-    labels = torch.where(qualifies.any(1), 1, torch.where(near.any(1), -1, 0))
-    matched = torch.where(qualifies, dist, torch.full_like(dist, float("inf"))).argmin(dim=1)
-    return labels.to(torch.int64), torch.where(labels == 1, matched, torch.zeros_like(matched))
+    qualifies = (dist <= shift + eps) & (log_ratio <= scale_tol + eps)
+    near = (dist < neg_shift - eps) & (log_ratio < 1.0 - eps)
+    return qualifies, near
 
 
 def _affine_grid(windows: Tensor, out_h: int, out_w: int, height: int, width: int) -> Tensor:
