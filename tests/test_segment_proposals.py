@@ -16,7 +16,7 @@ from retinanet.modeling import build_model
 from retinanet.modeling.detector import ImageBatch
 from retinanet.modeling.segment_proposals import RefinementModule, crop_grid
 from retinanet.ops.segprop import (crop_windows, grid_windows, label_windows, mask_targets, paste_masks,
-                                   pyramid_scales)
+                                   pyramid_scales, reflect_pad)
 
 MODELS = {
     "deepmask": dict(arch="deepmask", segprop_window=32, segprop_context=16, segprop_features=8, segprop_head_dim=16,
@@ -136,10 +136,33 @@ def test_crop_windows_and_mask_targets_by_hand():
     assert crops.shape == (2, 1, 4, 4)
     assert crops[0, 0, 0].tolist() == [2, 3, 4, 5]  # pixel centres 2.5 .. 5.5 read columns 2 .. 5
     assert crops[1, 0, 0].tolist() == [1, 0, 0, 1]  # reflection across the left edge (sec. 3.5)
+    # a batch: image 1 is 4 px wide in an 8 px wide batch (its padding 99); a window across its right edge
+    # reflects at the image's own edge (centres 2.5 .. 5.5 -> 2.5, 3.5, 3.5, 2.5), never reading the padding
+    batch = torch.cat([image, torch.full_like(image, 99.0)])
+    batch[1, :, :, :4] = torch.arange(4.0)
+    crops = crop_windows(batch, torch.tensor([[[2.0, 1, 6, 5]], [[2.0, 1, 6, 5]]]), size=4,
+                         image_sizes=[(8, 8), (8, 4)])
+    assert crops[0, 0, 0].tolist() == [2, 3, 4, 5] and crops[1, 0, 0].tolist() == [2, 3, 3, 2]
     mask = torch.zeros(1, 8, 8, dtype=torch.uint8)
     mask[0, 2:4, 2:6] = 1
     target = mask_targets(mask, torch.tensor([[2.0, 2, 6, 6]]), 2)  # 2 x 2 over a 4 x 4 window: top half
     assert target.tolist() == [[[1.0, 1.0], [0.0, 0.0]]]
+
+
+def test_reflect_pad_by_hand():
+    """Each image of a batch padded by reflection at its own edges where its size allows, zeros beyond (item 6)."""
+    batch = torch.zeros(2, 1, 1, 5)
+    batch[0, 0, 0] = torch.tensor([1.0, 2, 3, 4, 5])
+    batch[1, 0, 0, :3] = torch.tensor([1.0, 2, 3])  # 3 px wide, then the batch's padding (set to 9: never read)
+    batch[1, 0, 0, 3:] = 9.0
+    padded = reflect_pad(batch, torch.tensor([[1, 5], [1, 3]]), pad=3, multiple=16)
+    assert padded.shape == (2, 1, 16, 16)  # 1 + 2 x 3 = 7 rows and 5 + 6 = 11 columns, to multiples of 16
+    assert padded[0, 0, 3].tolist() == [4, 3, 2, 1, 2, 3, 4, 5, 4, 3, 2] + [0] * 5  # as F.pad(mode="reflect")
+    assert padded[1, 0, 3].tolist() == [0, 3, 2, 1, 2, 3, 2, 1, 0] + [0] * 7  # reflection reaches 2 px (w - 1)
+    assert not padded[:, :, :3].any() and not padded[:, :, 4:].any()  # a 1 px tall image has no reflection
+    images = torch.rand(2, 3, 9, 7)
+    assert torch.equal(reflect_pad(images, torch.tensor([[9, 7], [9, 7]]), pad=4, multiple=1),
+                       F.pad(images, (4, 4, 4, 4), mode="reflect"))
 
 
 def test_refinement_module_doubles_the_resolution():
@@ -205,16 +228,18 @@ def test_postprocess_pastes_into_the_original_image():
 
 @pytest.mark.parametrize("arch", ["deepmask", "sharpmask", "fpn_masks"])
 def test_batched_equals_per_image(arch):
+    """Three sizes (resized to 48 x 64, 64 x 36 and 64 x 64), each padded to the same 64 x 64 alone and together:
+    DeepMask pads each image by reflection at its own edges, not at the batch's."""
     model = build_model(tiny(arch)).eval()
-    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
+    images = [torch.rand(3, 48, 64), torch.rand(3, 128, 72), torch.rand(3, 64, 64)]
     with torch.no_grad():
         together = model(images)
         apart = [model([image])[0] for image in images]
-    for a, b in zip(together, apart):
+    for a, b, image in zip(together, apart, images):
         assert len(a["scores"]) == len(b["scores"]) > 0
         assert torch.allclose(a["scores"], b["scores"], atol=1e-5)
         assert torch.equal(a["masks"], b["masks"]) and torch.equal(a["boxes"], b["boxes"])
-        assert a["masks"].shape[1:] == (64, 64) and (a["labels"] == 0).all()
+        assert a["masks"].shape[1:] == image.shape[1:] and (a["labels"] == 0).all()
 
 
 @pytest.mark.parametrize("arch", ["deepmask", "sharpmask", "fpn_masks"])
@@ -314,6 +339,41 @@ def test_shipped_configs_build():
     for name in ("deepmask", "sharpmask", "fpn"):
         cfg = load_config(f"retinanet/configs/segprop_{name}_shapes.yaml")
         assert build_model(cfg).num_classes == 1
+
+
+@pytest.mark.parametrize("name", ["deepmask", "sharpmask"])
+def test_shipped_configs_take_any_image_size(name, monkeypatch):
+    """200 x 300 and 1080 x 1920 raised (item 6 of issue 20: the smallest pyramid scale left too few pixels to pad
+    by reflection), and whether 200 x 300 did depended on the batch. Now every size works, and what the trunk
+    sees of an image (the image and its padding) is the same alone and beside a larger one."""
+    from retinanet.config import load_config
+
+    model = build_model(load_config(f"retinanet/configs/segprop_{name}_shapes.yaml")).eval()
+    model.top_n = model.detections_per_image = 100
+    seen = []  # the trunk's input at each pyramid scale
+    trunk = model._trunk
+    monkeypatch.setattr(model, "_trunk", lambda x: seen.append(x) or trunk(x))
+    sizes = [(200, 300), (1080, 1920), (300, 200), (7, 700), (480, 640)]
+    with torch.no_grad():
+        for size in sizes:
+            det = model([torch.rand(3, *size)])[0]
+            assert det["masks"].shape[1:] == size and len(det["scores"]) > 0
+        small, large = torch.rand(3, 200, 300), torch.rand(3, 480, 640)  # resized to 128 x 192 and 144 x 192
+        seen.clear()
+        alone = model([small])[0]
+        alone_inputs = list(seen)
+        seen.clear()
+        together = model([small, large])[0]
+        # the scaled image, reflected by W/2 = 40 px at its own edges: identical in both batches
+        for a, b, scale in zip(alone_inputs, seen, model.scales):
+            h, w = math.floor(128 * scale) + 80, math.floor(192 * scale) + 80
+            assert torch.allclose(a[0, :, :h, :w], b[0, :, :h, :w], atol=1e-6), scale
+        assert len(alone["scores"]) == len(together["scores"]) > 0
+        # tiny images given straight to the network: 1 x 1 px (no reflection: zeros around it) and 32 x 3 px
+        scores, masks, windows = model.network(torch.rand(2, 3, 32, 40), torch.tensor([[1, 1], [32, 3]]))
+        # windows centred in the image, every 16 / s px: 1 x 1 px, one per scale; 32 x 3: one column, and rows
+        # 1, 1, 2, 2, 3, 4, 6 at scales 2^-1.5 .. 2^1.5 (16 / s = 45, 32, 23, 16, 11, 8, 5.7 px apart)
+        assert torch.isfinite(scores).all() and (scores > -1e4).sum(1).tolist() == [7, 19]
 
 
 # ------------------------------------------------------------------------------------------ commands

@@ -13,7 +13,8 @@ on the masks' boxes only when `nms_thresh` < 1 (the released DeepMask code appli
   a 1x1 reduction to F channels, one linear layer over the k x k window (k = W / 16) to a 512-d
   vector shared by the mask (m x m) and score branches. Trained on sampled image patches (window W
   plus `context` px each side, resampled with reflection, reflective padding in the trunk, sec.
-  3.5); run convolutionally over an image pyramid at inference.
+  3.5); run convolutionally over an image pyramid at inference, each scaled image padded by W / 2 by
+  reflection at its own edges (as far as its size allows, zeros beyond), whatever else is in the batch.
 - `DeepMask` with refinement (`refine_k` > 0) is SharpMask (sec. 3.3): refinement modules R^i on
   C4, C3, C2 double the mask encoding's resolution three times (m = 8 k at stride 2). Two stages
   (sec. 3.3.3): the first `refine_after` training steps train the feedforward model, after which it
@@ -40,7 +41,8 @@ from torch import Tensor, nn
 from ..ops.masks import masks_to_boxes
 from ..ops.matcher import split_crowd
 from ..ops.nms import batched_nms
-from ..ops.segprop import crop_windows, grid_windows, label_windows, mask_targets, paste_masks
+from ..ops.segprop import (crop_windows, extend_edges, grid_windows, label_windows, mask_targets, paste_masks,
+                           reflect_pad)
 from .backbone import FPN, ResNet
 from .detector import Detector, ImageBatch
 
@@ -231,19 +233,15 @@ class DeepMask(SegmentProposer):
         if image_sizes is None:
             image_sizes = images.new_tensor([[height, width]], dtype=torch.int64).expand(b, 2)
         pad = self.window // 2  # windows centred at 0, 16, 32, ... px of each scaled image
-        k = self.window // TRUNK_STRIDE
         scores, masks, windows, levels = [], [], [], []
-        for s, scale in enumerate(self.scales):
-            # floor(size * scale) px; with the scale itself mapping coordinates, so that windows map back by 1 / scale
-            x = images if scale == 1 else F.interpolate(images, scale_factor=scale, mode="bilinear",
-                                                        align_corners=False, recompute_scale_factor=False)
-            h, w = x.shape[-2:]
-            extra_h, extra_w = -(h + 2 * pad) % TRUNK_STRIDE, -(w + 2 * pad) % TRUNK_STRIDE
-            if min(h, w) < pad + TRUNK_STRIDE:
-                raise ValueError(f"image pyramid scale {scale:g} makes a {height} x {width} batch {h} x {w} px, too "
-                                 f"small to pad by reflection for {self.window} px windows; use larger images or "
-                                 f"drop the smallest scales (model.segprop_scales)")
-            x = F.pad(x, (pad, pad + extra_w, pad, pad + extra_h), mode="reflect")
+        for scale in self.scales:
+            # floor(size * scale) px; with the scale itself mapping coordinates, so that windows map back by 1 / scale.
+            # Each image is resampled and padded on its own: its pixels and padding do not depend on the batch.
+            x = images if scale == 1 else F.interpolate(extend_edges(images, image_sizes), scale_factor=scale,
+                                                        mode="bilinear", align_corners=False,
+                                                        recompute_scale_factor=False)
+            sizes = (image_sizes.double() * scale).floor().clamp(min=1).long()  # (B, 2) each scaled image's h, w
+            x = reflect_pad(x, sizes, pad, TRUNK_STRIDE)
             feats = self._trunk(x)
             vector, score, mask = self._head(feats[2])
             gh, gw = score.shape[-2:]
@@ -322,7 +320,7 @@ class DeepMask(SegmentProposer):
         labels = torch.cat(labels)  # (B * n,)
         grow = windows.new_tensor([-1.0, -1.0, 1.0, 1.0]) * (self.context / self.window)
         sides = (windows[..., 2:3] - windows[..., 0:1])  # (B, n, 1)
-        patches = crop_windows(batch.tensor, windows + grow * sides, self.window + 2 * self.context)
+        patches = crop_windows(batch.tensor, windows + grow * sides, self.window + 2 * self.context, batch.image_sizes)
         c = self.context // TRUNK_STRIDE  # the window's output cell in the patch's output grid
         refining = self.refining
         for module in (self.trunk, self.reduce, self.shared, self.mask_head, self.score_head):

@@ -117,15 +117,70 @@ def _affine_grid(windows: Tensor, out_h: int, out_w: int, height: int, width: in
     return torch.stack([gx, gy], dim=-1)
 
 
-def crop_windows(images: Tensor, windows: Tensor, size: int, padding_mode: str = "reflection") -> Tensor:
+def extend_edges(images: Tensor, image_sizes: Tensor) -> Tensor:
+    """images (B, C, H, W), each image in its top-left image_sizes (B, 2) (h, w) -> the same, each image's last row
+    and column repeated over the rest of the batch: resampling it then reads only its own pixels (bilinear
+    interpolation clamps at the image's edge, as for the image alone)."""
+    b, c, h, w = images.shape
+    rows = torch.minimum(torch.arange(h, device=images.device), image_sizes[:, :1] - 1)  # (B, H)
+    cols = torch.minimum(torch.arange(w, device=images.device), image_sizes[:, 1:] - 1)  # (B, W)
+    images = images.gather(2, rows[:, None, :, None].expand(b, c, h, w))
+    return images.gather(3, cols[:, None, None, :].expand(b, c, h, w))
+
+
+def reflect_pad(images: Tensor, image_sizes: Tensor, pad: int, multiple: int) -> Tensor:
+    """Pad each image of a batch by `pad` px on every side, reflected at its own edges (as F.pad's "reflect":
+    pixel -i is pixel i) as far as its size allows and 0 beyond, whatever the batch holds beside it.
+
+    images (B, C, H, W), each image in its top-left image_sizes (B, 2) (h, w) -> (B, C, H', W') with
+    H' = H + 2 pad rounded up to a multiple of `multiple` (W' alike); image pixel (y, x) at (y + pad, x + pad).
+    Example: a row [a, b, c] (w = 3) in a batch 5 px wide, pad 3, multiple 16 -> [0, c, b, a, b, c, b, a, 0, ..., 0]
+    (16 in all): reflection reaches w - 1 = 2 px on each side; the rest is 0."""
+    b, c, h, w = images.shape
+    out_h, out_w = h + 2 * pad + (-(h + 2 * pad) % multiple), w + 2 * pad + (-(w + 2 * pad) % multiple)
+    (rows, row_ok), (cols, col_ok) = (_reflected(n, image_sizes[:, i:i + 1], pad, limit)
+                                      for i, (n, limit) in enumerate([(out_h, h), (out_w, w)]))
+    images = images.gather(2, rows[:, None, :, None].expand(b, c, out_h, w))  # (B, C, H', W)
+    images = images.gather(3, cols[:, None, None, :].expand(b, c, out_h, out_w))  # (B, C, H', W')
+    keep = row_ok[:, None, :, None] & col_ok[:, None, None, :]  # (B, 1, H', W')
+    return torch.where(keep, images, torch.zeros((), dtype=images.dtype, device=images.device))
+
+
+def _reflected(count: int, size: Tensor, pad: int, limit: int) -> tuple:
+    """Along one axis of `reflect_pad`: output positions 0..count-1 -> (source index (B, count) in [0, limit), valid
+    (B, count) bool) for images of `size` (B, 1) pixels placed at `pad`."""
+    p = torch.arange(count, device=size.device) - pad  # (count,) position relative to the image
+    src = torch.where(p < 0, -p, torch.where(p >= size, 2 * (size - 1) - p, p))  # (B, count)
+    valid = (src >= 0) & (src < size) & (p < size + pad)
+    return src.clamp(0, limit - 1), valid
+
+
+def crop_windows(images: Tensor, windows: Tensor, size: int, image_sizes: Optional[list] = None) -> Tensor:
     """Resample square windows of a batch: images (B, C, H, W), windows (B, n, 4) xyxy in its pixels ->
-    (B * n, C, size, size), image b's windows first; bilinear, reflection outside the image (sec. 3.5)."""
+    (B * n, C, size, size), image b's windows first; bilinear, each image reflected at its own edges
+    (sec. 3.5), so a window reads only its image's pixels, never the batch's padding: image_sizes
+    [(h, w)] each image's region of the batch (top-left; default: the whole batch)."""
     b, n = windows.shape[:2]
     h, w = images.shape[-2:]
-    grid = _affine_grid(windows.reshape(-1, 4), size, size, h, w)  # (B * n, size, size, 2)
-    grid = grid.reshape(b, n * size, size, 2)  # the n crops of an image stacked vertically
-    out = F.grid_sample(images, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+    sizes = torch.tensor(image_sizes if image_sizes is not None else [(h, w)] * b, dtype=torch.float32,
+                         device=windows.device).reshape(b, 1, 1, 2)  # (B, 1, 1, 2) h, w
+    t = (torch.arange(size, dtype=torch.float32, device=windows.device) + 0.5) / size  # (size,) in (0, 1)
+    x = windows[..., 0, None] + t * (windows[..., 2] - windows[..., 0])[..., None]  # (B, n, size) pixel coordinates
+    y = windows[..., 1, None] + t * (windows[..., 3] - windows[..., 1])[..., None]
+    x, y = _reflect(x, sizes[..., 1]), _reflect(y, sizes[..., 0])
+    gx = (2 * x / w - 1)[:, :, None, :].expand(-1, -1, size, -1)  # (B, n, size, size)
+    gy = (2 * y / h - 1)[:, :, :, None].expand(-1, -1, -1, size)
+    grid = torch.stack([gx, gy], dim=-1).reshape(b, n * size, size, 2)  # the n crops of an image stacked vertically
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out.reshape(b, images.shape[1], n, size, size).transpose(1, 2).reshape(b * n, images.shape[1], size, size)
+
+
+def _reflect(x: Tensor, size: Tensor) -> Tensor:
+    """Continuous pixel coordinates reflected at an image's edges 0 and `size` (repeatedly, as grid_sample's
+    reflection padding), then clamped to its first and last pixel centres: bilinear taps stay in the image."""
+    t = torch.remainder(x, 2 * size)
+    t = torch.where(t > size, 2 * size - t, t)
+    return torch.minimum(t.clamp(min=0.5), size - 0.5)
 
 
 def mask_targets(masks: Tensor, windows: Tensor, size: int) -> Tensor:
