@@ -2,12 +2,14 @@
 
 Every model here keeps the `Detector` contract (retinanet/modeling/detector.py) with one class,
 "object": `postprocess` returns per image {"boxes" (the masks' boxes), "scores", "labels" (all 0),
-"masks" (D, H, W) bool in the original image's pixels}, best first. `network` returns three tensors
+"masks" (D masks in the original image's pixels, `ops.segprop.RLEMasks`: compressed run lengths,
+decoded to (D, H, W) bool only when a caller asks)}, best first. `network` returns three tensors
 (what ONNX exports): scores (B, K) logits, masks (B, K, m, m) logits over each window, windows
 (B, K, 4) xyxy in the padded batch's pixels: the best K = top_n windows of each image whose centre
-lies inside the image (the rest, if there are fewer, have score logit -1e4: probability 0). `postprocess` keeps scores above the threshold, pastes the
-masks into the image (binarized at `mask_thresh`, 0.2 as DeepMask, thesis sec. 3.5) and applies NMS
-on the masks' boxes only when `nms_thresh` < 1 (the released DeepMask code applies none).
+lies inside the image (the rest, if there are fewer, have score logit -1e4: probability 0).
+`postprocess` keeps scores above the threshold, pastes the masks into the image (each into its
+window, binarized at `mask_thresh`, 0.2 as DeepMask, thesis sec. 3.5) and applies NMS on the masks'
+boxes only when `nms_thresh` < 1 (the released DeepMask code applies none).
 
 - `DeepMask` (thesis sec. 3.4, "DeepMask-ours", head C): a ResNet cut after conv4 (C4, stride 16),
   a 1x1 reduction to F channels, one linear layer over the k x k window (k = W / 16) to a 512-d
@@ -38,7 +40,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.masks import masks_to_boxes
 from ..ops.matcher import split_crowd
 from ..ops.nms import batched_nms
 from ..ops.segprop import (crop_windows, extend_edges, grid_windows, label_windows, mask_targets, paste_masks,
@@ -89,7 +90,8 @@ class SegmentProposer(Detector):
     def postprocess(self, outputs: tuple, batch: ImageBatch, *, score_thresh: Optional[float] = None,
                     nms_thresh: Optional[float] = None, max_detections: Optional[int] = None,
                     class_agnostic: Optional[bool] = None, keep_classes: Optional[Tensor] = None) -> list:
-        """Proposals in the original image's pixels (masks pasted at the original size, not resized)."""
+        """Proposals in the original image's pixels (masks pasted at the original size, not resized, each into its
+        window only, kept as RLEMasks)."""
         if keep_classes is not None and not bool(torch.as_tensor(keep_classes).all()):
             raise ValueError("segment proposals have one class, 'object': there is no class to leave out")
         return self._proposals(outputs, batch.image_sizes, batch.original_sizes,
@@ -113,10 +115,9 @@ class SegmentProposer(Detector):
             keep = (prob > score_thresh).nonzero().flatten()[:max_detections]
             scale = torch.tensor([ow / w, oh / h, ow / w, oh / h], device=windows.device)
             win = windows[i, keep].float() * scale  # (D, 4) in original pixels
-            pasted = paste_masks(masks[i, keep].float().sigmoid(), win, oh, ow, self.mask_thresh)  # (D, oh, ow)
-            nonempty = pasted.flatten(1).any(1)
-            pasted, prob = pasted[nonempty], prob[keep][nonempty]
-            boxes = masks_to_boxes(pasted)
+            pasted, boxes = paste_masks(masks[i, keep].float().sigmoid(), win, oh, ow, self.mask_thresh)
+            nonempty = (boxes[:, 2] > boxes[:, 0]).nonzero().flatten()
+            pasted, boxes, prob = pasted[nonempty], boxes[nonempty], prob[keep][nonempty]
             if nms_thresh < 1 and len(boxes):
                 order = batched_nms(boxes, prob, torch.zeros_like(prob, dtype=torch.int64), nms_thresh)
                 pasted, boxes, prob = pasted[order], boxes[order], prob[order]
@@ -164,7 +165,7 @@ class DeepMask(SegmentProposer):
 
     Example:
         >>> model = build_model(load_config("retinanet/configs/segprop_deepmask_shapes.yaml")).eval()
-        >>> model([torch.rand(3, 192, 192)])[0]["masks"].shape   # (D, 192, 192), D <= 1000
+        >>> model([torch.rand(3, 192, 192)])[0]["masks"].shape   # (D, 192, 192), D <= 1000: RLEMasks
     """
 
     def __init__(self, trunk: ResNet, *, window: int = 160, context: int = 16, features: int = 128,

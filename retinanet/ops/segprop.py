@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -194,36 +195,186 @@ def mask_targets(masks: Tensor, windows: Tensor, size: int) -> Tensor:
     return (sampled[:, 0] >= 0.5).float()
 
 
-def _interpolation_matrix(lo: Tensor, hi: Tensor, size: int, m: int) -> Tensor:
-    """Bilinear weights from m samples over [lo, hi) to the pixel centres 0.5 .. size - 0.5: (N, size, m).
+def _interpolation_matrix(pixels: Tensor, lo: Tensor, hi: Tensor, size: int, m: int) -> Tensor:
+    """Bilinear weights from m samples over [lo, hi) to the centres of pixels (N, P) (integer indices along an
+    axis of `size` pixels): (N, P, m).
 
     Row p holds the two taps of pixel p (grid_sample's align_corners=False convention, border-clamped);
-    rows of pixels outside [lo, hi) are zero."""
-    centres = torch.arange(size, dtype=torch.float32, device=lo.device) + 0.5  # (size,)
-    u = (centres[None] - lo[:, None]) / (hi - lo)[:, None]  # (N, size) position in the window, 0..1
-    src = u * m - 0.5  # (N, size) continuous index of the m samples
+    rows of pixels outside [lo, hi) or outside the image are zero."""
+    centres = pixels.float() + 0.5  # (N, P)
+    u = (centres - lo[:, None]) / (hi - lo)[:, None]  # (N, P) position in the window, 0..1
+    src = u * m - 0.5  # (N, P) continuous index of the m samples
     i0 = src.floor()
     frac = src - i0
     i0 = i0.long()
-    weights = torch.zeros((lo.shape[0], size, m), dtype=torch.float32, device=lo.device)
+    weights = torch.zeros(pixels.shape + (m,), dtype=torch.float32, device=lo.device)
     weights.scatter_add_(2, i0.clamp(0, m - 1)[..., None], (1 - frac)[..., None])
     weights.scatter_add_(2, (i0 + 1).clamp(0, m - 1)[..., None], frac[..., None])
-    inside = (u >= 0) & (u <= 1)
+    inside = (u >= 0) & (u <= 1) & (pixels >= 0) & (pixels < size)
     return weights * inside[..., None]
 
 
-def paste_masks(masks: Tensor, windows: Tensor, height: int, width: int, threshold: float) -> Tensor:
-    """Window masks into image pixels: masks (N, m, m) probabilities over windows (N, 4) xyxy -> (N, height,
-    width) bool, pixel (y, x) taking the bilinear value at its centre (x + 0.5, y + 0.5) >= threshold (the
-    mask's values clamped at its border); pixels outside a window are False.
+class RLEMasks:
+    """D bit masks of one height x width image as COCO compressed RLEs: the compact form in which segment
+    proposals hand over their masks (a few bytes a run; as (D, H, W) bool they would take D H W bytes).
 
-    Bilinear interpolation is separable, so each paste is two small matrix products, Wy (height, m) @ mask
-    (m, m) @ Wx^T (m, width), batched over the masks (grid_sample over every image pixel is ~10x slower)."""
+    rles: D dicts {"size": [height, width], "counts": str}, COCO's (what `ops.masks.encode_masks` writes,
+    JSON-ready). len(masks) is D and masks.shape (D, height, width); masks[i] is mask i as a (height, width)
+    bool array; masks[index] (a slice, or an integer or bool array, list or tensor) the selected masks as
+    RLEMasks; iterating gives the (height, width) arrays one at a time; np.asarray(masks) or masks.numpy()
+    decodes all of them, (D, height, width) bool: the dense form, only when a caller asks for it.
+    """
+
+    def __init__(self, rles: list, height: int, width: int):
+        self.rles, self.height, self.width = list(rles), int(height), int(width)
+
+    def __len__(self) -> int:
+        return len(self.rles)
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self.rles), self.height, self.width)
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            return self._decode([self.rles[index]])[0]
+        if isinstance(index, slice):
+            return RLEMasks(self.rles[index], self.height, self.width)
+        index = np.asarray(index.cpu() if isinstance(index, Tensor) else index).reshape(-1)
+        if index.dtype == bool:
+            index = np.flatnonzero(index)
+        return RLEMasks([self.rles[i] for i in index.tolist()], self.height, self.width)
+
+    def __iter__(self):
+        for rle in self.rles:
+            yield self._decode([rle])[0]
+
+    def numpy(self) -> np.ndarray:
+        """(D, height, width) bool."""
+        return self._decode(self.rles)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        dense = self.numpy()
+        return dense if dtype is None else dense.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"RLEMasks({len(self)} masks, {self.height} x {self.width})"
+
+    def _decode(self, rles: list) -> np.ndarray:
+        from .masks import decode_rles
+
+        return decode_rles(rles, self.height, self.width).astype(bool)
+
+
+def paste_masks(masks: Tensor, windows: Tensor, height: int, width: int, threshold: float,
+                chunk_pixels: int = 1 << 22) -> tuple:
+    """Window masks into image pixels: masks (N, m, m) probabilities over windows (N, 4) xyxy -> (the N masks
+    of a height x width image as RLEMasks, boxes (N, 4) float32 xyxy of each mask's pixels, as
+    `ops.masks.masks_to_boxes`: zeros for an empty mask, on the masks' device). Pixel (y, x) is set where
+    the bilinear value at its centre (x + 0.5, y + 0.5) is >= threshold > 0 (the mask's values clamped at
+    its border); pixels outside a window are not.
+
+    Each mask is computed over its window's pixels only (clipped to the image), a few masks at a time
+    (at most about `chunk_pixels` pixels in all), and kept as run lengths: memory does not grow with
+    N x height x width. Bilinear interpolation is separable, so each paste is two small matrix products,
+    Wx (w, m) @ mask^T (m, m) @ Wy^T (m, h), each column of the image's pixels top to bottom (COCO's RLE order)."""
+    from pycocotools import mask as mask_api
+
+    if threshold <= 0:
+        raise ValueError(f"the mask threshold must be above 0 (pixels outside every window are 0), got {threshold}")
     n, m = masks.shape[0], masks.shape[-1]
+    boxes = torch.zeros((n, 4), dtype=torch.float32, device=masks.device)
+    empty = mask_api.frPyObjects({"size": [height, width], "counts": [height * width]}, height, width)["counts"]
+    rles = [{"size": [height, width], "counts": empty.decode("ascii")} for _ in range(n)]
     if n == 0:
-        return torch.zeros((0, height, width), dtype=torch.bool, device=masks.device)
-    wy = _interpolation_matrix(windows[:, 1].float(), windows[:, 3].float(), height, m)  # (N, height, m)
-    wx = _interpolation_matrix(windows[:, 0].float(), windows[:, 2].float(), width, m)  # (N, width, m)
-    inside = (wy.sum(2) > 0)[:, :, None] & (wx.sum(2) > 0)[:, None, :]  # (N, height, width)
-    values = wy @ masks.float() @ wx.transpose(1, 2)  # (N, height, width)
-    return (values >= threshold) & inside
+        return RLEMasks(rles, height, width), boxes
+    windows = windows.float()
+    start, end = _hot_region(masks.float(), windows, threshold)
+    start = start.floor().clamp(min=0).long()  # (N, 2) x, y: the first pixel column and row that may be set
+    end = torch.minimum(end.ceil().long(), torch.tensor([width, height], device=windows.device))  # after the last
+    extent = (end - start).clamp(min=0).cpu()  # (N, 2) columns, rows
+    order = (extent[:, 0] * extent[:, 1]).argsort(descending=True)
+    order = order[extent[order].prod(1) > 0].tolist()  # windows that overlap the image, largest first
+    probs = masks.float().transpose(1, 2)  # (N, m, m) mask^T
+    for chunk in _chunks(order, extent.tolist(), chunk_pixels):
+        idx = torch.tensor(chunk, device=masks.device)
+        cw, ch = (int(v) for v in extent[chunk].amax(0))
+        x0, y0 = start[idx, 0], start[idx, 1] - 1  # (c,): one row above each crop, and one below, are 0
+        cols = x0[:, None] + torch.arange(cw, device=masks.device)  # (c, cw) image columns
+        rows = y0[:, None] + torch.arange(ch + 2, device=masks.device)  # (c, ch + 2) image rows
+        wx = _interpolation_matrix(cols, windows[idx, 0], windows[idx, 2], width, m)  # (c, cw, m)
+        wy = _interpolation_matrix(rows, windows[idx, 1], windows[idx, 3], height, m)  # (c, ch + 2, m)
+        bits = wx @ probs[idx] @ wy.transpose(1, 2) >= threshold  # (c, cw, ch + 2): pixel (y0 + j, x0 + i) at [i, j]
+        k, col, row = (bits[:, :, 1:] != bits[:, :, :-1]).nonzero(as_tuple=True)  # where runs of 1s start or end
+        x, y = x0[k] + col, y0[k] + row + 1  # the run's first pixel, or the pixel after its last
+        boxes[idx] = _run_boxes(k, x, y, len(chunk))
+        for i, counts in zip(chunk, _run_lengths(k, x * height + y, len(chunk), height * width)):
+            rles[i] = {"size": [height, width], "counts": counts}
+        compressed = mask_api.frPyObjects([rles[i] for i in chunk], height, width)
+        for i, rle in zip(chunk, compressed):
+            rles[i] = {"size": [height, width], "counts": rle["counts"].decode("ascii")}
+    return RLEMasks(rles, height, width), boxes
+
+
+def _hot_region(masks: Tensor, windows: Tensor, threshold: float) -> tuple:
+    """masks (N, m, m) over windows (N, 4) -> where in the image a pasted pixel can reach the threshold: (start,
+    end) (N, 2) x, y pixel coordinates, a pixel of margin included (start >= end: nowhere).
+
+    A pasted value is a convex combination of the mask values at its (up to) 4 taps, so it reaches the
+    threshold only where a tap does: within the mask cells [j0, j1] that do, i.e. pixel centres in
+    [lo + (j0 - 1/2) s, lo + (j1 + 3/2) s) (s = window side / m), within the window."""
+    m = masks.shape[-1]
+    hot = masks >= threshold  # (N, m, m) rows y, columns x
+    hot_x, hot_y = hot.any(1), hot.any(2)  # (N, m) each
+    cells = torch.arange(m, device=masks.device)
+    first = torch.stack([torch.where(a, cells, m).amin(1) for a in (hot_x, hot_y)], dim=1)  # (N, 2) x, y; m if none
+    last = torch.stack([torch.where(a, cells, -1).amax(1) for a in (hot_x, hot_y)], dim=1)  # -1 if none
+    lo, side = windows[:, :2], (windows[:, 2:] - windows[:, :2]) / m  # (N, 2) each
+    start = torch.maximum(lo + (first - 0.5) * side, lo) - 1.5  # centres from c: pixels from c - 1/2; 1 px margin
+    end = torch.minimum(lo + (last + 1.5) * side, windows[:, 2:]) + 1.5  # to c - 1/2, end exclusive; 1 px margin
+    return start, torch.where((last >= 0).all(1, keepdim=True), end, start)
+
+
+def _chunks(order: list, extents: list, budget: int):
+    """Split `order` (mask indices, largest window first) into runs whose (count x widest x tallest) <= budget."""
+    chunk, cw, ch = [], 0, 0
+    for i in order:
+        w, h = extents[i]
+        if chunk and (len(chunk) + 1) * max(cw, w) * max(ch, h) > budget:
+            yield chunk
+            chunk, cw, ch = [], 0, 0
+        chunk.append(i)
+        cw, ch = max(cw, w), max(ch, h)
+    if chunk:
+        yield chunk
+
+
+def _run_boxes(k: Tensor, x: Tensor, y: Tensor, count: int) -> Tensor:
+    """The transitions of `count` masks (mask k, image column x, row y: where a run of 1s starts, or the row after it
+    ends) -> (count, 4) float32 xyxy boxes of the masks' pixels (zeros for a mask without transitions: empty)."""
+    boxes = torch.zeros((count, 4), dtype=torch.int64, device=k.device)
+    if k.numel():
+        big = torch.full((count,), torch.iinfo(torch.int64).max, device=k.device)
+        boxes[:, 0] = big.scatter_reduce(0, k, x, "amin")
+        boxes[:, 1] = big.scatter_reduce(0, k, y, "amin")  # the topmost start
+        boxes[:, 2] = torch.zeros_like(big).scatter_reduce(0, k, x + 1, "amax")
+        boxes[:, 3] = torch.zeros_like(big).scatter_reduce(0, k, y, "amax")  # the lowest end
+        boxes *= torch.zeros_like(big, dtype=torch.bool).index_fill(0, k, True)[:, None]
+    return boxes.float()
+
+
+def _run_lengths(k: Tensor, pos: Tensor, count: int, total: int) -> list:
+    """The transitions of `count` masks (mask k, index pos in the image's column-major pixels; sorted) -> for each mask,
+    the COCO run lengths (np.uint32): alternating runs of 0s and 1s in column-major order, starting with 0s."""
+    # a run ending at the bottom of a column and one starting at the top of the next are one run
+    joined = (pos[1:] == pos[:-1]) & (k[1:] == k[:-1])
+    drop = torch.zeros_like(pos, dtype=torch.bool)
+    drop[1:] |= joined
+    drop[:-1] |= joined
+    k, pos = k[~drop].cpu().numpy(), pos[~drop].cpu().numpy()
+    bounds = np.searchsorted(k, np.arange(count + 1))
+    out = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        ends = pos[a:b] if b > a and pos[b - 1] == total else np.append(pos[a:b], total)
+        out.append(np.diff(ends, prepend=0).astype(np.uint32))  # no empty run of 0s at the end (as COCO's encode)
+    return out
