@@ -540,6 +540,8 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if hasattr(raw_model, "on_optimizer_step"):  # a model that counts steps (SharpMask's stages)
+                raw_model.on_optimizer_step()
             if ema is not None:
                 ema.update(raw_model)
 

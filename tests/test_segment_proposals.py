@@ -341,10 +341,13 @@ def test_sharpmask_trains_in_two_stages():
         model.zero_grad(set_to_none=True)
         losses = model(images, targets)
         sum(losses.values()).backward()
+        model.on_optimizer_step()  # what the training loop calls after each optimizer step
         trunk_grad = model.trunk.conv1.weight.grad is not None
         refine_grad = model.refinement[0].merge.weight.grad is not None
         assert (trunk_grad, refine_grad) == ((True, False) if stage == "feedforward" else (False, True))
     assert int(model.train_steps) == 2 and not model.trunk.training  # frozen: BatchNorm statistics fixed
+    model(images, targets)
+    assert int(model.train_steps) == 2  # a forward pass is not a step (train.accumulate runs several per step)
 
 
 def test_sharpmask_refinement_without_positive_windows():
@@ -488,6 +491,23 @@ def test_train_eval_predict_export_a_deepmask(shapes, tmp_path, capsys):
     a, b = predictor(square), OnnxDetector(str(onnx_path))(square)
     assert len(a) == len(b) > 0 and np.abs(a.scores - b.scores).max() < 1e-4
     assert (np.asarray(a.masks) != np.asarray(b.masks)).mean() < 1e-3  # binarized at 0.2: a pixel may flip
+
+
+def test_sharpmask_stages_count_optimizer_steps(shapes, tmp_path):
+    """train.accumulate 2, refine_after 1: the first step (2 micro-batches) is feedforward only, the second refines
+    (item 10 of issue 20: refinement started at the second micro-batch, inside the first step)."""
+    from retinanet.checkpoint import load_checkpoint
+    from retinanet.engine import train
+
+    cfg = tiny("sharpmask", segprop_refine_after=1)
+    d, t = cfg.data, cfg.train
+    d.train_json, d.train_images, d.batch_size, d.num_workers = str(shapes.train_json), str(shapes.train_images), 2, 0
+    t.device, t.iterations, t.accumulate, t.warmup_iters, t.log_every, t.checkpoint_every = "cpu", 2, 2, 1, 1, 2
+    train(cfg, str(tmp_path / "run"), progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1, 2]
+    assert records[0]["refine"] == 0.0 and records[1]["refine"] > 0  # the stage changes between optimizer steps
+    assert int(load_checkpoint(str(tmp_path / "run" / "final.pt"))["model"]["train_steps"]) == 2
 
 
 def test_eval_refuses_segm_for_a_box_checkpoint(shapes, tmp_path, capsys):

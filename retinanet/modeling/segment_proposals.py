@@ -19,7 +19,7 @@ boxes only when `nms_thresh` < 1 (the released DeepMask code applies none).
   reflection at its own edges (as far as its size allows, zeros beyond), whatever else is in the batch.
 - `DeepMask` with refinement (`refine_k` > 0) is SharpMask (sec. 3.3): refinement modules R^i on
   C4, C3, C2 double the mask encoding's resolution three times (m = 8 k at stride 2). Two stages
-  (sec. 3.3.3): the first `refine_after` training steps train the feedforward model, after which it
+  (sec. 3.3.3): the first `refine_after` optimizer steps train the feedforward model, after which it
   is frozen (eval mode, no gradient) and only the refinement is trained. Inference refines the top
   `top_n` windows.
 - `FPNMaskProposals` (sec. 4.6, Fig. 4.4): the detectors' ResNet + FPN; on every level a small MLP
@@ -192,7 +192,7 @@ class DeepMask(SegmentProposer):
         self.score_head = nn.Sequential(nn.ReLU(), nn.Conv2d(head_dim, 2 * head_dim, 1), nn.ReLU(inplace=True),
                                         nn.Conv2d(2 * head_dim, 1, 1))
         self.refine_k, self.refine_after = refine_k, refine_after
-        self.register_buffer("train_steps", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("train_steps", torch.zeros((), dtype=torch.int64))  # optimizer steps (on_optimizer_step)
         if refine_k:
             km = [refine_k // 2 ** i for i in range(4)]  # k_m^1..k_m^4 (schedule b); k_s^i = k_m^i
             if km[3] < 1:
@@ -206,6 +206,11 @@ class DeepMask(SegmentProposer):
     def refining(self) -> bool:
         """In the refinement training stage (SharpMask after `refine_after` feedforward steps)."""
         return bool(self.refine_k) and int(self.train_steps) >= self.refine_after
+
+    def on_optimizer_step(self) -> None:
+        """Count an optimizer step; the training loop calls this after each one. The stages are counted in optimizer
+        steps, however many micro-batches (train.accumulate) each one sums."""
+        self.train_steps += 1
 
     def _trunk(self, x: Tensor) -> list:
         t = self.trunk
@@ -348,8 +353,6 @@ class DeepMask(SegmentProposer):
                 out["refine"] = _mean_bce(refined, self._mask_targets(matched_masks, refined.shape[-1]))
             else:
                 out["refine"] = score_loss.new_zeros(())
-        if self.training:
-            self.train_steps += 1
         return out
 
     @staticmethod
