@@ -380,6 +380,40 @@ def test_crowd_regions_are_neither_objects_nor_background(arch):
     assert mask_losses[1] == 0.0 and mask_losses[0] > 0.1
 
 
+def test_sharpmask_trains_under_ddp(tmp_path):
+    """The engine's DDP wrap (one-process gloo): both stages train, as without DDP (item 5 of issue 20: "Expected to
+    have finished reduction" in the second step, the refinement unused in stage 1, the trunk frozen in stage 2)."""
+    import torch.distributed as dist
+
+    from retinanet.engine import distributed_model
+
+    images, targets = [torch.rand(3, 64, 64)] * 2, [two_objects(), two_objects()]
+    plain = build_model(tiny("sharpmask", segprop_refine_after=2)).train()
+    trained = {}
+    for name, model in (("plain", plain), ("ddp", copy.deepcopy(plain))):
+        if name == "ddp":
+            dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+        try:
+            wrapped = distributed_model(model, torch.device("cpu")) if name == "ddp" else model
+            opt = torch.optim.SGD(model.parameters(), lr=0.01)
+            for step in range(4):  # 2 feedforward steps, 2 of refinement
+                torch.manual_seed(step)
+                losses = wrapped(images, targets)
+                opt.zero_grad(set_to_none=True)
+                sum(losses.values()).backward()
+                opt.step()
+                model.on_optimizer_step()
+                if step == 1:
+                    trunk = model.trunk.conv1.weight.detach().clone()
+            assert torch.equal(model.trunk.conv1.weight, trunk)  # frozen in the refinement stage
+        finally:
+            if name == "ddp":
+                dist.destroy_process_group()
+        trained[name] = model.state_dict()
+    for key, value in trained["plain"].items():
+        assert torch.allclose(trained["ddp"][key].float(), value.float(), atol=1e-6), key
+
+
 def test_config_refuses_options_of_other_models():
     with pytest.raises(ConfigError, match="segprop_mlp_windows' does not apply to model.arch=deepmask"):
         config_from_dict({"model": {"arch": "deepmask", "segprop_mlp_windows": [5]}})

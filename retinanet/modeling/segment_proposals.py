@@ -193,6 +193,9 @@ class DeepMask(SegmentProposer):
                                         nn.Conv2d(2 * head_dim, 1, 1))
         self.refine_k, self.refine_after = refine_k, refine_after
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.int64))  # optimizer steps (on_optimizer_step)
+        # Some parameters get no gradient in a step: the refinement in the first stage, the frozen feedforward model
+        # in the second. DistributedDataParallel must then look for them (retinanet.engine.distributed_model).
+        self.find_unused_parameters = bool(refine_k)
         if refine_k:
             km = [refine_k // 2 ** i for i in range(4)]  # k_m^1..k_m^4 (schedule b); k_s^i = k_m^i
             if km[3] < 1:
