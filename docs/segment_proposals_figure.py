@@ -24,9 +24,10 @@ def best_masks(model, image: torch.Tensor, gt: torch.Tensor) -> tuple:
         det = model([image])[0]
     if len(det["masks"]) == 0:
         return torch.zeros_like(gt, dtype=torch.bool), torch.zeros(len(gt))
-    iou = mask_iou(gt, det["masks"])  # (G, D)
+    masks = torch.from_numpy(np.asarray(det["masks"]))  # (D, H, W) bool, decoded from the run lengths
+    iou = mask_iou(gt, masks)  # (G, D)
     best = iou.argmax(1)
-    return det["masks"][best], iou.max(1).values
+    return masks[best], iou.max(1).values
 
 
 def main() -> None:

@@ -123,6 +123,14 @@ def setup_distributed(device: str) -> DistEnv:
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, owns_group=owns)
 
 
+def distributed_model(model: nn.Module, device: torch.device) -> nn.parallel.DistributedDataParallel:
+    """`model` wrapped in DistributedDataParallel. A model some of whose parameters get no gradient in a step says
+    so (`find_unused_parameters = True`: SharpMask, whose two training stages each leave a part unused); DDP
+    then looks for them in every step, which it otherwise need not."""
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                               find_unused_parameters=getattr(model, "find_unused_parameters", False))
+
+
 def _barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()
@@ -442,8 +450,7 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
         if ema is not None and ckpt is not None and "raw_model" in ckpt:
             ema.load_state_dict(ckpt["model"], updates=int(ckpt["ema_updates"]))
         if env.distributed:
-            model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+            model = distributed_model(model, env.device)
         optimizer = build_optimizer(raw_model, cfg)
         scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
         start, best_ap = 0, None
@@ -540,6 +547,8 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if hasattr(raw_model, "on_optimizer_step"):  # a model that counts steps (SharpMask's stages)
+                raw_model.on_optimizer_step()
             if ema is not None:
                 ema.update(raw_model)
 

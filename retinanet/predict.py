@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .modeling.detector import ImageBatch, keep_classes_mask
+from .ops.segprop import RLEMasks
 from .syncs import to_device
 from .tta import DEFAULT_SCALES, tta_detections
 
@@ -34,7 +35,8 @@ class Detections:
     boxes (D, 4) float32 xyxy in the pixels of the image as given (EXIF orientation applied for files),
     scores (D,) float32, labels (D,) int64 model labels 0..K-1, category_ids (D,) int64 (the dataset's
     ids, categories[label]["id"]), names: D class names. image_size: (height, width).
-    masks: None (a box detector), or (D, height, width) bool, each detection's mask in the same pixels.
+    masks: None (a box detector), or each detection's mask in the same pixels as `ops.segprop.RLEMasks`
+    (compressed run lengths; masks[i] or iterating: (height, width) bool arrays; np.asarray: (D, height, width)).
     """
 
     boxes: np.ndarray
@@ -44,7 +46,7 @@ class Detections:
     names: list
     image_size: tuple
     source: str = ""
-    masks: Optional[np.ndarray] = None
+    masks: Optional[RLEMasks] = None
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -228,7 +230,7 @@ class Predictor:
             out.append(Detections(boxes=det["boxes"].float().cpu().numpy(), scores=det["scores"].float().cpu().numpy(),
                                   labels=labels, category_ids=self._ids[labels], names=[self._names[i] for i in labels],
                                   image_size=tuple(array.shape[:2]),
-                                  masks=det["masks"].bool().cpu().numpy() if det.get("masks") is not None else None))
+                                  masks=det.get("masks")))
         return out
 
 
@@ -245,9 +247,10 @@ def draw_detections(image: np.ndarray, det: Detections, min_score: float = 0.0):
     pixels = np.ascontiguousarray(image)
     if det.masks is not None:
         pixels = pixels.astype(np.float32)
-        for mask, score, label in reversed(list(zip(det.masks, det.scores.tolist(), det.labels.tolist()))):
+        for i in reversed(range(len(det))):  # one mask decoded at a time
+            score, label = float(det.scores[i]), int(det.labels[i])
             if score >= min_score:
-                mask = np.asarray(mask, dtype=bool)
+                mask = np.asarray(det.masks[i], dtype=bool)
                 pixels[mask] = (1 - MASK_ALPHA) * pixels[mask] + MASK_ALPHA * np.array(_PALETTE[label % len(_PALETTE)])
         pixels = np.round(pixels).astype(np.uint8)
     canvas = Image.fromarray(pixels)

@@ -2,27 +2,33 @@
 
 Every model here keeps the `Detector` contract (retinanet/modeling/detector.py) with one class,
 "object": `postprocess` returns per image {"boxes" (the masks' boxes), "scores", "labels" (all 0),
-"masks" (D, H, W) bool in the original image's pixels}, best first. `network` returns three tensors
+"masks" (D masks in the original image's pixels, `ops.segprop.RLEMasks`: compressed run lengths,
+decoded to (D, H, W) bool only when a caller asks)}, best first. `network` returns three tensors
 (what ONNX exports): scores (B, K) logits, masks (B, K, m, m) logits over each window, windows
 (B, K, 4) xyxy in the padded batch's pixels: the best K = top_n windows of each image whose centre
-lies inside the image (the rest, if there are fewer, have score logit -1e4: probability 0). `postprocess` keeps scores above the threshold, pastes the
-masks into the image (binarized at `mask_thresh`, 0.2 as DeepMask, thesis sec. 3.5) and applies NMS
-on the masks' boxes only when `nms_thresh` < 1 (the released DeepMask code applies none).
+lies inside the image (the rest, if there are fewer, have score logit -1e4: probability 0).
+`postprocess` keeps scores above the threshold, pastes the masks into the image (each into its
+window, binarized at `mask_thresh`, 0.2 as DeepMask, thesis sec. 3.5) and applies NMS on the masks'
+boxes only when `nms_thresh` < 1 (the released DeepMask code applies none).
 
 - `DeepMask` (thesis sec. 3.4, "DeepMask-ours", head C): a ResNet cut after conv4 (C4, stride 16),
   a 1x1 reduction to F channels, one linear layer over the k x k window (k = W / 16) to a 512-d
   vector shared by the mask (m x m) and score branches. Trained on sampled image patches (window W
   plus `context` px each side, resampled with reflection, reflective padding in the trunk, sec.
-  3.5); run convolutionally over an image pyramid at inference.
+  3.5); run convolutionally over an image pyramid at inference, each scaled image padded by W / 2 by
+  reflection at its own edges (as far as its size allows, zeros beyond), whatever else is in the batch.
 - `DeepMask` with refinement (`refine_k` > 0) is SharpMask (sec. 3.3): refinement modules R^i on
   C4, C3, C2 double the mask encoding's resolution three times (m = 8 k at stride 2). Two stages
-  (sec. 3.3.3): the first `refine_after` training steps train the feedforward model, after which it
+  (sec. 3.3.3): the first `refine_after` optimizer steps train the feedforward model, after which it
   is frozen (eval mode, no gradient) and only the refinement is trained. Inference refines the top
   `top_n` windows.
 - `FPNMaskProposals` (sec. 4.6, Fig. 4.4): the detectors' ResNet + FPN; on every level a small MLP
   on 5 x 5 windows (a k x k conv, ReLU, 1 x 1 convs to the score and a 14 x 14 mask), fully
   convolutional, and optionally a second MLP on 7 x 7 windows for half octaves; trained end to end
   on every window of the full image, no image pyramid.
+
+In training, crowd regions (iscrowd) are neither objects nor background, as for the detectors
+(`ops.segprop.label_windows`).
 """
 
 from __future__ import annotations
@@ -34,9 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.masks import masks_to_boxes
+from ..ops.matcher import split_crowd
 from ..ops.nms import batched_nms
-from ..ops.segprop import crop_windows, grid_windows, label_windows, mask_targets, paste_masks
+from ..ops.segprop import (crop_windows, extend_edges, grid_windows, label_windows, mask_targets, paste_masks,
+                           reflect_pad)
 from .backbone import FPN, ResNet
 from .detector import Detector, ImageBatch
 
@@ -83,7 +90,8 @@ class SegmentProposer(Detector):
     def postprocess(self, outputs: tuple, batch: ImageBatch, *, score_thresh: Optional[float] = None,
                     nms_thresh: Optional[float] = None, max_detections: Optional[int] = None,
                     class_agnostic: Optional[bool] = None, keep_classes: Optional[Tensor] = None) -> list:
-        """Proposals in the original image's pixels (masks pasted at the original size, not resized)."""
+        """Proposals in the original image's pixels (masks pasted at the original size, not resized, each into its
+        window only, kept as RLEMasks)."""
         if keep_classes is not None and not bool(torch.as_tensor(keep_classes).all()):
             raise ValueError("segment proposals have one class, 'object': there is no class to leave out")
         return self._proposals(outputs, batch.image_sizes, batch.original_sizes,
@@ -107,10 +115,9 @@ class SegmentProposer(Detector):
             keep = (prob > score_thresh).nonzero().flatten()[:max_detections]
             scale = torch.tensor([ow / w, oh / h, ow / w, oh / h], device=windows.device)
             win = windows[i, keep].float() * scale  # (D, 4) in original pixels
-            pasted = paste_masks(masks[i, keep].float().sigmoid(), win, oh, ow, self.mask_thresh)  # (D, oh, ow)
-            nonempty = pasted.flatten(1).any(1)
-            pasted, prob = pasted[nonempty], prob[keep][nonempty]
-            boxes = masks_to_boxes(pasted)
+            pasted, boxes = paste_masks(masks[i, keep].float().sigmoid(), win, oh, ow, self.mask_thresh)
+            nonempty = (boxes[:, 2] > boxes[:, 0]).nonzero().flatten()
+            pasted, boxes, prob = pasted[nonempty], boxes[nonempty], prob[keep][nonempty]
             if nms_thresh < 1 and len(boxes):
                 order = batched_nms(boxes, prob, torch.zeros_like(prob, dtype=torch.int64), nms_thresh)
                 pasted, boxes, prob = pasted[order], boxes[order], prob[order]
@@ -158,7 +165,7 @@ class DeepMask(SegmentProposer):
 
     Example:
         >>> model = build_model(load_config("retinanet/configs/segprop_deepmask_shapes.yaml")).eval()
-        >>> model([torch.rand(3, 192, 192)])[0]["masks"].shape   # (D, 192, 192), D <= 1000
+        >>> model([torch.rand(3, 192, 192)])[0]["masks"].shape   # (D, 192, 192), D <= 1000: RLEMasks
     """
 
     def __init__(self, trunk: ResNet, *, window: int = 160, context: int = 16, features: int = 128,
@@ -185,7 +192,10 @@ class DeepMask(SegmentProposer):
         self.score_head = nn.Sequential(nn.ReLU(), nn.Conv2d(head_dim, 2 * head_dim, 1), nn.ReLU(inplace=True),
                                         nn.Conv2d(2 * head_dim, 1, 1))
         self.refine_k, self.refine_after = refine_k, refine_after
-        self.register_buffer("train_steps", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("train_steps", torch.zeros((), dtype=torch.int64))  # optimizer steps (on_optimizer_step)
+        # Some parameters get no gradient in a step: the refinement in the first stage, the frozen feedforward model
+        # in the second. DistributedDataParallel must then look for them (retinanet.engine.distributed_model).
+        self.find_unused_parameters = bool(refine_k)
         if refine_k:
             km = [refine_k // 2 ** i for i in range(4)]  # k_m^1..k_m^4 (schedule b); k_s^i = k_m^i
             if km[3] < 1:
@@ -199,6 +209,11 @@ class DeepMask(SegmentProposer):
     def refining(self) -> bool:
         """In the refinement training stage (SharpMask after `refine_after` feedforward steps)."""
         return bool(self.refine_k) and int(self.train_steps) >= self.refine_after
+
+    def on_optimizer_step(self) -> None:
+        """Count an optimizer step; the training loop calls this after each one. The stages are counted in optimizer
+        steps, however many micro-batches (train.accumulate) each one sums."""
+        self.train_steps += 1
 
     def _trunk(self, x: Tensor) -> list:
         t = self.trunk
@@ -215,7 +230,8 @@ class DeepMask(SegmentProposer):
     def _refine(self, vector: Tensor, crops: list) -> Tensor:
         """vector (n, 512) and each window's crops of the three skip maps -> (n, 8k, 8k) refined mask logits."""
         k = self.window // TRUNK_STRIDE
-        m = self.encoding(vector[:, :, None, None]).reshape(vector.shape[0], -1, k, k)  # M^1 (n, k_m^1, k, k)
+        km = self.encoding.out_channels // (k * k)  # k_m^1, named: n may be 0 (no positive window in the batch)
+        m = self.encoding(vector[:, :, None, None]).reshape(vector.shape[0], km, k, k)  # M^1 (n, k_m^1, k, k)
         for module, skip in zip(self.refinement, crops):
             m = module(m, skip)
         return self.refined(m)[:, 0]
@@ -226,19 +242,15 @@ class DeepMask(SegmentProposer):
         if image_sizes is None:
             image_sizes = images.new_tensor([[height, width]], dtype=torch.int64).expand(b, 2)
         pad = self.window // 2  # windows centred at 0, 16, 32, ... px of each scaled image
-        k = self.window // TRUNK_STRIDE
         scores, masks, windows, levels = [], [], [], []
-        for s, scale in enumerate(self.scales):
-            # floor(size * scale) px; with the scale itself mapping coordinates, so that windows map back by 1 / scale
-            x = images if scale == 1 else F.interpolate(images, scale_factor=scale, mode="bilinear",
-                                                        align_corners=False, recompute_scale_factor=False)
-            h, w = x.shape[-2:]
-            extra_h, extra_w = -(h + 2 * pad) % TRUNK_STRIDE, -(w + 2 * pad) % TRUNK_STRIDE
-            if min(h, w) < pad + TRUNK_STRIDE:
-                raise ValueError(f"image pyramid scale {scale:g} makes a {height} x {width} batch {h} x {w} px, too "
-                                 f"small to pad by reflection for {self.window} px windows; use larger images or "
-                                 f"drop the smallest scales (model.segprop_scales)")
-            x = F.pad(x, (pad, pad + extra_w, pad, pad + extra_h), mode="reflect")
+        for scale in self.scales:
+            # floor(size * scale) px; with the scale itself mapping coordinates, so that windows map back by 1 / scale.
+            # Each image is resampled and padded on its own: its pixels and padding do not depend on the batch.
+            x = images if scale == 1 else F.interpolate(extend_edges(images, image_sizes), scale_factor=scale,
+                                                        mode="bilinear", align_corners=False,
+                                                        recompute_scale_factor=False)
+            sizes = (image_sizes.double() * scale).floor().clamp(min=1).long()  # (B, 2) each scaled image's h, w
+            x = reflect_pad(x, sizes, pad, TRUNK_STRIDE)
             feats = self._trunk(x)
             vector, score, mask = self._head(feats[2])
             gh, gw = score.shape[-2:]
@@ -283,13 +295,13 @@ class DeepMask(SegmentProposer):
     # ------------------------------------------------------------------ training
     def sample_windows(self, targets: list, image_sizes: list, device) -> Tensor:
         """Training windows (B, n, 4) xyxy: half centred on objects (shift and scale jitter within the positive
-        tolerance), half at random places and pyramid scales; n = windows_per_image."""
+        tolerance; crowd regions are not objects), half at random places and pyramid scales; n = windows_per_image."""
         n = self.windows_per_image
         half = n // 2
         lo, hi = math.log2(min(self.scales)), math.log2(max(self.scales))
         out = []
         for t, (h, w) in zip(targets, image_sizes):
-            boxes = t["boxes"].to(device).float().reshape(-1, 4)
+            boxes = split_crowd(t, device)[0]  # (G, 4) the objects
             # random windows: side W / s at a random pyramid scale, centre anywhere in the image
             side = self.window / 2.0 ** (lo + (hi - lo) * torch.rand(n, device=device))
             centre = torch.rand(n, 2, device=device) * torch.tensor([w, h], device=device, dtype=torch.float32)
@@ -305,21 +317,19 @@ class DeepMask(SegmentProposer):
 
     def losses(self, batch: ImageBatch, targets: list) -> dict:
         device = batch.tensor.device
+        objects = [_objects(t, device) for t in targets]  # per image: objects' boxes and masks, crowd regions' boxes
         windows = self.sample_windows(targets, batch.image_sizes, device)  # (B, n, 4)
         labels, matched_masks = [], []
-        for t, win in zip(targets, windows):
-            lab, matched = label_windows(win, t["boxes"].to(device).float().reshape(-1, 4),
-                                         object_ratio=self.object_ratio, shift=self.shift, neg_shift=self.neg_shift,
-                                         scale_tol=self.scale_tol)
+        for (boxes, masks, crowd), win in zip(objects, windows):
+            lab, matched = label_windows(win, boxes, object_ratio=self.object_ratio, shift=self.shift,
+                                         neg_shift=self.neg_shift, scale_tol=self.scale_tol, crowd_boxes=crowd)
             labels.append(lab)
             pos = (lab == 1).nonzero().flatten()
-            if "masks" not in t:
-                raise ValueError("segment proposal models train on masks: set data.masks: true")
-            matched_masks.append((t["masks"].to(device)[matched[pos]], win[pos]))
+            matched_masks.append((masks[matched[pos]], win[pos]))
         labels = torch.cat(labels)  # (B * n,)
         grow = windows.new_tensor([-1.0, -1.0, 1.0, 1.0]) * (self.context / self.window)
         sides = (windows[..., 2:3] - windows[..., 0:1])  # (B, n, 1)
-        patches = crop_windows(batch.tensor, windows + grow * sides, self.window + 2 * self.context)
+        patches = crop_windows(batch.tensor, windows + grow * sides, self.window + 2 * self.context, batch.image_sizes)
         c = self.context // TRUNK_STRIDE  # the window's output cell in the patch's output grid
         refining = self.refining
         for module in (self.trunk, self.reduce, self.shared, self.mask_head, self.score_head):
@@ -346,8 +356,6 @@ class DeepMask(SegmentProposer):
                 out["refine"] = _mean_bce(refined, self._mask_targets(matched_masks, refined.shape[-1]))
             else:
                 out["refine"] = score_loss.new_zeros(())
-        if self.training:
-            self.train_steps += 1
         return out
 
     @staticmethod
@@ -355,6 +363,18 @@ class DeepMask(SegmentProposer):
         """[(object masks (P, H, W), windows (P, 4))] per image -> (sum P, size, size) targets."""
         parts = [mask_targets(m, win, size) for m, win in matched_masks]
         return torch.cat(parts) if parts else torch.zeros((0, size, size))
+
+
+def _objects(target: dict, device) -> tuple:
+    """One image's target -> (boxes (G, 4) float32 and masks (G, H, W) of its objects, boxes (C, 4) of its crowd
+    regions (iscrowd), which are neither objects nor background), on `device`."""
+    if "masks" not in target:
+        raise ValueError("segment proposal models train on masks: set data.masks: true")
+    boxes, _, crowd_boxes = split_crowd(target, device)
+    masks = target["masks"]
+    if "iscrowd" in target:
+        masks = masks[~torch.as_tensor(target["iscrowd"], device=masks.device).reshape(-1).bool()]
+    return boxes, masks.to(device), crowd_boxes
 
 
 def _mean_bce(logits: Tensor, target: Tensor) -> Tensor:
@@ -432,14 +452,12 @@ class FPNMaskProposals(SegmentProposer):
         scores, masks, windows = self._dense(batch.tensor)
         labels, pos_masks, pos_windows, pos_logits = [], [], [], []
         for i, t in enumerate(targets):
-            if "masks" not in t:
-                raise ValueError("segment proposal models train on masks: set data.masks: true")
-            lab, matched = label_windows(windows, t["boxes"].to(windows.device).float().reshape(-1, 4),
-                                         object_ratio=self.object_ratio, shift=self.shift, neg_shift=self.neg_shift,
-                                         scale_tol=self.scale_tol)
+            boxes, object_masks, crowd = _objects(t, windows.device)
+            lab, matched = label_windows(windows, boxes, object_ratio=self.object_ratio, shift=self.shift,
+                                         neg_shift=self.neg_shift, scale_tol=self.scale_tol, crowd_boxes=crowd)
             labels.append(lab)
             pos = (lab == 1).nonzero().flatten()
-            pos_masks.append(t["masks"].to(windows.device)[matched[pos]])
+            pos_masks.append(object_masks[matched[pos]])
             pos_windows.append(windows[pos])
             pos_logits.append(masks[i, pos])
         labels = torch.stack(labels)  # (B, N)

@@ -54,9 +54,14 @@ def decode_rles(rles: Sequence[dict], height: int, width: int) -> np.ndarray:
 
 
 def encode_masks(masks) -> list:
-    """(D, H, W) bit masks (bool or uint8, numpy or torch) -> D compressed RLEs with str counts (JSON-ready)."""
+    """(D, H, W) bit masks (bool or uint8, numpy or torch, or `ops.segprop.RLEMasks`) -> D compressed RLEs with str
+    counts (JSON-ready)."""
     from pycocotools import mask as mask_api
 
+    from .segprop import RLEMasks
+
+    if isinstance(masks, RLEMasks):  # run lengths already (segment proposals): never decoded
+        return [dict(rle) for rle in masks.rles]
     masks = masks.detach().cpu().numpy() if isinstance(masks, Tensor) else np.asarray(masks)
     if masks.ndim != 3:
         raise ValueError(f"expected (D, H, W) masks, got shape {masks.shape}")
