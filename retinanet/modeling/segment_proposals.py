@@ -40,10 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.boxes import scale_boxes
 from ..ops.matcher import split_crowd
 from ..ops.nms import batched_nms
 from ..ops.segprop import (crop_windows, extend_edges, grid_windows, label_windows, mask_targets, paste_masks,
                            reflect_pad)
+from ..ops.transform import default_image_sizes
 from .backbone import FPN, ResNet
 from .detector import Detector, ImageBatch
 
@@ -113,8 +115,7 @@ class SegmentProposer(Detector):
         for i, ((h, w), (oh, ow)) in enumerate(zip(image_sizes, original_sizes)):
             prob = scores[i].float().sigmoid()  # (K,), best first
             keep = (prob > score_thresh).nonzero().flatten()[:max_detections]
-            scale = torch.tensor([ow / w, oh / h, ow / w, oh / h], device=windows.device)
-            win = windows[i, keep].float() * scale  # (D, 4) in original pixels
+            win = scale_boxes(windows[i, keep].float(), ow / w, oh / h)  # (D, 4) in original pixels
             pasted, boxes = paste_masks(masks[i, keep].float().sigmoid(), win, oh, ow, self.mask_thresh)
             nonempty = (boxes[:, 2] > boxes[:, 0]).nonzero().flatten()
             pasted, boxes, prob = pasted[nonempty], boxes[nonempty], prob[keep][nonempty]
@@ -238,9 +239,7 @@ class DeepMask(SegmentProposer):
 
     # ------------------------------------------------------------------ inference
     def network(self, images: Tensor, image_sizes: Optional[Tensor] = None) -> tuple:
-        b, _, height, width = images.shape
-        if image_sizes is None:
-            image_sizes = images.new_tensor([[height, width]], dtype=torch.int64).expand(b, 2)
+        image_sizes = default_image_sizes(images, image_sizes)
         pad = self.window // 2  # windows centred at 0, 16, 32, ... px of each scaled image
         scores, masks, windows, levels = [], [], [], []
         for scale in self.scales:
@@ -255,7 +254,8 @@ class DeepMask(SegmentProposer):
             vector, score, mask = self._head(feats[2])
             gh, gw = score.shape[-2:]
             scores.append(score.flatten(1))  # (B, gh * gw)
-            masks.append(mask.flatten(2).transpose(1, 2).reshape(b, gh * gw, self.mask_size, self.mask_size))
+            masks.append(mask.flatten(2).transpose(1, 2).reshape(images.shape[0], gh * gw, self.mask_size,
+                                                                  self.mask_size))
             win = grid_windows(gh, gw, stride=TRUNK_STRIDE, window=self.window, offset=pad, device=images.device)
             windows.append(win / scale)
             levels.append((feats, vector, gh, gw))
@@ -441,9 +441,7 @@ class FPNMaskProposals(SegmentProposer):
         return torch.cat(scores, 1), torch.cat(masks, 1), windows  # (B, N), (B, N, m, m), (N, 4)
 
     def network(self, images: Tensor, image_sizes: Optional[Tensor] = None) -> tuple:
-        b, _, height, width = images.shape
-        if image_sizes is None:
-            image_sizes = images.new_tensor([[height, width]], dtype=torch.int64).expand(b, 2)
+        image_sizes = default_image_sizes(images, image_sizes)
         scores, masks, windows = self._dense(images)
         top, picked, win, _ = self._top_windows(scores, masks, windows, image_sizes, self.top_n)
         return top, picked, win
