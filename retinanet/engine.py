@@ -248,7 +248,8 @@ def evaluate_model(model: nn.Module, dataset, env: DistEnv, batch_size: int = 8)
     """COCO bbox metrics (retinanet.evaluate.evaluate_coco) of `model` on a validation CocoDataset.
 
     Each process runs float32 inference on its shard of the images; rank 0 gathers the detections
-    and scores them against the dataset's JSON. A model that predicts masks is also scored on them
+    and scores them against the dataset's JSON, restricted to the dataset's images (those left out
+    as unreadable are not scored). A model that predicts masks is also scored on them
     (segm_AP, ...); class-agnostic segment proposals (model.arch deepmask, sharpmask, fpn_masks) are
     scored by proposal recall instead: segment AR@10/100/1000, ARs/m/l, AUC, and box_AR... for boxes.
     The images travel to the device as decoded uint8 (pinned, without waiting, on a GPU: a quarter of
@@ -258,7 +259,7 @@ def evaluate_model(model: nn.Module, dataset, env: DistEnv, batch_size: int = 8)
     copy to the device) per image, batches of `batch_size`.
     """
     from .data.loader import build_test_loader, images_to_device
-    from .evaluate import detections_to_coco_results, evaluate_coco
+    from .evaluate import detections_to_coco_results, evaluate_coco, ground_truth_subset
 
     model = getattr(model, "module", model)
     was_training = model.training
@@ -282,15 +283,18 @@ def evaluate_model(model: nn.Module, dataset, env: DistEnv, batch_size: int = 8)
         results = [r for shard in shards for r in shard] if env.is_main else None
     if not env.is_main:
         return None
+    # Scored against the images evaluated only: an image the dataset left out (data.skip_unreadable)
+    # has no detections, and its objects would count as misses.
+    gt = ground_truth_subset(dataset.json_path, dataset.image_ids)
     if getattr(model, "class_agnostic_proposals", False):  # segment proposals: recall, masks and boxes
         from .evaluate import proposal_recall
 
-        metrics = proposal_recall(dataset.json_path, results, "segm")
-        metrics.update({f"box_{k}": v for k, v in proposal_recall(dataset.json_path, results, "bbox").items()})
+        metrics = proposal_recall(gt, results, "segm")
+        metrics.update({f"box_{k}": v for k, v in proposal_recall(gt, results, "bbox").items()})
     else:
-        metrics = evaluate_coco(dataset.json_path, results)
+        metrics = evaluate_coco(gt, results)
         if results and "segmentation" in results[0]:  # a mask detector: mask AP too
-            metrics.update({f"segm_{k}": v for k, v in evaluate_coco(dataset.json_path, results, iou_type="segm").items()
+            metrics.update({f"segm_{k}": v for k, v in evaluate_coco(gt, results, iou_type="segm").items()
                             if not isinstance(v, dict)})
     metrics["ms_per_image"] = 1000.0 * seconds / max(count, 1)
     return metrics

@@ -355,6 +355,27 @@ def load_ground_truth(gt: Union[PathLike, dict]) -> dict:
     return data
 
 
+def ground_truth_subset(gt: Union[PathLike, dict], image_ids: Sequence[int]) -> dict:
+    """The checked ground truth (`load_ground_truth`) of the images `image_ids` only: their `images`
+    entries and annotations, with every category.
+
+    What a model run on part of a dataset is scored against: images left out (data.skip_unreadable
+    drops unreadable ones) would otherwise count their objects as misses. Returns `gt`'s own dict
+    when `image_ids` are all its images; an id absent from `gt` is a ValueError.
+    """
+    source = str(gt) if isinstance(gt, (str, Path)) else "ground truth"
+    data = load_ground_truth(gt)
+    wanted = {int(i) for i in image_ids}
+    known = {int(image["id"]) for image in data["images"]}
+    if wanted - known:
+        raise ValueError(f"{source}: {len(wanted - known)} image ids are absent from its images: "
+                         f"{_some(np.array(sorted(wanted - known)))}")
+    if wanted == known:
+        return data
+    return {**data, "images": [image for image in data["images"] if int(image["id"]) in wanted],
+            "annotations": [a for a in data["annotations"] if int(a["image_id"]) in wanted]}
+
+
 def check_gt_segmentations(gt: dict, source: str = "ground truth") -> None:
     """Every annotation of a checked GT dict has a `segmentation` COCOeval can read: a non-empty list of
     polygons (flat lists of at least 6 numbers, even in length) or an RLE whose size is its image's."""

@@ -274,3 +274,54 @@ def test_optimizer_groups_and_kinds():
     # conv weights decay; biases and GroupNorm weights (all the 1-D parameters here) do not
     assert all(p.dim() == 4 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(trainable)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+
+
+class _GroundTruthModel(torch.nn.Module):
+    """Detects, on any image, exactly `boxes` (xyxy) with label 0 and score 0.9: perfect on an image
+    whose ground truth they are."""
+
+    def __init__(self, boxes):
+        super().__init__()
+        self.boxes = torch.tensor(boxes, dtype=torch.float32)  # (D, 4)
+
+    def forward(self, images):
+        n = len(self.boxes)
+        return [{"boxes": self.boxes.clone(), "scores": torch.full((n,), 0.9), "labels": torch.zeros(n, dtype=torch.int64)}
+                for _ in images]
+
+
+def test_validation_left_without_unreadable_images_scores_only_the_images_evaluated(tmp_path):
+    """data.skip_unreadable leaves a truncated image out of the validation set: its objects must not
+    count as misses (before: AP 0.505, AR100 0.50 for perfect detections on the readable image)."""
+    from PIL import Image
+
+    from retinanet.data.loader import build_val_dataset
+    from retinanet.engine import DistEnv, evaluate_model
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    pixels = torch.randint(0, 256, (40, 48, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    for name in ("good.png", "cut.png"):
+        Image.fromarray(pixels.numpy()).save(folder / name)
+    cut = folder / "cut.png"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # header intact, pixels cut
+    boxes = [[4.0, 6.0, 20.0, 30.0], [24.0, 8.0, 44.0, 36.0]]  # xyxy, the same objects in both images
+    gt = {"images": [{"id": 1, "file_name": "good.png", "height": 40, "width": 48},
+                     {"id": 2, "file_name": "cut.png", "height": 40, "width": 48}],
+          "annotations": [{"id": 10 * image_id + k, "image_id": image_id, "category_id": 7, "iscrowd": 0,
+                           "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1)}
+                          for image_id in (1, 2) for k, (x1, y1, x2, y2) in enumerate(boxes)],
+          "categories": [{"id": 7, "name": "thing"}]}
+    (tmp_path / "val.json").write_text(json.dumps(gt))
+    cfg = Config()
+    cfg.data.val_json, cfg.data.val_images = str(tmp_path / "val.json"), str(folder)
+    cfg.data.check_images, cfg.data.skip_unreadable = "decode", True
+    dataset = build_val_dataset(cfg)
+    assert dataset.image_ids == [1]
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    metrics = evaluate_model(_GroundTruthModel(boxes), dataset, env)
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["AR100"] == pytest.approx(1.0)
