@@ -2,7 +2,9 @@
 
 A truncated JPEG or PNG has an intact header: only decoding every pixel finds it. `read_images`
 decodes the files over a process pool, with a progress bar, and keeps each result in a cache file
-keyed by the file's path, size and modification time, so that a dataset is decoded once and later
+keyed by the file's path, size and modification time (what the content decides: a size, a decode
+error; never an I/O error such as EIO or EACCES, which says nothing about the content and is read
+again next time), so that a dataset is decoded once and later
 checks (`retinanet check-data`, every training start) read only the files that changed. As in
 ultralytics' dataset scan (its `.cache` file beside the labels), the cache lives beside the
 annotation file: `instances_train.json` -> `instances_train.cache`. Where that folder is not writable,
@@ -25,7 +27,9 @@ from ..atomic import atomic_write
 from .images import ImageError, PathLike, displayed_size, load_image
 
 CACHE_FORMAT = "retinanet image checks"
-CACHE_VERSION = 1  # bump when what a decode checks changes, so that old results are not reused
+# bump when what a decode checks changes, so that old results are not reused
+# (2: I/O errors are no longer cached; a version-1 cache may hold one)
+CACHE_VERSION = 2
 
 
 @dataclass
@@ -35,6 +39,7 @@ class ImageResult:
     height: Optional[int] = None
     width: Optional[int] = None
     error: Optional[str] = None  # None: readable; "image file not found"; "cannot read image: ..."
+    io_error: bool = False  # the error came from reading the file (EIO, EACCES), not from its content
 
 
 @dataclass
@@ -52,7 +57,7 @@ def _decode(path: str) -> ImageResult:
     try:
         height, width = load_image(path).shape[:2]
     except ImageError as e:
-        return ImageResult(error=e.reason)
+        return ImageResult(error=e.reason, io_error=e.io_error)
     return ImageResult(height, width)
 
 
@@ -60,7 +65,7 @@ def _header(path: str) -> ImageResult:
     try:
         height, width = displayed_size(path)
     except ImageError as e:
-        return ImageResult(error=e.reason)
+        return ImageResult(error=e.reason, io_error=e.io_error)
     return ImageResult(height, width)
 
 
@@ -176,7 +181,8 @@ def read_images(files: list, *, decode: bool, json_path: Optional[PathLike] = No
     decoded = _decode_all([path for _, path, _ in todo], workers or available_cores(), progress)
     for (i, path, key), result in zip(todo, decoded):
         results[i] = result
-        entries[path] = key + [result.height, result.width, result.error]
+        if not result.io_error:  # only what the content decides: a failed read is tried again next time
+            entries[path] = key + [result.height, result.width, result.error]
     if locations and (todo or entries.keys() != cached.keys()):
         stats.cache_file, stats.cache_problem = _write_cache(locations, json_path, entries)
     return results, stats

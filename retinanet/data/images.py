@@ -14,7 +14,8 @@ the detector as (H, W, 3) uint8 RGB and annotations mean the same pixels a viewe
   16-bit RGB files are reduced to 8 bits by Pillow's decoder (high byte, floor(value / 256)) before
   this module sees them: at most 1 below value / 257 rounded, never saturated.
 - 32-bit float images (F) have no defined range and are an error.
-- A truncated or undecodable file is an `ImageError` naming the file. Pillow's global
+- A truncated or undecodable file is an `ImageError` naming the file; so is a file the system
+  cannot read (an I/O error, a permission), flagged `io_error` (not a property of its content). Pillow's global
   `ImageFile.LOAD_TRUNCATED_IMAGES` is left at its default (False).
 
 Files are opened read-only; nothing is ever written to them.
@@ -40,12 +41,25 @@ class ImageError(ValueError):
     """An image file that cannot be used; the message is "<where>: <reason>".
 
     where: the file, followed by its image id where that is known.
+    io_error: the file could not be read (an I/O error, a permission): true of this attempt, not of
+    the file's content, unlike a decode error (truncated, corrupt, unsupported), which a file of the
+    same size and mtime repeats.
     `ImageError(message)` with one argument also works: DataLoader workers re-raise it that way.
     """
 
-    def __init__(self, where: PathLike, reason: str = ""):
+    def __init__(self, where: PathLike, reason: str = "", io_error: bool = False):
         super().__init__(f"{where}: {reason}" if reason else str(where))
-        self.where, self.reason = str(where), reason
+        self.where, self.reason, self.io_error = str(where), reason, io_error
+
+
+def _unusable(path: PathLike, error: Exception) -> ImageError:
+    """The ImageError for what opening or decoding `path` raised. An OSError with an errno comes from
+    the operating system (EIO, EACCES, ...): Pillow's decode errors are OSErrors without one."""
+    if isinstance(error, FileNotFoundError):
+        return ImageError(path, "image file not found")
+    if isinstance(error, OSError) and error.errno is not None:
+        return ImageError(path, f"cannot read the file: {error.strerror or error}", io_error=True)
+    return ImageError(path, f"cannot read image: {error}")
 
 
 def load_image(path: PathLike) -> np.ndarray:
@@ -57,10 +71,8 @@ def load_image(path: PathLike) -> np.ndarray:
             return to_rgb_array(img, path)
     except ImageError:
         raise
-    except FileNotFoundError:
-        raise ImageError(path, "image file not found") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(path, f"cannot read image: {e}") from None
+        raise _unusable(path, e) from None
 
 
 def displayed_size(path: PathLike) -> tuple:
@@ -79,10 +91,8 @@ def displayed_size(path: PathLike) -> tuple:
                 exif = img.getexif()
             width, height = img.size
             orientation = exif.get(ExifTags.Base.Orientation, 1)
-    except FileNotFoundError:
-        raise ImageError(path, "image file not found") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(path, f"cannot read image: {e}") from None
+        raise _unusable(path, e) from None
     if orientation in SWAPPING_ORIENTATIONS:
         return width, height
     return height, width

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 
 import numpy as np
 import pytest
@@ -117,3 +119,31 @@ def test_missing_file_is_an_error_but_not_unreadable(dataset):
     assert len(left_out) == 2 and "image id 5" in left_out[0] and "image id 6" in left_out[1]
     assert report.errors == [f"{folder / 'good2.png'} (image id 2): image file not found"]
     assert [i["id"] for i in report.images] == [1, 2, 3, 4] and set(report.annotations) == {1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("failure", [errno.EIO, errno.EACCES])
+def test_a_read_error_is_reported_but_never_cached(dataset, monkeypatch, capsys, failure):
+    """An I/O error (a flaky disk, a permission fixed later) says nothing about the file's content: the
+    check reports it this time and reads the file again next time; a decode error is cached."""
+    from PIL import Image
+
+    path, folder = dataset
+    flaky = folder / "good3.png"
+    real_open = Image.open
+
+    def failing_open(fp, *args, **kwargs):
+        if str(fp) == str(flaky):
+            raise OSError(failure, os.strerror(failure), str(fp))
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", failing_open)
+    assert _check_data(path, folder, "--workers", "1") == 1
+    out = capsys.readouterr().out
+    assert f"error: {flaky} (image id 3): cannot read the file: {os.strerror(failure)}" in out
+    entries = json.loads(path.with_suffix(".cache").read_text())["images"]
+    assert str(flaky) not in entries and entries[str(folder / "cut.png")][4].startswith("cannot read image")
+
+    monkeypatch.setattr(Image, "open", real_open)  # the disk recovers, the permission is fixed
+    assert _check_data(path, folder, "--workers", "1") == 1
+    out = capsys.readouterr().out
+    assert "images decoded: 1, taken from the cache: 5" in out and "good3" not in out and "2 errors" in out
