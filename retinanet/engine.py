@@ -359,7 +359,8 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
 
     resume: None (a new run: the output folder must be new or empty), "auto" (continue from the
         newest checkpoint in the output folder that loads, falling back to the one before it if the
-        newest is broken; start a new run if there is none) or a checkpoint path.
+        newest is broken; start a new run if there is none) or the path of a training checkpoint
+        (checkpoint_NNNNNNN.pt; final.pt and best.pt hold weights only and are refused: use `weights`).
     weights: a retinanet checkpoint to start from (fine-tuning); tensors whose shapes differ, such
         as the classifier's when the class count changes, are left at their initialization and
         reported.
@@ -401,6 +402,11 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
             ckpt_path, ckpt = latest_good_checkpoint(str(output))
         elif resume is not None:
             ckpt_path, ckpt = Path(resume), load_checkpoint(resume)
+            if "optimizer" not in ckpt:  # final.pt, best.pt, a converted or exported model's weights
+                raise ValueError(f"{ckpt_path}: weights only (no optimizer state, data position or RNG state, as "
+                                 f"final.pt and best.pt), so training cannot resume from it; --weights {ckpt_path} "
+                                 f"fine-tunes from its weights (a new schedule, in a new folder), --resume auto "
+                                 f"continues the run from its newest checkpoint_*.pt")
 
         # Data: validated before the first step (errors list every problem, with file and ids; an
         # unreadable image stops here, or is left out with data.skip_unreadable). Rank 0 decodes the

@@ -141,6 +141,21 @@ def test_resume_from_an_explicit_truncated_file_names_it(shapes, tmp_path):
         train(train_config(shapes), str(tmp_path / "out"), resume=str(broken), progress=False)
 
 
+@pytest.mark.parametrize("name", ["final.pt", "best.pt"])
+def test_resume_from_a_weights_only_checkpoint_is_refused_pointing_to_weights(shapes, tmp_path, name):
+    """final.pt and best.pt hold weights, no optimizer state, RNG or data position: resuming from one is
+    refused with a one-line error naming the file and the two ways on (before: KeyError 'optimizer')."""
+    run = tmp_path / "run"
+    train(train_config(shapes, val=True, iterations=2, eval_every=2), str(run), progress=False)
+    ckpt = run / name
+    with pytest.raises(ValueError) as e:
+        train(train_config(shapes, iterations=4), str(run), resume=str(ckpt), progress=False)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"{ckpt}: weights only")
+    assert f"--weights {ckpt}" in message and "--resume auto" in message
+    assert sorted(p.name for p in run.glob("checkpoint_*.pt")) == [checkpoint_name(2)]  # nothing trained or written
+
+
 # ----------------------------------------------------------------------------------------------
 # distributed
 

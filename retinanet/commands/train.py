@@ -28,7 +28,8 @@ def register(sub) -> None:
                         "unless resuming)")
     p.add_argument("--resume", metavar="auto|PATH",
                    help="continue a run: 'auto' takes the newest good checkpoint in --output (a new run if there "
-                        "is none), or give a checkpoint file")
+                        "is none), or give a checkpoint_NNNNNNN.pt file (final.pt and best.pt hold weights only: "
+                        "start from those with --weights)")
     p.add_argument("--weights", metavar="PATH",
                    help="start from a retinanet checkpoint's weights (fine-tuning); tensors whose shape differs, "
                         "e.g. the classifier for another class count, are re-initialized and listed")
