@@ -240,3 +240,27 @@ def test_eval_checkpoint_with_tta_equals_tta_detections(tmp_path, capsys):
     assert json.loads(plain.read_text()) != json.loads((tmp_path / "dt3.json").read_text())
     assert main(base + ["--tta-scales", "1"]) == 1  # --tta-scales without --tta
     assert main(["eval", "--gt", str(paths.val_json), "--results", str(plain), "--tta"]) == 1
+
+
+def test_eval_tta_refuses_a_segment_proposal_checkpoint(tmp_path, capsys):
+    """TTA merges boxes, not masks: `eval --tta` on a proposal model is refused in one line, as `Predictor`
+    refuses it (before: the masks were dropped and --iou-type segm said the model predicts none)."""
+    from retinanet.checkpoint import make_checkpoint, save_atomic
+    from retinanet.config import config_from_dict
+    from retinanet.data.synthetic import make_shapes_dataset
+    from retinanet.modeling import build_model
+
+    paths = make_shapes_dataset(str(tmp_path / "shapes"), num_train=1, num_val=1, image_size=64, seed=1)
+    cfg = config_from_dict({"model": {"arch": "deepmask", "backbone": "resnet18", "backbone_width": 8,
+                                      "frozen_stages": 0, "min_size": 64, "max_size": 64, "segprop_window": 32,
+                                      "segprop_context": 16, "segprop_features": 8, "segprop_head_dim": 16,
+                                      "segprop_mask_size": 8, "segprop_scales": [0.0, 0.0, 1.0]},
+                            "data": {"masks": True}})
+    save_atomic(make_checkpoint(build_model(cfg), cfg, [{"id": 1, "name": "object"}]), str(tmp_path / "dm.pt"))
+    assert main(["eval", "--checkpoint", str(tmp_path / "dm.pt"), "--json", str(paths.val_json), "--images",
+                 str(paths.val_images), "--proposals", "--iou-type", "segm", "--tta", "--device", "cpu",
+                 "--workers", "0", "--save-results", str(tmp_path / "dt.json")]) == 1
+    err = capsys.readouterr().err
+    assert err == ("error: --tta: test-time augmentation merges boxes, not masks: it does not apply to segment "
+                   f"proposals ({tmp_path / 'dm.pt'}: model.arch deepmask)\n")
+    assert not (tmp_path / "dt.json").exists()

@@ -44,8 +44,10 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="with --checkpoint: auto | cpu | cuda | cuda:N")
     p.add_argument("--bf16", action="store_true", help="with --checkpoint: bfloat16 autocast for the network")
     p.add_argument("--tta", action="store_true",
-                   help="with --checkpoint: test-time augmentation (retinanet/tta.py): shorter side 0.75x, 1x, 1.25x "
-                        "the model's, each plain and flipped, merged by class-aware NMS with box voting")
+                   help="with --checkpoint of a box detector (model.arch retinanet, faster_rcnn; not segment "
+                        "proposals, whose masks it cannot merge): test-time augmentation (retinanet/tta.py): shorter "
+                        "side 0.75x, 1x, 1.25x the model's, each plain and flipped, merged by class-aware NMS with "
+                        "box voting")
     p.add_argument("--tta-scales", type=float, nargs="+", metavar="S",
                    help="with --tta: other scales (factors of the model's size), e.g. --tta-scales 1 (flip only)")
     p.add_argument("--output", metavar="metrics.json", help="write the metrics as JSON here")
@@ -128,7 +130,10 @@ def run_model(args) -> list:
     from ..tta import DEFAULT_SCALES, tta_detections
 
     device = resolve_device(args.device)
-    model, _, categories = load_model(args.checkpoint, device=str(device))
+    model, cfg, categories = load_model(args.checkpoint, device=str(device))
+    if args.tta and getattr(model, "class_agnostic_proposals", False):  # as Predictor(tta=...) refuses
+        raise ValueError(f"--tta: test-time augmentation merges boxes, not masks: it does not apply to segment "
+                         f"proposals ({args.checkpoint}: model.arch {cfg.model.arch})")
     if args.save_results:
         for source in (args.json, args.checkpoint):
             if _same_file(Path(args.save_results), Path(source)):
