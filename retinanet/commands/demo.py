@@ -1,12 +1,14 @@
-"""`retinanet demo`: generate the shapes dataset, train a small RetinaNet (on the GPU if there is one), evaluate it.
+"""`retinanet demo`: generate the shapes dataset, train a small model on it (on the GPU if there is one), evaluate it.
 
-`--config faster_rcnn_shapes` does the same with the FPN Faster R-CNN matched to it (any shipped
-config name, retinanet/configs/<name>.yaml, or a YAML file).
+The model is a RetinaNet (retinanet/configs/demo.yaml) unless --config names another: any shipped
+config (retinanet/configs/<name>.yaml, e.g. faster_rcnn_shapes for the FPN Faster R-CNN,
+segprop_{deepmask,sharpmask,fpn}_shapes for the segment proposal models) or a YAML file.
 
 Writes into --output (a new folder): everything `retinanet train` writes (checkpoints, config.yaml,
 metrics.jsonl, loss_curve.png), detections.png (detections on validation images, ground truth in
-thin white lines) and demo_metrics.json (COCO metrics on the held-out split, timings, the device).
-The model and schedule are retinanet/configs/demo.yaml (or --config); key=value overrides apply on top.
+thin white lines) and demo_metrics.json (on the held-out split: COCO AP, AP50, AP75 of a detector,
+or segment proposal recall AR@10, AR@100, AR@1000 of a proposal model; all the metrics, timings,
+the device). key=value overrides apply on top of the config.
 """
 
 from __future__ import annotations
@@ -16,20 +18,26 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Optional
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 NUM_TRAIN, NUM_VAL, IMAGE_SIZE, DATA_SEED = 4000, 500, 192, 0
 AP50_TARGET = 0.85
+ARCH_NAMES = {"retinanet": "RetinaNet", "faster_rcnn": "FPN Faster R-CNN", "deepmask": "DeepMask",
+              "sharpmask": "SharpMask", "fpn_masks": "FPN mask proposals"}
 MAX_MINUTES = 7.0  # of training by default, so that the whole demo stays under 10 minutes on a slow machine
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="train and evaluate a small RetinaNet on generated shapes (GPU or CPU, minutes)",
+    p = sub.add_parser("demo", help="train and evaluate a small model on generated shapes: RetinaNet, or any "
+                                    "model.arch with --config (GPU or CPU, minutes)",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("overrides", nargs="*", metavar="key=value", help="changes to the config")
     p.add_argument("--config", default="demo", metavar="NAME|FILE",
                    help="a shipped config (retinanet/configs/NAME.yaml: demo (default, RetinaNet), "
-                        "faster_rcnn_shapes (FPN Faster R-CNN)) or a YAML file")
+                        "faster_rcnn_shapes (FPN Faster R-CNN), segprop_deepmask_shapes, segprop_sharpmask_shapes, "
+                        "segprop_fpn_shapes (segment proposals, scored by AR); the paper-size configs run too, "
+                        "slowly) or a YAML file")
     p.add_argument("--output", metavar="DIR",
                    help="a new folder for the results (default: the first of demo, demo-2, ... that does not exist)")
     p.add_argument("--minutes", type=float,
@@ -144,16 +152,18 @@ def choose_threads(cfg, dataset) -> dict:
     return timings
 
 
-def draw_detections(model, dataset, path: Path, *, count: int = 12, score_thresh: float = 0.5, scale: int = 2) -> None:
+def draw_detections(model, dataset, path: Path, *, count: int = 12, score_thresh: float = 0.5, scale: int = 2,
+                    names: Optional[list] = None) -> None:
     """A grid of `count` validation images with detections (class color, label and score) above
-    `score_thresh`, ground truth boxes in thin white lines."""
+    `score_thresh`, ground truth boxes in thin white lines. names: the model's class names by label
+    (default the dataset's; a proposal model's one class is "object")."""
     import torch
     from PIL import Image, ImageDraw
 
     from ..atomic import atomic_write
 
     colors = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
-    names = [c["name"] for c in dataset.categories]
+    names = names or [c["name"] for c in dataset.categories]
     model.eval()
     tiles = []
     for i in range(min(count, len(dataset))):
@@ -215,7 +225,7 @@ def run(args) -> int:
     from ..data.coco import CocoDataset
     from ..data.loader import build_train_dataset
     from ..data.synthetic import make_shapes_dataset
-    from ..engine import check_output_dir, train
+    from ..engine import check_output_dir, headline_metrics, train
 
     started = time.perf_counter()
     config_file = demo_config(args.config)
@@ -255,29 +265,33 @@ def run(args) -> int:
               f"{minutes:g} minutes (LR steps, warmup and evaluations at the same fractions)")
 
     summary = train(cfg, str(output), progress=not args.no_progress)
-    model, _, _ = load_model(summary["final"])
+    model, _, categories = load_model(summary["final"])
     val = CocoDataset(paths.val_json, paths.val_images, check_images="exists")
-    draw_detections(model, val, output / "detections.png")
+    draw_detections(model, val, output / "detections.png", names=[c["name"] for c in categories])
     metrics = summary["val"]
-    reached = time_to_ap50(output / "metrics.jsonl", AP50_TARGET)
+    _, shown = headline_metrics(metrics)  # AP, AP50, AP75 (detectors) or AR@10, AR@100, AR@1000 (proposals)
+    proposals = "AP" not in metrics
+    reached = {} if proposals else time_to_ap50(output / "metrics.jsonl", AP50_TARGET)
     total = time.perf_counter() - started
-    report = {"AP": metrics["AP"], "AP50": metrics["AP50"], "AP75": metrics["AP75"], "metrics": metrics,
+    report = {**{k: metrics[k] for k in shown}, "metrics": metrics,
               "iterations": cfg.train.iterations, "training_seconds": summary["seconds"], "total_seconds": total,
-              "ap50_target": AP50_TARGET, "ap50_target_reached": reached, "device": describe_device(device),
+              **({} if proposals else {"ap50_target": AP50_TARGET, "ap50_target_reached": reached}),
+              "device": describe_device(device),
               "threads": cfg.train.threads if device.type == "cpu" else None,
               "seconds_per_iteration_timed": {str(k): v if math.isfinite(v) else None for k, v in timings.items()},
               "dataset": str(paths.root), "num_train": NUM_TRAIN, "num_val": NUM_VAL, "image_size": IMAGE_SIZE}
     with atomic_write(output / "demo_metrics.json", "w") as f:
         json.dump(report, f, indent=2)
     print()
-    name = {"retinanet": "RetinaNet", "faster_rcnn": "FPN Faster R-CNN"}.get(cfg.model.arch, cfg.model.arch)
-    print(f"{name} demo: {cfg.train.iterations} iterations on {describe_device(device)}, "
-          f"{summary['seconds'] / 60:.1f} min training, {total / 60:.1f} min in all")
-    print(f"  held-out COCO AP {metrics['AP']:.3f}   AP50 {metrics['AP50']:.3f}   AP75 {metrics['AP75']:.3f}")
+    print(f"{ARCH_NAMES.get(cfg.model.arch, cfg.model.arch)} demo: {cfg.train.iterations} iterations on "
+          f"{describe_device(device)}, {summary['seconds'] / 60:.1f} min training, {total / 60:.1f} min in all")
+    print("  held-out COCO " + "   ".join(f"{k} {metrics[k]:.3f}" for k in shown if metrics[k] is not None)
+          + ("   (segment proposal recall; box_AR... for their boxes in demo_metrics.json)" if proposals else ""))
     if reached:
         print(f"  AP50 >= {AP50_TARGET} first measured at iteration {reached['iteration']}, "
               f"{reached['seconds'] / 60:.1f} min into training ({reached['train_seconds'] / 60:.1f} min without "
               f"the evaluations)")
-    print("  per class: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics["per_category"].items() if v is not None))
+    if "per_category" in metrics:
+        print("  per class: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics["per_category"].items() if v is not None))
     print(f"  results in {output}/: detections.png, loss_curve.png, demo_metrics.json, final.pt")
     return 0
