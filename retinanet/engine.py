@@ -22,7 +22,7 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -197,6 +197,27 @@ def check_output_dir(output: Path, resuming: bool) -> None:
     if not holds_run:
         raise ValueError(f"--output {output} holds files that are not a training run "
                          f"({', '.join(sorted(entries)[:5])}); choose a new folder")
+
+
+@contextmanager
+def deterministic_algorithms():
+    """Deterministic algorithms (train.deterministic) inside the block: `torch.use_deterministic_algorithms`,
+    no cuDNN benchmarking, and the cuBLAS workspace that deterministic CUDA matmuls need. These are
+    process-wide, so the caller's settings are restored on leaving (a test or a notebook that trains
+    once keeps its own)."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        enabled, warn_only, benchmark, workspace = saved
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def _config_differences(old: dict, new: dict, prefix: str = "") -> list:
@@ -376,15 +397,14 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
     env = setup_distributed(t.device)
     output = Path(output_dir)
     log = print if env.is_main else (lambda *a, **k: None)
+    settings = ExitStack()  # process-wide settings this run changes, restored when it ends
     try:
         check_output_dir(output, resuming=resume is not None)
         _barrier(env)  # every process has checked before rank 0 writes anything
         if t.threads > 0:
             torch.set_num_threads(t.threads)
         if t.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
-            torch.backends.cudnn.benchmark = False
+            settings.enter_context(deterministic_algorithms())
         amp_dtype = autocast_dtype(t.amp, env.device)
         for key in ("iterations", "accumulate", "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(t, key) < 1:
@@ -611,5 +631,6 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
         _barrier(env)
         return summary
     finally:
+        settings.close()
         if env.owns_group and dist.is_initialized():
             dist.destroy_process_group()

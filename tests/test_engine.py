@@ -156,6 +156,34 @@ def test_resume_from_a_weights_only_checkpoint_is_refused_pointing_to_weights(sh
     assert sorted(p.name for p in run.glob("checkpoint_*.pt")) == [checkpoint_name(2)]  # nothing trained or written
 
 
+def test_deterministic_training_restores_the_process_settings(shapes, tmp_path, monkeypatch):
+    """train.deterministic turns on deterministic algorithms while training, and only then: the caller's
+    settings (here off, with cuDNN benchmarking on) are back afterwards, also after a failed run."""
+    import retinanet.engine as engine
+
+    seen = []
+
+    def recording_optimizer(*args, **kwargs):
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark))
+        return build_optimizer(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "build_optimizer", recording_optimizer)
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    try:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = True
+        train(train_config(shapes, iterations=1, deterministic=True), str(tmp_path / "a"), progress=False)
+        assert seen == [(True, False)]
+        assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == (False, True)
+        with pytest.raises(ValueError, match="train.accumulate"):  # fails after the settings were made
+            train(train_config(shapes, iterations=1, deterministic=True, accumulate=3), str(tmp_path / "b"),
+                  progress=False)
+        assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == (False, True)
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark = before[1]
+
+
 # ----------------------------------------------------------------------------------------------
 # distributed
 
