@@ -24,9 +24,11 @@ Written atomically (temp file in the same folder, fsync, os.replace), read with
 
 from __future__ import annotations
 
+import pickle
 import random
 import re
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -47,14 +49,22 @@ def save_atomic(obj: dict, path: str) -> None:
 
 def load_data_file(path: str, kind: str = "checkpoint"):
     """torch.load as data only (`weights_only=True`: nothing in the file can run), on the CPU.
-    Errors name the file: missing, or unreadable (truncated, corrupt, not a PyTorch file)."""
+    Errors are one line naming the file: missing, or unreadable (not a PyTorch file, truncated,
+    corrupt, or holding Python objects that weights_only loading refuses)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{kind} not found: {p}")
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{p}: not a readable {kind} (truncated or corrupt?): {type(e).__name__}: {e}") from None
+        if not zipfile.is_zipfile(p):  # torch.save writes a zip archive (since PyTorch 1.6)
+            why = "not a torch.save file (an ONNX model, a text file, another format?), or a truncated one"
+        elif isinstance(e, pickle.UnpicklingError):  # weights_only: plain data only
+            why = "it holds Python objects, not only tensors and plain data (save a state dict instead)"
+        else:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            why = f"truncated or corrupt? {type(e).__name__}: {first}"
+        raise ValueError(f"{p}: not a readable {kind}: {why}") from None
 
 
 def load_checkpoint(path: str) -> dict:

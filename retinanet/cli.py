@@ -54,8 +54,18 @@ def main(argv=None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_problem(e)}", file=sys.stderr)
         return 1
+
+
+def _one_problem(error: Exception) -> str:
+    """The message of a user error; a dataset check (`DataValidationError`: a header, then one line per
+    problem) that found one problem says it in one line, its hint kept."""
+    problems = getattr(error, "errors", None)
+    if not isinstance(problems, list) or len(problems) != 1:
+        return str(error)
+    last = str(error).splitlines()[-1]
+    return f"{problems[0]}{' ' + last if last.startswith('(') else ''}"
 
 
 if __name__ == "__main__":

@@ -200,7 +200,7 @@ def read_json(path: PathLike):
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise
+        raise FileNotFoundError(f"{path}: file not found") from None
     except OSError as e:
         raise ValueError(f"{path}: cannot be read ({e.strerror})") from None
     with _gc_paused():

@@ -47,7 +47,14 @@ def run(args) -> int:
     dataset = CocoDataset(args.json, args.images, check_images="exists")
 
     def load(path):
-        model, _, _ = load_model(path)
+        model, cfg, _ = load_model(path)
+        arch = cfg.model.arch
+        if args.figure == "loss-cdf" and arch != "retinanet":
+            raise ValueError(f"{path} is a {arch} model; Figure 6's anchor losses need a RetinaNet (model.arch "
+                             f"retinanet)")
+        if getattr(model, "class_agnostic_proposals", False):
+            raise ValueError(f"{path} is a segment proposal model (model.arch {arch}), without classes; the IoU "
+                             f"figures need a detector (model.arch retinanet or faster_rcnn)")
         if dataset.num_classes != model.num_classes:
             raise ValueError(f"{args.json} has {dataset.num_classes} categories, the model in {path} {model.num_classes}")
         return model

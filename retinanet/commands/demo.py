@@ -229,6 +229,7 @@ def run(args) -> int:
 
     started = time.perf_counter()
     config_file = demo_config(args.config)
+    load_config(str(config_file), list(args.overrides))  # a typo fails now, not after the data is generated
     output = Path(args.output) if args.output else _default_output()
     check_output_dir(output, resuming=False)
     device = choose_device(args.device)

@@ -131,6 +131,9 @@ def run_model(args) -> list:
 
     device = resolve_device(args.device)
     model, cfg, categories = load_model(args.checkpoint, device=str(device))
+    if getattr(model, "class_agnostic_proposals", False) and not args.proposals:  # its AP would be meaningless
+        raise ValueError(f"{args.checkpoint}: a segment proposal model (model.arch {cfg.model.arch}: one class, "
+                         f"'object'), scored by recall, not AP: add --proposals (and --iou-type segm for its masks)")
     if args.tta and getattr(model, "class_agnostic_proposals", False):  # as Predictor(tta=...) refuses
         raise ValueError(f"--tta: test-time augmentation merges boxes, not masks: it does not apply to segment "
                          f"proposals ({args.checkpoint}: model.arch {cfg.model.arch})")

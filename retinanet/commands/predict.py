@@ -162,7 +162,8 @@ def run(args) -> int:
     if ignored:
         print(f"ignored {ignored} file(s) without an image extension in the folders", file=sys.stderr)
     if not files:
-        print("error: no image files found", file=sys.stderr)
+        if not problems:  # otherwise each missing input has had its error line
+            print("error: no image files found", file=sys.stderr)
         return 1
     image_ids = coco_image_ids(files, args.coco_json) if args.coco_json else list(range(len(files)))
     save_dir = Path(args.save_images) if args.save_images else None

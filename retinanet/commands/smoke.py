@@ -19,6 +19,10 @@ def run(args) -> int:
     from ..config import Config
     from ..modeling import build_model
 
+    if args.num_classes < 1:
+        raise ValueError(f"--num-classes must be at least 1, got {args.num_classes}")
+    if min(args.size) < 1:
+        raise ValueError(f"--size must be at least 1 x 1 pixels, got {args.size[0]} x {args.size[1]}")
     cfg = Config()
     cfg.model.backbone, cfg.model.num_classes = args.backbone, args.num_classes
     torch.manual_seed(0)  # the same random weights every run
