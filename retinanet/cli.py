@@ -27,7 +27,11 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="retinanet", description="RetinaNet object detection: train, evaluate, predict, export.")
+    parser = argparse.ArgumentParser(
+        prog="retinanet",
+        description="Detection and segment proposals: train, evaluate, predict with, export any model.arch: "
+                    "retinanet (RetinaNet), faster_rcnn (FPN Faster R-CNN), deepmask, sharpmask, fpn_masks "
+                    "(class-agnostic segment proposals, scored by recall).")
     parser.add_argument("--version", action="version", version=f"retinanet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMANDS.values():

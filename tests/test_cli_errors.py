@@ -29,10 +29,11 @@ def inputs(tmp_path_factory) -> dict:
     cfg = tiny_config(num_classes=4)
     save_atomic(make_checkpoint(build_model(cfg), cfg, [{"id": i + 1, "name": n} for i, n in enumerate(SHAPES)]),
                 str(root / "final.pt"))
-    deepmask = config_from_dict({"model": {"arch": "deepmask", "backbone": "resnet18", "backbone_width": 8,
-                                           "frozen_stages": 0, "min_size": 64, "max_size": 64, "segprop_window": 32,
-                                           "segprop_context": 16, "segprop_features": 8, "segprop_head_dim": 16,
-                                           "segprop_mask_size": 8, "segprop_scales": [0.0, 0.0, 1.0]},
+    deepmask = config_from_dict({"model": {"arch": "deepmask", "num_classes": 1, "backbone": "resnet18",
+                                           "backbone_width": 8, "frozen_stages": 0, "min_size": 64, "max_size": 64,
+                                           "segprop_window": 32, "segprop_context": 16, "segprop_features": 8,
+                                           "segprop_head_dim": 16, "segprop_mask_size": 8,
+                                           "segprop_scales": [0.0, 0.0, 1.0]},
                                  "data": {"masks": True}})
     save_atomic(make_checkpoint(build_model(deepmask), deepmask, [{"id": 1, "name": "object"}]),
                 str(root / "deepmask.pt"))
@@ -121,7 +122,8 @@ def test_wrong_input_is_one_error_line_and_a_non_zero_exit(inputs, tmp_path, com
     assert code not in (0, None) and "Traceback" not in out + err
     # check-data prints its report (one "error:" line per problem) to stdout; the others print errors to stderr
     lines = [line for line in (out if argv[0] == "check-data" else err).splitlines() if line.strip()]
-    errors = [i for i, line in enumerate(lines) if line.startswith("error: ") or f"retinanet {argv[0]}: error: " in line]
+    errors = [i for i, line in enumerate(lines)
+              if line.startswith("error: ") or f"retinanet {argv[0]}: error: " in line]
     assert len(errors) == 1, lines
     assert expected.format(**paths) in lines[errors[0]]
     if argv[0] != "check-data":  # after the error line only its own list of problems ("  - ..."), no dump

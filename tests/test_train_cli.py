@@ -337,3 +337,12 @@ def test_skip_unreadable_trains_on_the_other_images(truncated_config, tmp_path, 
     assert (out / "final.pt").is_file()
     dataset = build_train_dataset(load_config(str(config), ["data.skip_unreadable=true"]))
     assert len(dataset) == 4 and not {image_id for image_id, _ in cut} & set(dataset.image_ids)
+
+
+def test_smoke_runs_a_model_of_another_arch(capsys):
+    """`retinanet smoke --arch` builds the model of any model.arch from its shipped config (the proposal
+    models at their 192 px), not only a RetinaNet."""
+    assert main(["smoke", "--arch", "deepmask", "--backbone", "resnet18", "--size", "48", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("DeepMask (resnet18), 1 class(es): 825,441 parameters; forward on one 48x64 image "
+                              "(shorter side resized to 192 px)") and printed.rstrip().endswith(" masks")

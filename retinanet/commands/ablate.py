@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    p = sub.add_parser("ablate", help="rerun a paper ablation (a sweep of settings x seeds) and tabulate COCO AP",
+    p = sub.add_parser("ablate", help="rerun a paper ablation (a sweep of settings x seeds, any model.arch) and "
+                                      "tabulate its metrics (COCO AP, or AR for segment proposals)",
                        description=__doc__)
     from ..ablate import SWEEPS_DIR
 

@@ -17,7 +17,8 @@ def register(sub) -> None:
     p.add_argument("figure", choices=["curves", "loss-cdf", "iou"], help="which figure(s)")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for the PNG and JSON files")
     p.add_argument("--checkpoint", metavar="C", action="append",
-                   help="a trained retinanet checkpoint (loss-cdf: one; iou: one or more, drawn side by side)")
+                   help="a trained checkpoint (loss-cdf: one RetinaNet, model.arch retinanet; iou: one or more "
+                        "detectors, retinanet or faster_rcnn, drawn side by side)")
     p.add_argument("--label", action="append", metavar="NAME",
                    help="iou: a legend name per --checkpoint, in order (default: the checkpoint's folder name)")
     p.add_argument("--json", metavar="J", help="COCO instances JSON of the images to analyze (loss-cdf, iou)")

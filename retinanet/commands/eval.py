@@ -30,7 +30,8 @@ from typing import Optional, Sequence, Union
 def register(sub) -> None:
     from ..evaluate import BACKENDS, DEFAULT_BACKEND
 
-    p = sub.add_parser("eval", help="COCO bbox metrics of a results file against ground truth",
+    p = sub.add_parser("eval", help="COCO metrics (box or mask AP; proposal AR with --proposals) of a results file, "
+                                    "or of a checkpoint's model (any model.arch) on a dataset",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--gt", metavar="GT.json", help="COCO ground truth (images, annotations, categories)")
     p.add_argument("--results", metavar="DT.json",
@@ -56,7 +57,8 @@ def register(sub) -> None:
                         "bbox,segm")
     p.add_argument("--proposals", action="store_true",
                    help="score class-agnostic proposals: AR@10/100/1000, AR by size at 1000, AUC "
-                        "(category ids ignored)")
+                        "(category ids ignored); required for a segment proposal checkpoint (model.arch deepmask, "
+                        "sharpmask, fpn_masks)")
     p.add_argument("--backend", default=DEFAULT_BACKEND, choices=list(BACKENDS),
                    help=f"COCOeval implementation (default {DEFAULT_BACKEND}; all give pycocotools' numbers)")
     p.add_argument("--plots", metavar="DIR", help="write PNG figures here: pr_curves.png, ap_by_size.png")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    p = sub.add_parser("predict", help="detect objects in image files and folders (COCO results JSON, drawn copies)",
+    p = sub.add_parser("predict", help="run a checkpoint (detections of any model.arch; masks too for segment "
+                                       "proposals) on image files and folders (COCO results JSON, drawn copies)",
                        description="Run a checkpoint on image files and folders (searched recursively for image "
                                    "files). Writes COCO-format results with each image's file name; a file that "
                                    "cannot be read is reported and skipped, and makes the exit code 1.")
@@ -37,7 +38,8 @@ def register(sub) -> None:
                         "busy with other work, fewer threads than cores is often much faster")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     p.add_argument("--tta", action="store_true",
-                   help="test-time augmentation: shorter side 0.75x, 1x, 1.25x the model's, each plain and flipped, "
+                   help="test-time augmentation (box detectors; not segment proposals): shorter side 0.75x, 1x, "
+                        "1.25x the model's, each plain and flipped, "
                         "merged by class-aware NMS with box voting (about 6-8x the time)")
     p.add_argument("--tta-scales", type=float, nargs="+", metavar="S",
                    help="with --tta: other scales (factors of the model's size), e.g. --tta-scales 1 1.5")

@@ -1,10 +1,12 @@
-"""`retinanet train CONFIG.yaml [key=value ...] --output DIR`: train on COCO-format data.
+"""`retinanet train CONFIG.yaml [key=value ...] --output DIR`: train the config's model on COCO-format data.
 
     retinanet train my.yaml train_json=ann/train.json train_images=images/ iterations=20000 --output runs/a
     retinanet train --output runs/a --resume auto           # continue the run in runs/a
     torchrun --nproc_per_node 4 -m retinanet train my.yaml --output runs/b   # 4 processes (DDP)
 
 The YAML file holds any of the config sections (model, loss, data, train; see retinanet/config.py);
+model.arch picks the model: retinanet (default), faster_rcnn, or the segment proposal models
+deepmask, sharpmask, fpn_masks (data.masks: true; validated by segment AR instead of AP);
 `key=value` overrides follow it, with bare leaf names accepted where unique (`lr=0.005` is
 `train.lr=0.005`). Unknown keys are an error that suggests the closest key.
 """
@@ -17,7 +19,8 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train a RetinaNet on COCO-format data",
+    p = sub.add_parser("train", help="train any model.arch (retinanet, faster_rcnn, deepmask, sharpmask, fpn_masks) "
+                                     "on COCO-format data, validating by COCO AP or, for proposals, AR",
                        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", metavar="CONFIG.yaml",
@@ -31,7 +34,8 @@ def register(sub) -> None:
                         "is none), or give a checkpoint_NNNNNNN.pt file (final.pt and best.pt hold weights only: "
                         "start from those with --weights)")
     p.add_argument("--weights", metavar="PATH",
-                   help="start from a retinanet checkpoint's weights (fine-tuning); tensors whose shape differs, "
+                   help="start from the weights of a checkpoint of this package (training's final.pt or best.pt, "
+                        "or `retinanet convert`'s; fine-tuning); tensors whose shape differs, "
                         "e.g. the classifier for another class count, are re-initialized and listed")
     p.add_argument("--device", help="cpu | cuda | cuda:N | auto (same as train.device=...)")
     p.add_argument("--seed", type=int, help="random seed for initialization and data order (train.seed=...)")
