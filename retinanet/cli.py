@@ -60,6 +60,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
         print(f"error: {_one_problem(e)}", file=sys.stderr)
         return 1
+    except OSError as e:  # what the system refused (a full disk, a permission): one line, naming the file
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def _one_problem(error: Exception) -> str:

@@ -183,6 +183,9 @@ def check_output_dir(output: Path, resuming: bool) -> None:
     empty or new.
     """
     if not output.exists():
+        above = next(a for a in output.absolute().parents if a.exists())  # made when the run starts
+        if not above.is_dir():
+            raise ValueError(f"--output {output}: {above} is a file, not a folder")
         return
     if not output.is_dir():
         raise ValueError(f"--output {output} is a file, not a folder")

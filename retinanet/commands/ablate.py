@@ -62,7 +62,9 @@ def shapes_preparer(data_dir=None, num_train=None, num_val=None, image_size=None
 
 def run(args) -> int:
     from ..ablate import expand_sweep, run_sweep
+    from . import check_output_path
 
+    check_output_path(args.output, "--output", folder=True)
     if args.list:
         for r in expand_sweep(args.sweep, args.profile, args.overrides, args.seeds, args.only):
             print(r["run_id"])

@@ -32,6 +32,9 @@ def run(args) -> int:
     from ..analysis import (anchor_samples, detection_ious, loss_cdfs, mean_score_by_iou, plot_iou_figures,
                             plot_loss_cdf, plot_loss_curves, share_above)
 
+    from . import check_output_path
+
+    check_output_path(args.output, "--output", folder=True)
     out = Path(args.output)
     if args.figure == "curves":
         for path in plot_loss_curves(str(out)):

@@ -33,7 +33,7 @@ def run(args) -> int:
                            masks=args.masks)
     print(report.format())
     stats = report.read_stats
-    if not args.quick:
+    if not args.quick and (stats.decoded or stats.cached):  # nothing read when the JSON or folder is missing
         where = f"cached in {stats.cache_file}" if stats.cache_file else f"not cached ({stats.cache_problem})"
         print(f"images decoded: {stats.decoded}, taken from the cache: {stats.cached}; results {where}")
     if report.unreadable:

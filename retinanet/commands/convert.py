@@ -33,8 +33,11 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..convert import convert_torchvision_retinanet
 
+    from . import check_output_path
+
     if Path(args.dst).resolve() == Path(args.src).resolve():
         raise ValueError("the output checkpoint must not be the input file")
+    check_output_path(args.dst, "the output checkpoint")
     ckpt = convert_torchvision_retinanet(args.src, args.dst, bn_eps=args.bn_eps, arch=args.arch)
     m = ckpt["config"]["model"]
     real = sum(1 for c in ckpt["categories"] if not c.get("placeholder"))

@@ -84,6 +84,12 @@ def _iou_types(text: str) -> tuple:
 def run(args) -> int:
     from ..evaluate import BackendNotInstalled
 
+    from . import check_output_path
+
+    for flag, value, folder in (("--output", args.output, False), ("--save-results", args.save_results, False),
+                                ("--plots", args.plots, True)):
+        if value:
+            check_output_path(value, flag, folder=folder)
     if args.plots_per_category and not args.plots:
         raise ValueError("--plots-per-category needs --plots DIR")
     if args.proposals and args.plots:

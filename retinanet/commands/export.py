@@ -35,8 +35,11 @@ def run(args) -> int:
     from ..checkpoint import load_model
     from ..export import export_onnx
 
+    from . import check_output_path
+
     if Path(args.output).resolve() == Path(args.checkpoint).resolve():
         raise ValueError("--output must not be the checkpoint file")
+    check_output_path(args.output, "--output")
     model, cfg, categories = load_model(args.checkpoint, device="cpu")
     start = time.perf_counter()
     export_onnx(model, cfg, categories, args.output, exporter=args.exporter, opset=args.opset)

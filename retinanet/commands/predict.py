@@ -167,6 +167,12 @@ def run(args) -> int:
         if not problems:  # otherwise each missing input has had its error line
             print("error: no image files found", file=sys.stderr)
         return 1
+    from . import check_output_path
+
+    if args.output:
+        check_output_path(args.output, "--output")
+    if args.save_images:
+        check_output_path(args.save_images, "--save-images", folder=True)
     image_ids = coco_image_ids(files, args.coco_json) if args.coco_json else list(range(len(files)))
     save_dir = Path(args.save_images) if args.save_images else None
     targets = output_paths(files, save_dir, folders) if save_dir else None
