@@ -101,7 +101,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name}, but no CUDA GPU is available (use cpu)")
+        raise ValueError(f"device {name} asked for (--device, train.device), but no CUDA GPU is available (use cpu)")
     return device
 
 

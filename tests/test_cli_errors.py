@@ -73,6 +73,7 @@ CASES = [
     ("demo --config nope --output {new}", "--config nope: neither a shipped config"),
     ("demo iteratons=3 --output {new} --data-dir {new}-data", "did you mean 'train.iterations'?"),
     ("demo --config {final} --output {new} --data-dir {new}-data", "{final}: not a YAML text file"),
+    ("demo --minutes 0 --output {new} --data-dir {new}-data", "--minutes must be positive, got 0"),
     ("eval --gt {missing_json} --results {gt}", "{missing_json}: file not found"),
     ("eval --gt {gt} --results {final}", "{final}: not a valid JSON file"),
     ("eval --checkpoint {onnx} " + " ".join(DATA), "{onnx}: not a readable checkpoint: not a torch.save file"),
@@ -80,9 +81,11 @@ CASES = [
     ("eval --checkpoint {deepmask} " + " ".join(DATA), "{deepmask}: a segment proposal model (model.arch deepmask"),
     ("eval --checkpoint {final} --json {missing_json} --images {images}", "{missing_json}: annotation file not found"),
     ("eval --gt {gt} --results {gt} --backend pycocotool", "argument --backend: invalid choice: 'pycocotool'"),
+    ("eval --checkpoint {final} " + " ".join(DATA) + " --batch-size 0", "--batch-size must be >= 1"),
     ("predict {missing}.png --checkpoint {final}", "{missing}.png: no such file or folder"),
     ("predict {images} --checkpoint {onnx}", "{onnx}: not a readable checkpoint: not a torch.save file"),
     ("predict {images} --checkpoint {deepmask} --tta", "does not apply to segment proposals"),
+    ("predict {images} --checkpoint {final} --score-threshold 5", "--score-threshold must be in [0, 1], got 5"),
     ("export --checkpoint {missing_pt} --output {new}", "checkpoint not found: {missing_pt}"),
     ("export --checkpoint {torchvision} --output {new}", "{torchvision}: not a retinanet checkpoint"),
     ("export --checkpoint {text} --output {new}", "{text}: not a readable checkpoint: not a torch.save file"),
@@ -94,6 +97,8 @@ CASES = [
     ("ablate table1b_gamma --output {new} --profile smal", "no profile 'smal' (has: small, paper)"),
     ("ablate {final} --output {new}", "{final}: not a YAML text file"),
     ("analyze loss-cdf --output {new} " + " ".join(DATA), "analyze loss-cdf needs --checkpoint"),
+    ("analyze iou --output {new} --checkpoint {final} --max-images 0 " + " ".join(DATA),
+     "--max-images must be >= 1, got 0"),
     ("analyze loss-cdf --output {new} --checkpoint {deepmask} " + " ".join(DATA),
      "{deepmask} is a deepmask model; Figure 6's anchor losses need a RetinaNet"),
     ("analyze iou --output {new} --checkpoint {deepmask} " + " ".join(DATA),
@@ -120,11 +125,21 @@ CASES = [
 ]
 
 
+# a GPU asked for on a machine without one
+NO_GPU_CASES = [
+    ("predict {images} --checkpoint {final} --device cuda", "device cuda asked for (--device, train.device), "
+                                                           "but no CUDA GPU is available"),
+    ("eval --checkpoint {final} " + " ".join(DATA) + " --device cuda", "no CUDA GPU is available"),
+]
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+
+
 def test_the_cases_cover_every_command():
     assert {case.split()[0] for case, _ in CASES} == set(COMMANDS)
 
 
-@pytest.mark.parametrize("command, expected", CASES, ids=[case for case, _ in CASES])
+@pytest.mark.parametrize("command, expected", [pytest.param(*case, id=case[0]) for case in CASES]
+                         + [pytest.param(*case, id=case[0], marks=NO_GPU) for case in NO_GPU_CASES])
 def test_wrong_input_is_one_error_line_and_a_non_zero_exit(inputs, tmp_path, command, expected, capsys):
     paths = dict(inputs, new=str(tmp_path / "new"))
     argv = [part.format(**paths) for part in command.split()]

@@ -35,6 +35,10 @@ def run(args) -> int:
     from . import check_output_path
 
     check_output_path(args.output, "--output", folder=True)
+    if args.max_images < 1:
+        raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
+    if min(args.gammas) < 0:
+        raise ValueError(f"--gammas must be >= 0 (gamma 0 is cross entropy), got {args.gammas}")
     out = Path(args.output)
     if args.figure == "curves":
         for path in plot_loss_curves(str(out)):

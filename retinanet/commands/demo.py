@@ -230,6 +230,8 @@ def run(args) -> int:
     started = time.perf_counter()
     config_file = demo_config(args.config)
     load_config(str(config_file), list(args.overrides))  # a typo fails now, not after the data is generated
+    if args.minutes is not None and args.minutes <= 0:
+        raise ValueError(f"--minutes must be positive, got {args.minutes:g}")
     output = Path(args.output) if args.output else _default_output()
     check_output_dir(output, resuming=False)
     device = choose_device(args.device)

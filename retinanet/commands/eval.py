@@ -103,6 +103,8 @@ def run(args) -> int:
             raise ValueError("--tta-scales needs --tta")
         if args.tta_scales and min(args.tta_scales) <= 0:
             raise ValueError(f"--tta-scales must be positive, got {args.tta_scales}")
+        if args.batch_size < 1 or args.workers < 0:
+            raise ValueError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
         gt, results, protect = args.json, run_model(args), [args.checkpoint]
     else:
         if args.tta:

@@ -152,11 +152,35 @@ def load_ahead(files: list, workers: int, ahead: int):
             yield result
 
 
+def check_arguments(args) -> None:
+    """The numeric options and the device, refused at start-up when out of range (a score threshold
+    above 1 would silently give no detections)."""
+    from ..engine import resolve_device
+
+    for flag, value, low, high in (("--score-threshold", args.score_threshold, 0.0, 1.0),
+                                   ("--nms-threshold", args.nms_threshold, 0.0, 1.0),
+                                   ("--draw-threshold", args.draw_threshold, 0.0, 1.0)):
+        if value is not None and not low <= value <= high:
+            raise ValueError(f"{flag} must be in [{low:g}, {high:g}], got {value:g}")
+    for flag, value, low in (("--max-detections", args.max_detections, 1), ("--batch-size", args.batch_size, 1),
+                             ("--workers", args.workers, 0), ("--threads", args.threads, 1)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if args.tta_scales and not args.tta:
+        raise ValueError("--tta-scales needs --tta")
+    if args.tta_scales and min(args.tta_scales) <= 0:
+        raise ValueError(f"--tta-scales must be positive, got {args.tta_scales}")
+    if args.device:
+        resolve_device(args.device)  # a GPU asked for and absent: one line now
+
+
 def run(args) -> int:
     from tqdm import tqdm
 
     from ..atomic import atomic_write
     from ..predict import Predictor, draw_detections
+
+    check_arguments(args)
 
     files, problems, folders, ignored = collect_images(args.paths)
     for problem in problems:
@@ -182,11 +206,7 @@ def run(args) -> int:
     if args.threads is not None:
         import torch
 
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    if args.tta_scales and not args.tta:
-        raise ValueError("--tta-scales needs --tta")
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, bf16=args.bf16,
                                           score_threshold=args.score_threshold, nms_threshold=args.nms_threshold,
                                           max_detections=args.max_detections, classes=classes,
