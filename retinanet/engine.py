@@ -462,6 +462,9 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
         model = build_model(cfg)
         if weights:
             report = load_weights(model, weights)
+            if not report["loaded"]:  # training would silently start from scratch
+                raise ValueError(f"{weights}: none of its {len(report['skipped']) + len(report['unexpected'])} tensors "
+                                 f"fit this model (model.arch {cfg.model.arch}): a checkpoint of another kind of model?")
             log(f"weights from {weights}: {len(report['loaded'])} tensors loaded")
             for what, meaning in (("skipped", "shape differs, re-initialized"), ("missing", "not in the file, "
                                   "initialized"), ("unexpected", "in the file, not in this model")):

@@ -70,6 +70,8 @@ CASES = [
     ("train {tiny} --resume {final} --output {new}", "{final}: weights only"),
     ("train {tiny} --resume {missing_pt} --output {new}", "checkpoint not found: {missing_pt}"),
     ("train {tiny} --weights {onnx} --output {new}", "{onnx}: not a readable checkpoint: not a torch.save file"),
+    ("train {tiny} --weights {deepmask} --output {new}", "{deepmask}: none of its 86 tensors fit this model "
+                                                        "(model.arch retinanet): a checkpoint of another kind of model?"),
     ("demo --config nope --output {new}", "--config nope: neither a shipped config"),
     ("demo iteratons=3 --output {new} --data-dir {new}-data", "did you mean 'train.iterations'?"),
     ("demo --config {final} --output {new} --data-dir {new}-data", "{final}: not a YAML text file"),
