@@ -379,7 +379,7 @@ def plot_loss_curve(metrics_path: Path, out_path: Path) -> None:
 
 def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights: Optional[str] = None,
           progress: bool = True) -> dict:
-    """Train a RetinaNet on cfg.data's COCO-format training set; see the module docstring.
+    """Train cfg's model (any model.arch) on cfg.data's COCO-format training set; see the module docstring.
 
     resume: None (a new run: the output folder must be new or empty), "auto" (continue from the
         newest checkpoint in the output folder that loads, falling back to the one before it if the
