@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Optional
 
 
 def register(sub) -> None:
@@ -47,64 +46,27 @@ def run(args) -> int:
     print(f"wrote {args.output} ({size_mb:.1f} MiB) in {time.perf_counter() - start:.1f} s with the {args.exporter} exporter",
           file=sys.stderr)
     if not args.no_verify:
-        report, problems = verify(model, categories, args.output, cfg.model)
+        report, match = verify(model, categories, args.output, cfg.model)
         print(report, file=sys.stderr)
-        if problems:
+        if not match.same:
             print(f"error: {args.output}: onnxruntime's detections differ from PyTorch's on a random image "
-                  f"({len(problems)} problem(s): {'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''}); "
-                  f"the file is kept for inspection, but it is not a faithful export", file=sys.stderr)
+                  f"({match.details}); the file is kept for inspection, but it is not a faithful export",
+                  file=sys.stderr)
             return 1
     return 0
-
-
-def match_detections(a, b, *, score_tol: float = 1e-4, box_tol: float = 1e-3,
-                     score_threshold: Optional[float] = None, max_detections: Optional[int] = None) -> list:
-    """Whether two `Detections` of one image, from two paths that round differently (onnxruntime and
-    PyTorch, say), are the same detections; returns the differences found, [] when they are.
-
-    Detection i of `a`, best first, pairs with an unpaired detection of `b` of the same label whose
-    score is within `score_tol` and whose box corners are within `box_tol` x max(1, largest |coordinate|)
-    px, the nearest score among several: so the order may differ only among near-equal scores, as
-    rounding reorders ties. A detection left unpaired (on either side) is a difference, unless rounding
-    can explain it: its score within `score_tol` of `score_threshold`, or the other side holding
-    `max_detections` (the cap) and its score within `score_tol` of the other side's lowest.
-    """
-    import numpy as np
-
-    scale = max(1.0, float(np.abs(a.boxes).max(initial=0.0)), float(np.abs(b.boxes).max(initial=0.0)))
-    free = np.ones(len(b), dtype=bool)  # (len(b),) not yet paired
-    unpaired_a = []
-    for i in range(len(a)):
-        fits = (free & (b.labels == a.labels[i]) & (np.abs(b.scores - a.scores[i]) <= score_tol)
-                & (np.abs(b.boxes - a.boxes[i]).max(axis=1, initial=0.0) <= box_tol * scale))  # (len(b),)
-        if fits.any():
-            candidates = np.flatnonzero(fits)
-            free[candidates[np.argmin(np.abs(b.scores[candidates] - a.scores[i]))]] = False
-        else:
-            unpaired_a.append(i)
-
-    def explained(score: float, other) -> bool:
-        at_threshold = score_threshold is not None and abs(score - score_threshold) <= score_tol
-        at_cap = (max_detections is not None and len(other) >= max_detections
-                  and score <= float(other.scores.min()) + score_tol)
-        return at_threshold or at_cap
-
-    problems = [f"detection {i} (label {a.labels[i]}, score {a.scores[i]:.4f}) has no match"
-                for i in unpaired_a if not explained(float(a.scores[i]), b)]
-    problems += [f"the other side's detection {j} (label {b.labels[j]}, score {b.scores[j]:.4f}) has no match"
-                 for j in np.flatnonzero(free) if not explained(float(b.scores[j]), a)]
-    return problems
 
 
 def verify(model, categories: list, path: str, config) -> tuple:
     """Run PyTorch and onnxruntime on one random min_size x (4/3 min_size) image.
 
-    Returns (a line describing the differences, [the detections' differences: `match_detections`]).
-    The network outputs' differences are reported only: a detection is what must not change.
+    Returns (a line describing the differences, the detections' `retinanet.compare.DetectionMatch`:
+    one to one, near-equal scores in either order, scores within 1e-4, boxes within 0.05 px). The
+    network outputs' differences are reported only: the detections are what must not change.
     """
     import numpy as np
     import torch
 
+    from ..compare import match_detections
     from ..export import OnnxDetector
     from ..predict import Predictor
 
@@ -121,12 +83,6 @@ def verify(model, categories: list, path: str, config) -> tuple:
                       else f"{name}: shapes {tuple(a.shape)} vs {tuple(b.shape)}"  # e.g. NMS ties broken otherwise
                       for name, a, b in zip(model.output_names, ours, theirs))
     a, b = torch_pred.predict_arrays([image])[0], onnx_pred.predict_arrays([image])[0]
-    problems = match_detections(a, b, score_threshold=torch_pred.score_threshold,
-                                max_detections=model.detections_per_image)
-    in_order = len(a) == len(b) and np.array_equal(a.labels, b.labels)
-    det = (f"{len(a)} vs {len(b)} detections, "
-           + ("DIFFERENT" if problems else "labels identical" if in_order else "the same up to near-equal scores "
-              "in another order")
-           + (f", max |box diff| {np.abs(a.boxes - b.boxes).max():.2e} px, max |score diff| "
-              f"{np.abs(a.scores - b.scores).max():.2e}" if in_order and len(a) else ""))
-    return f"onnxruntime vs PyTorch on a random {image.shape[0]}x{image.shape[1]} image: {diffs}; " + det, problems
+    match = match_detections(b, a, score_atol=1e-4, box_atol=0.05)
+    det = f"{len(a)} vs {len(b)} detections: " + (match.summary() if match.same else "DIFFERENT")
+    return f"onnxruntime vs PyTorch on a random {image.shape[0]}x{image.shape[1]} image: {diffs}; " + det, match
