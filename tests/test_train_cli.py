@@ -207,7 +207,7 @@ TINY_DEMO = {
                   "segprop_head_dim=16", "segprop_mask_size=8", "segprop_scales=[-1.0,0.0,1.0]",
                   "segprop_windows_per_image=4", "segprop_refine_k=8", "segprop_refine_after=1"],
     "fpn_masks": ["backbone_width=8", "fpn_channels=8", "segprop_mlp_windows=[5,7]", "segprop_mlp_hidden=16",
-                  "segprop_fpn_mask_size=6"],
+                  "segprop_fpn_mask_size=6", "detections_per_image=100"],
 }
 SHIPPED_CONFIGS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "retinanet" / "configs")
                          .glob("*.yaml"))
