@@ -77,7 +77,7 @@ def test_torchscript_exporter_and_the_cli_check(exported, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(ckpt), "--output", str(path), "--exporter", "torchscript"]) == 0
     err = capsys.readouterr().err
     assert "max |anchors_p3 diff| 0.00e+00" in err
-    assert "100 vs 100 detections: 100 detections matched one to one" in err
+    assert "100 detections, labels identical" in err
     image = np.random.default_rng(2).integers(0, 256, (120, 110, 3), dtype=np.uint8)
     _compare(Predictor(model, CATEGORIES, device="cpu")(image), OnnxDetector(str(path))(image))
 

@@ -84,5 +84,9 @@ def verify(model, categories: list, path: str, config) -> tuple:
                       for name, a, b in zip(model.output_names, ours, theirs))
     a, b = torch_pred.predict_arrays([image])[0], onnx_pred.predict_arrays([image])[0]
     match = match_detections(b, a, score_atol=1e-4, box_atol=0.05)
-    det = f"{len(a)} vs {len(b)} detections: " + (match.summary() if match.same else "DIFFERENT")
+    if match.same and not match.swapped and len(a) == len(b):
+        det = (f"{len(a)} detections, labels identical, max |box diff| {match.max_box_diff:.2e} px, max |score diff| "
+               f"{match.max_score_diff:.2e}")
+    else:
+        det = f"{len(a)} vs {len(b)} detections, " + ("the same: " + match.summary() if match.same else "DIFFERENT")
     return f"onnxruntime vs PyTorch on a random {image.shape[0]}x{image.shape[1]} image: {diffs}; " + det, match
