@@ -31,7 +31,6 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..analysis import (anchor_samples, detection_ious, loss_cdfs, mean_score_by_iou, plot_iou_figures,
                             plot_loss_cdf, plot_loss_curves, share_above)
-
     from . import check_output_path
 
     check_output_path(args.output, "--output", folder=True)

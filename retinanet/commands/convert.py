@@ -32,7 +32,6 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..convert import convert_torchvision_retinanet
-
     from . import check_output_path
 
     if Path(args.dst).resolve() == Path(args.src).resolve():

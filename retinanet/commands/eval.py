@@ -83,7 +83,6 @@ def _iou_types(text: str) -> tuple:
 
 def run(args) -> int:
     from ..evaluate import BackendNotInstalled
-
     from . import check_output_path
 
     for flag, value, folder in (("--output", args.output, False), ("--save-results", args.save_results, False),

@@ -33,7 +33,6 @@ def run(args) -> int:
 
     from ..checkpoint import load_model
     from ..export import export_onnx
-
     from . import check_output_path
 
     if Path(args.output).resolve() == Path(args.checkpoint).resolve():

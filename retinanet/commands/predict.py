@@ -153,9 +153,10 @@ def load_ahead(files: list, workers: int, ahead: int):
 
 
 def check_arguments(args) -> None:
-    """The numeric options and the device, refused at start-up when out of range (a score threshold
-    above 1 would silently give no detections)."""
+    """The numeric options, the device and the outputs, refused at start-up when out of range or not
+    writable (a score threshold above 1 would silently give no detections)."""
     from ..engine import resolve_device
+    from . import check_output_path
 
     for flag, value, low, high in (("--score-threshold", args.score_threshold, 0.0, 1.0),
                                    ("--nms-threshold", args.nms_threshold, 0.0, 1.0),
@@ -172,6 +173,10 @@ def check_arguments(args) -> None:
         raise ValueError(f"--tta-scales must be positive, got {args.tta_scales}")
     if args.device:
         resolve_device(args.device)  # a GPU asked for and absent: one line now
+    if args.output:
+        check_output_path(args.output, "--output")
+    if args.save_images:
+        check_output_path(args.save_images, "--save-images", folder=True)
 
 
 def run(args) -> int:
@@ -191,12 +196,6 @@ def run(args) -> int:
         if not problems:  # otherwise each missing input has had its error line
             print("error: no image files found", file=sys.stderr)
         return 1
-    from . import check_output_path
-
-    if args.output:
-        check_output_path(args.output, "--output")
-    if args.save_images:
-        check_output_path(args.save_images, "--save-images", folder=True)
     image_ids = coco_image_ids(files, args.coco_json) if args.coco_json else list(range(len(files)))
     save_dir = Path(args.save_images) if args.save_images else None
     targets = output_paths(files, save_dir, folders) if save_dir else None
