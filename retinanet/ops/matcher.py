@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -214,13 +215,14 @@ def check_labels(labels: Tensor, num_classes: int, names, valid: Optional[Tensor
 
     labels (G,) of one image, with `names` its name (e.g. "image 3 (image id 42)"); or a padded batch (B, G)
     with `names` one name per image and valid (B, G) bool, the entries that are labels (default: all). The
-    first image with a bad label is named, with its labels. One read on the host (a wait on a GPU).
+    first image with a bad label is named, with its labels. Checked in numpy on the host: free for CPU
+    tensors (no tensor read that a device-sync check would count), one copy from an accelerator.
     """
     if labels.dim() == 1:
         labels, names, valid = labels[None], [names], None if valid is None else valid[None]
-    labels = labels.detach()
-    valid = torch.ones_like(labels, dtype=torch.bool) if valid is None else valid
+    labels = labels.detach().cpu().numpy()
+    valid = np.ones(labels.shape, dtype=bool) if valid is None else valid.detach().cpu().numpy()
     bad = valid & ((labels < 0) | (labels >= num_classes))  # (B, G)
-    if labels.numel() and bool(bad.any()):
-        i = int(bad.any(dim=1).nonzero()[0, 0])
+    if bad.any():
+        i = int(np.flatnonzero(bad.any(axis=1))[0])
         raise ValueError(f"{names[i]}: labels must be in 0..{num_classes - 1}, got {labels[i][valid[i]].tolist()}")
