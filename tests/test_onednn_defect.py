@@ -57,7 +57,7 @@ PROBE = textwrap.dedent("""
         conv(x).sum().backward()
     print("done", flush=True)
 """)
-PROBE_SECONDS = 15  # the probe runs in ~2 s; the defect shows as a crash or a hang (AMD Zen 3: 4 -> 16 hangs)
+PROBE_SECONDS = 8  # the probe runs in ~2 s; the defect shows as a crash or a hang (AMD Zen 3: 4 -> 16 hangs)
 
 # onednn_verbose,...,convolution,<impl>,backward_weights,src:f32::blocked:<layout>:...,<problem>,<ms>
 VERBOSE_LINE = re.compile(r"convolution,(jit_1x1:[^,]+),backward_weights,src:\w+::blocked:(\w+):.*?"
