@@ -23,6 +23,8 @@ from retinanet.ops.masks import encode_masks, masks_to_boxes
 from retinanet.ops.segprop import (RLEMasks, crop_windows, grid_windows, label_windows, mask_targets, paste_masks,
                                    pyramid_scales, reflect_pad)
 
+from detection_match import assert_same_detections
+
 ROOT = Path(__file__).resolve().parents[1]
 
 MODELS = {
@@ -296,10 +298,10 @@ def test_batched_equals_per_image(arch):
     with torch.no_grad():
         together = model(images)
         apart = [model([image])[0] for image in images]
-    for a, b, image in zip(together, apart, images):
+    for a, b, image in zip(together, apart, images):  # batches of 3 and 1: near-equal scores may swap
         assert len(a["scores"]) == len(b["scores"]) > 0
-        assert torch.allclose(a["scores"], b["scores"], atol=1e-5)
-        assert a["masks"].rles == b["masks"].rles and torch.equal(a["boxes"], b["boxes"])
+        match = assert_same_detections(a, b, score_atol=1e-5, box_atol=1e-4, cut_slack=False)
+        assert all(a["masks"].rles[j] == b["masks"].rles[i] for i, j in match.pairs)
         assert a["masks"].shape[1:] == image.shape[1:] and (a["labels"] == 0).all()
 
 
