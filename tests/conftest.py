@@ -27,6 +27,18 @@ def tiny_config(num_classes: int = 3, **model_overrides) -> Config:
     return cfg
 
 
+def tiny_deepmask_config() -> Config:
+    """A DeepMask (one class, one scale, 32 px windows, 8 features) small enough for unit tests."""
+    from retinanet.config import config_from_dict
+
+    return config_from_dict({"model": {"arch": "deepmask", "num_classes": 1, "backbone": "resnet18",
+                                       "backbone_width": 8, "frozen_stages": 0, "min_size": 64, "max_size": 64,
+                                       "segprop_window": 32, "segprop_context": 16, "segprop_features": 8,
+                                       "segprop_head_dim": 16, "segprop_mask_size": 8,
+                                       "segprop_scales": [0.0, 0.0, 1.0]},
+                             "data": {"masks": True}})
+
+
 def train_steps(model, images, targets, steps: int, lr: float = 0.05) -> list:
     """Plain SGD steps on a fixed batch; returns the total loss before each step."""
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)

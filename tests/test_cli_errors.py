@@ -9,10 +9,9 @@ import yaml
 
 from retinanet.checkpoint import make_checkpoint, save_atomic
 from retinanet.cli import COMMANDS, main
-from retinanet.config import config_from_dict
 from retinanet.modeling import build_model
 
-from conftest import tiny_config
+from conftest import tiny_config, tiny_deepmask_config
 
 SHAPES = ["rectangle", "ellipse", "triangle", "cross"]
 
@@ -29,12 +28,7 @@ def inputs(tmp_path_factory) -> dict:
     cfg = tiny_config(num_classes=4)
     save_atomic(make_checkpoint(build_model(cfg), cfg, [{"id": i + 1, "name": n} for i, n in enumerate(SHAPES)]),
                 str(root / "final.pt"))
-    deepmask = config_from_dict({"model": {"arch": "deepmask", "num_classes": 1, "backbone": "resnet18",
-                                           "backbone_width": 8, "frozen_stages": 0, "min_size": 64, "max_size": 64,
-                                           "segprop_window": 32, "segprop_context": 16, "segprop_features": 8,
-                                           "segprop_head_dim": 16, "segprop_mask_size": 8,
-                                           "segprop_scales": [0.0, 0.0, 1.0]},
-                                 "data": {"masks": True}})
+    deepmask = tiny_deepmask_config()
     save_atomic(make_checkpoint(build_model(deepmask), deepmask, [{"id": 1, "name": "object"}]),
                 str(root / "deepmask.pt"))
     torch.save({"conv.weight": torch.zeros(2)}, root / "torchvision.pth")  # a state dict, not ours

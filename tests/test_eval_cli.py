@@ -245,18 +245,13 @@ def test_eval_checkpoint_with_tta_equals_tta_detections(tmp_path, capsys):
 def test_eval_tta_refuses_a_segment_proposal_checkpoint(tmp_path, capsys):
     """TTA merges boxes, not masks: `eval --tta` on a proposal model is refused in one line, as `Predictor`
     refuses it (before: the masks were dropped and --iou-type segm said the model predicts none)."""
+    from conftest import tiny_deepmask_config
     from retinanet.checkpoint import make_checkpoint, save_atomic
-    from retinanet.config import config_from_dict
     from retinanet.data.synthetic import make_shapes_dataset
     from retinanet.modeling import build_model
 
     paths = make_shapes_dataset(str(tmp_path / "shapes"), num_train=1, num_val=1, image_size=64, seed=1)
-    cfg = config_from_dict({"model": {"arch": "deepmask", "num_classes": 1, "backbone": "resnet18",
-                                      "backbone_width": 8, "frozen_stages": 0, "min_size": 64, "max_size": 64,
-                                      "segprop_window": 32, "segprop_context": 16, "segprop_features": 8,
-                                      "segprop_head_dim": 16, "segprop_mask_size": 8,
-                                      "segprop_scales": [0.0, 0.0, 1.0]},
-                            "data": {"masks": True}})
+    cfg = tiny_deepmask_config()
     save_atomic(make_checkpoint(build_model(cfg), cfg, [{"id": 1, "name": "object"}]), str(tmp_path / "dm.pt"))
     assert main(["eval", "--checkpoint", str(tmp_path / "dm.pt"), "--json", str(paths.val_json), "--images",
                  str(paths.val_images), "--proposals", "--iou-type", "segm", "--tta", "--device", "cpu",
