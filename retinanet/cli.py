@@ -17,6 +17,7 @@ COMMANDS = {
     "eval": "retinanet.commands.eval",
     "predict": "retinanet.commands.predict",
     "export": "retinanet.commands.export",
+    "quantize": "retinanet.commands.quantize",
     "convert": "retinanet.commands.convert",
     "check-data": "retinanet.commands.check_data",
     "ablate": "retinanet.commands.ablate",
