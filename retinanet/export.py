@@ -222,6 +222,9 @@ class OnnxDetector(Predictor):
         meta = self.session.get_modelmeta().custom_metadata_map
         if "retinanet.config" not in meta or "retinanet.categories" not in meta:
             raise ValueError(f"{path}: no retinanet metadata; was it written by `retinanet export`?")
+        if "retinanet.end_to_end" in meta:
+            raise ValueError(f"{path}: an end-to-end export (image in, detections out); run it with onnxruntime "
+                             "directly (tools/onnx_detect.py), not OnnxDetector")
         stored = json.loads(meta["retinanet.config"])
         if "model" in stored:
             config = config_from_dict(stored, Config)
@@ -355,7 +358,8 @@ class EndToEndGraph(nn.Module):
             boxes, scores, labels = self._faster_rcnn_candidates(outputs, h, w, score_threshold)
         else:
             boxes, scores, labels = self._retinanet_candidates(outputs, h, w, score_threshold)
-        boxes, scores, labels = self._nms(boxes, scores, labels, iou_threshold, max_detections)
+        boxes, scores, labels = graph_nms(boxes, scores, labels, self.keep_classes.shape[0], iou_threshold,
+                                          max_detections, class_agnostic=m.class_agnostic_nms)
         # rescale_to_original: the factors in float64 as there, applied in float32
         factor = (original.to(torch.float64) / size.to(torch.float64)).to(torch.float32)  # (2,) sy, sx
         boxes = boxes * torch.stack([factor[1], factor[0], factor[1], factor[0]])
@@ -401,19 +405,26 @@ class EndToEndGraph(nn.Module):
         big = (boxes[:, 2] - boxes[:, 0] >= 1e-2) & (boxes[:, 3] - boxes[:, 1] >= 1e-2)
         return boxes[big], probs[roi, cls][big], cls[big]
 
-    def _nms(self, boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: Tensor, max_detections) -> tuple:
-        """Class-aware NMS (class-agnostic if the model's setting says so), then the best max_detections."""
-        if self.model.class_agnostic_nms:
-            by_class = scores[None, None, :]  # (1, 1, C)
-        else:  # (1, K, C): each candidate's score in its class's row, -1 (below NMS's -0.5 threshold) elsewhere
-            k = self.keep_classes.shape[0]
-            rows = torch.arange(k, device=labels.device)[:, None] == labels[None, :]
-            by_class = torch.where(rows, scores[None, :], torch.full_like(scores, -1.0)[None, :])[None]
-        selected = _GraphNMS.apply(boxes[None], by_class, iou_threshold)  # (S, 3) [0, class, candidate]
-        kept = selected[:, 2]
-        top, order = _best(scores[kept], max_detections)
-        kept = kept[order]
-        return boxes[kept], top, labels[kept]
+
+def graph_nms(boxes: Tensor, scores: Tensor, labels: Tensor, num_classes: int, iou_threshold: Tensor, max_detections,
+              class_agnostic: bool = False) -> tuple:
+    """The end of the post-processing for one image: NMS within each class (`nms_by_class`, ONNX
+    NonMaxSuppression; across classes with class_agnostic), then the best max_detections.
+
+    boxes (C, 4) xyxy, scores (C,) >= 0, labels (C,) in 0..num_classes-1, iou_threshold () (IoU > it
+    suppresses), max_detections an int or () int64 -> boxes (D, 4), scores (D,), labels (D,) by
+    decreasing score; equal scores by class, then by candidate index.
+    """
+    if class_agnostic:
+        by_class = scores[None, None, :]  # (1, 1, C)
+    else:  # (1, K, C): each candidate's score in its class's row, -1 (below NMS's -0.5 threshold) elsewhere
+        rows = torch.arange(num_classes, device=labels.device)[:, None] == labels[None, :]
+        by_class = torch.where(rows, scores[None, :], torch.full_like(scores, -1.0)[None, :])[None]
+    selected = _GraphNMS.apply(boxes[None], by_class, iou_threshold)  # (S, 3) [0, class, candidate]
+    kept = selected[:, 2]
+    top, order = _best(scores[kept], max_detections)
+    kept = kept[order]
+    return boxes[kept], top, labels[kept]
 
 
 def export_end_to_end(model, config: Config, categories: list, path: str, *, opset: int = END_TO_END_OPSET) -> None:

@@ -32,7 +32,9 @@ def resized_size_tensor(size: Tensor, min_size: int, max_size: int, rounding: st
     rounds halves to even as Python's round() does.
     """
     s = size.to(torch.float64)
-    scale = torch.minimum(min_size / s.min(), max_size / s.max())
+    # a tensor over a tensor: `number / tensor` is reciprocal() * number in PyTorch, which rounds differently
+    lo, hi = (torch.tensor(float(v), dtype=torch.float64, device=size.device) for v in (min_size, max_size))
+    scale = torch.minimum(lo / s.min(), hi / s.max())
     out = torch.floor(s * scale) if rounding == "floor" else torch.round(s * scale)
     return out.clamp(min=1).to(torch.int64)
 
