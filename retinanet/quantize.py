@@ -274,10 +274,10 @@ def quantize_onnx(onnx_path, calibration_images, output, *, num_images: int = 20
             from onnxruntime.quantization.shape_inference import quant_pre_process
 
             source = os.path.join(tmp, "pre.onnx")
-            try:
-                quant_pre_process(proto, source, auto_merge=True)
-            except Exception:  # symbolic shape inference does not know every op: without it, ONNX's alone
-                quant_pre_process(proto, source, skip_symbolic_shape=True)
+            # onnxruntime's graph optimizations and ONNX shape inference; not its symbolic shape inference:
+            # with dynamic image sizes its sympy expressions (nested floors per pyramid level) take minutes
+            # on an end-to-end graph, and the convolutions' quantization needs no shapes
+            quant_pre_process(str(onnx_path), source, skip_symbolic_shape=True)
         graph = onnx.load(source).graph
         nodes, quantized, kept = select_nodes(graph, exclude)
         if not quantized:

@@ -219,3 +219,38 @@ def test_cli_writes_a_file_onnx_detector_runs(exported, tmp_path, capsys):
     assert json.loads(meta["retinanet.quantization"])["settings"]["exclude"] == ["*box_subnet.predictor*"]
     assert len(OnnxDetector(str(out)).network(
         OnnxDetector(str(out)).model.preprocess([torch.from_numpy(arrays[1]).permute(2, 0, 1)]))) == 7
+
+
+def test_end_to_end_graph_calibrates_on_raw_images_and_keeps_decoding_and_nms_float(exported, tmp_path):
+    """The end-to-end graph (input `image` (H, W, 3) uint8; resize, normalization, decoding and NMS inside):
+    the reader feeds the decoded image itself; only the network's layers get QDQ; the INT8 file runs."""
+    import onnxruntime
+
+    from retinanet.export import export_end_to_end
+    from retinanet.quantize import BETWEEN_OPS, WEIGHTED_OPS
+
+    model, _, _, _, tmp, arrays = exported
+    cfg = tiny_config(num_classes=3)
+    path = tmp_path / "e2e.onnx"
+    export_end_to_end(model, cfg, CATEGORIES, str(path))
+    _, session, meta_model, _ = load_exported(path)
+    assert meta_model is None  # no preprocessing outside the graph
+    reader = CalibrationImages(calibration_files(tmp / "calib", 2), session)
+    feed = reader.get_next()
+    assert list(feed) == ["image"] and np.array_equal(feed["image"], arrays[0])
+
+    int8 = tmp_path / "e2e.int8.onnx"
+    quantize_onnx(path, tmp / "calib", int8, num_images=2, exclude=HEADS)
+    graph = onnx.load(str(int8)).graph
+    producer = _producer_ops(graph)
+    network = set(WEIGHTED_OPS) | set(BETWEEN_OPS) | {"QuantizeLinear", "DequantizeLinear", "Shape"}  # Shape: dims only
+    readers_of_dq = {n.op_type for n in graph.node if any(producer.get(i) == "DequantizeLinear" for i in n.input)}
+    assert readers_of_dq <= network, readers_of_dq - network  # decoding, NMS, preprocessing: float inputs
+    assert {"NonMaxSuppression", "Exp"} <= {n.op_type for n in graph.node}
+    assert sum(n.op_type == "Conv" and producer.get(n.input[1]) == "DequantizeLinear" for n in graph.node) > 0
+
+    feed = {"image": arrays[3], "score_threshold": np.array(0.0, np.float32)}  # a random head's scores are low
+    fp32 = onnxruntime.InferenceSession(str(path)).run(None, feed)
+    out = onnxruntime.InferenceSession(str(int8)).run(None, feed)
+    assert [(a.dtype, a.shape[1:]) for a in out] == [(a.dtype, a.shape[1:]) for a in fp32]
+    assert len(fp32[1]) > 0 and abs(float(out[1][0]) - float(fp32[1][0])) < 0.1 * float(fp32[1][0])
