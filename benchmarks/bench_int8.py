@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD python benchmarks/bench_int8.py [--checkpoint /work/ckpt/demo/final.pt] \
         [--data ~/.cache/retinanet/shapes-3d73013508be] [--num-calibration 200] [--latency-images 100] \
-        [--variants default heads-float ...] [--workdir /tmp/bench_int8]
+        [--variants default heads-float ...] [--workdir /tmp/bench_int8] [--reuse-export]
 
 1. `export_onnx` writes the checkpoint's network (dynamo exporter, as `retinanet export`);
 2. `quantize_onnx` makes one INT8 file per variant, calibrated on the first N training images (train.json);
@@ -93,6 +93,7 @@ def main() -> None:
     p.add_argument("--latency-images", type=int, default=100, help="validation images timed (0: skip latency)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count()])
     p.add_argument("--workdir", default="/tmp/bench_int8")
+    p.add_argument("--reuse-export", action="store_true", help="use the workdir's model.onnx if it is there")
     args = p.parse_args()
 
     data, work = Path(args.data), Path(args.workdir)
@@ -106,9 +107,10 @@ def main() -> None:
 
     model, cfg, categories = load_model(args.checkpoint, device="cpu")
     fp32 = str(work / "model.onnx")
-    start = time.perf_counter()
-    export_onnx(model, cfg, categories, fp32)
-    print(f"exported in {time.perf_counter() - start:.0f} s")
+    if not (args.reuse_export and Path(fp32).is_file()):
+        start = time.perf_counter()
+        export_onnx(model, cfg, categories, fp32)
+        print(f"exported in {time.perf_counter() - start:.0f} s")
     files = {"fp32": fp32}
     for name in args.variants:
         files[name] = str(work / f"model.int8.{name}.onnx")

@@ -109,7 +109,7 @@ def calibration_files(source, num_images: int, image_dir=None) -> list:
 
 
 class CalibrationImages:
-    """onnxruntime's CalibrationDataReader: image files -> the graph's inputs, one image per run.
+    """An onnxruntime CalibrationDataReader (get_next, rewind): image files -> the graph's inputs, one image per run.
 
     `session`: an onnxruntime session of the fp32 file (its inputs decide the form):
     - network-only graph (inputs `images` (B, 3, H, W) float, and `image_sizes` for Faster R-CNN): the
@@ -119,8 +119,6 @@ class CalibrationImages:
     """
 
     def __init__(self, files: Sequence, session, model=None):
-        from onnxruntime.quantization import CalibrationDataReader  # noqa: F401  (the protocol this follows)
-
         self.files = list(files)
         self.inputs = {i.name: i for i in session.get_inputs()}
         self.model = model

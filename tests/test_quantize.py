@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-from retinanet.checkpoint import make_checkpoint, save_atomic
 from retinanet.cli import main
 from retinanet.export import OnnxDetector, export_onnx
 from retinanet.modeling import build_model
