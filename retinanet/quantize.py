@@ -115,7 +115,8 @@ class CalibrationImages:
     - network-only graph (inputs `images` (B, 3, H, W) float, and `image_sizes` for Faster R-CNN): the
       model's `preprocess` at the model's size, the model built from the file's metadata on the meta
       device (no weights): {"images": (1, 3, H, W) float32[, "image_sizes": (1, 2) int64]};
-    - end-to-end graph (one uint8 input of rank 3, (H, W, 3)): {name: the decoded RGB image}.
+    - end-to-end graph (one uint8 input (H, W, 3)): {name: the decoded RGB image}; with a batch input
+      (B, H, W, 3), a batch of that one image.
     """
 
     def __init__(self, files: Sequence, session, model=None):
@@ -135,8 +136,8 @@ class CalibrationImages:
 
     def feed(self, image: np.ndarray) -> dict:
         """One (H, W, 3) uint8 RGB image -> the graph's inputs."""
-        if self.form == "image":
-            return {next(iter(self.inputs)): image}
+        if self.form in ("image", "images"):
+            return {next(iter(self.inputs)): image if self.form == "image" else image[None]}
         batch = self.model.preprocess([torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)])
         values = {"images": batch.tensor.numpy(), "image_sizes": batch.sizes_tensor().numpy()}
         return {name: values[name] for name in self.inputs}
@@ -155,16 +156,18 @@ class CalibrationImages:
 
 
 def graph_input_form(session) -> str:
-    """"network" (inputs images (B, 3, H, W) float [+ image_sizes]) or "image" (one (H, W, 3) uint8 input)."""
+    """The form of the graph's inputs: "network" (images (B, 3, H, W) float [+ image_sizes]), "image" (one
+    (H, W, 3) uint8 input) or "images" (one (B, H, W, 3) uint8 input: a batch of same-size images)."""
     inputs = session.get_inputs()
     names = [i.name for i in inputs]
-    if "images" in names and set(names) <= {"images", "image_sizes"}:
+    if "images" in names and set(names) <= {"images", "image_sizes"} and inputs[names.index("images")].type == \
+            "tensor(float)":
         return "network"
-    if len(inputs) == 1 and inputs[0].type == "tensor(uint8)" and len(inputs[0].shape) == 3:
-        return "image"
+    if len(inputs) == 1 and inputs[0].type == "tensor(uint8)" and len(inputs[0].shape) in (3, 4):
+        return "image" if len(inputs[0].shape) == 3 else "images"
     described = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
     raise ValueError(f"unknown ONNX input signature ({described}): expected `retinanet export`'s network graph "
-                     f"(images [, image_sizes]) or an end-to-end graph (one (H, W, 3) uint8 image)")
+                     f"(images [, image_sizes]) or an end-to-end graph (one (H, W, 3) or (B, H, W, 3) uint8 input)")
 
 
 # ------------------------------------------------------------------------------------------------ the graph

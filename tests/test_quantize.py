@@ -253,3 +253,24 @@ def test_end_to_end_graph_calibrates_on_raw_images_and_keeps_decoding_and_nms_fl
     out = onnxruntime.InferenceSession(str(int8)).run(None, feed)
     assert [(a.dtype, a.shape[1:]) for a in out] == [(a.dtype, a.shape[1:]) for a in fp32]
     assert len(fp32[1]) > 0 and abs(float(out[1][0]) - float(fp32[1][0])) < 0.1 * float(fp32[1][0])
+
+
+def test_input_forms_from_the_graph_signature():
+    """Which inputs the reader makes, from the graph's inputs alone (onnxruntime's NodeArg: name, type, shape)."""
+    from types import SimpleNamespace
+
+    from retinanet.quantize import graph_input_form
+
+    def session(*inputs):
+        return SimpleNamespace(get_inputs=lambda: [SimpleNamespace(name=n, type=t, shape=s) for n, t, s in inputs])
+
+    assert graph_input_form(session(("images", "tensor(float)", ["B", 3, "H", "W"]))) == "network"
+    assert graph_input_form(session(("images", "tensor(float)", ["B", 3, "H", "W"]),
+                                    ("image_sizes", "tensor(int64)", ["B", 2]))) == "network"
+    assert graph_input_form(session(("image", "tensor(uint8)", ["H", "W", 3]))) == "image"
+    assert graph_input_form(session(("images", "tensor(uint8)", ["B", "H", "W", 3]))) == "images"
+    with pytest.raises(ValueError, match=r"unknown ONNX input signature \(x tensor\(float\) \[1, 3\]\)"):
+        graph_input_form(session(("x", "tensor(float)", [1, 3])))
+    reader = CalibrationImages([], session(("images", "tensor(uint8)", ["B", "H", "W", 3])))
+    image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    assert np.array_equal(reader.feed(image)["images"], image[None])
