@@ -62,15 +62,20 @@ def vnni_flags() -> str:
     return " ".join(found) if found else "none"
 
 
-def onnx_detector(path: str, threads: int) -> OnnxDetector:
-    """`OnnxDetector` whose onnxruntime session runs on `threads` threads."""
+def onnx_session(path: str, threads: int):
+    """An onnxruntime CPU session on `threads` threads."""
     import onnxruntime
 
-    det = OnnxDetector(path)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    det.session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def onnx_detector(path: str, threads: int) -> OnnxDetector:
+    """`OnnxDetector` whose onnxruntime session runs on `threads` threads."""
+    det = OnnxDetector(path)
+    det.session = onnx_session(path, threads)
     return det
 
 
@@ -81,9 +86,10 @@ def coco_ap(predictor, images: list, gt: dict) -> float:
     return evaluate_coco(gt, results)["AP"]
 
 
-def end_to_end_ap(model, cfg, categories, work: Path, data: Path, images: list, gt: dict, num_calibration: int):
+def end_to_end_ap(model, cfg, categories, work: Path, data: Path, images: list, gt: dict, num_calibration: int,
+                  latency_images: int, threads_list: list):
     """The end-to-end graph (`export_end_to_end`) fp32 and INT8 (calibrated on raw images), run by onnxruntime
-    alone: COCO AP of each."""
+    alone: COCO AP of each, and the median time of one `session.run` per image (interleaved)."""
     import onnxruntime
 
     from retinanet.export import export_end_to_end
@@ -105,6 +111,22 @@ def end_to_end_ap(model, cfg, categories, work: Path, data: Path, images: list, 
         aps[name] = evaluate_coco(gt, results)["AP"]
         print(f"  {'end-to-end ' + name + ' (onnxruntime alone)':<44} {aps[name]:>7.4f} "
               f"{aps[name] - aps['fp32']:>+13.4f} (vs end-to-end fp32)")
+    arrays = [a for _, a in images[:latency_images]]
+    for threads in threads_list if arrays else []:
+        sessions = {name: onnx_session(path, threads) for name, path in paths.items()}
+        times = {name: [] for name in paths}
+        for session in sessions.values():  # warm up
+            for a in arrays[:5]:
+                session.run(None, {"image": a})
+        for a in arrays:
+            for name, session in sessions.items():
+                start = time.perf_counter()
+                session.run(None, {"image": a})
+                times[name].append(time.perf_counter() - start)
+        med = {name: 1000 * statistics.median(t) for name, t in times.items()}
+        print(f"  end-to-end, {threads} thread(s), median of {len(arrays)} images: fp32 {med['fp32']:.2f} ms, "
+              f"INT8 {med['INT8 default']:.2f} ms ({med['fp32'] / med['INT8 default']:.2f}x; "
+              f"load average {load_average()})")
 
 
 def main() -> None:
@@ -162,7 +184,8 @@ def main() -> None:
         print(f"  {label:<44} {ap:>7.4f} {ap - aps['fp32']:>+13.4f}")
 
     if args.end_to_end:
-        end_to_end_ap(model, cfg, categories, work, data, images, gt, args.num_calibration)
+        end_to_end_ap(model, cfg, categories, work, data, images, gt, args.num_calibration, args.latency_images,
+                      args.threads)
 
     if args.latency_images:
         arrays = [a for _, a in images[:args.latency_images]]
