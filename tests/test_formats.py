@@ -46,7 +46,8 @@ def valid(coco: dict, tmp_path: Path, image_root: Path):
 def boxes(coco: dict) -> list:
     """(file_name, category_id, bbox, area, iscrowd) of every annotation, in annotation order."""
     names = {i["id"]: i["file_name"] for i in coco["images"]}
-    return [(names[a["image_id"]], a["category_id"], a["bbox"], a.get("area"), a["iscrowd"]) for a in coco["annotations"]]
+    return [(names[a["image_id"]], a["category_id"], a["bbox"], a.get("area"), a["iscrowd"])
+            for a in coco["annotations"]]
 
 
 @pytest.fixture

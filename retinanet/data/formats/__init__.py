@@ -18,8 +18,8 @@ reader, one validator (`validate_coco`) and one loader serve every format. What 
 globox (a library that reads and writes these formats) is not used: its conversion is not exact for
 this purpose. It reads VOC corners without the 1-based shift and drops `difficult`, reads image
 sizes with its own header parser (no EXIF orientation), finds YOLO images from their label files (an
-image without one, a negative, is lost), keeps only the boxes of LabelMe and CVAT polygons, and
-numbers categories 0.. in sorted-name order.
+image without one, a negative, is lost), keeps LabelMe polygons as boxes only, leaves CVAT polygons
+out, and numbers categories from 0 (named by the YOLO class id) or in sorted-name order.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def write_coco(coco: dict, path, overwrite: bool = False) -> None:
     if path.exists() and not overwrite:
         raise ValueError(f"{path} exists; give another output file, or --overwrite to replace it")
     with atomic_write(path, "w") as f:
-        json.dump(coco, f, ensure_ascii=False)
+        json.dump(coco, f)  # ASCII, non-ASCII names escaped: right whatever the locale's encoding
         f.write("\n")
 
 

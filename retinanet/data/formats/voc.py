@@ -92,7 +92,8 @@ def read_voc(annotations, *, images=None, names=None, difficult: str = "crowd", 
             if not label:
                 problems.error(f"{where}: no <name>")
                 continue
-            corners = [number(obj.findtext(f"bndbox/{k}"), k, where, problems) for k in ("xmin", "ymin", "xmax", "ymax")]
+            corners = [number(obj.findtext(f"bndbox/{k}"), k, where, problems)
+                       for k in ("xmin", "ymin", "xmax", "ymax")]
             if None in corners:
                 continue
             x1, y1, x2, y2 = corners
