@@ -186,6 +186,16 @@ def test_voc_one_based_inclusive_corners_and_difficult(voc_dataset, tmp_path):
     assert [a["bbox"] for a in zero["annotations"]] == [[1.0, 1.0, 99.0, 49.0], [11.0, 21.0, 19.0, 19.0]]
 
 
+def test_voc_split_file_picks_the_images(voc_dataset):
+    """VOCdevkit's ImageSets/Main lists: ids one a line, or with a second column in the per-class lists."""
+    split = write(voc_dataset / "ImageSets/Main/dog_val.txt", "b -1\n\n")
+    coco = read_voc(voc_dataset / "Annotations", split=split, names=["cat", "dog"])
+    assert [i["file_name"] for i in coco["images"]] == ["b.png"] and coco["annotations"] == []
+    write(split, "a\nzz\n")
+    with pytest.raises(ValueError, match="dog_val.txt: image id zz has no XML file"):
+        read_voc(voc_dataset / "Annotations", split=split)
+
+
 def test_voc_problems_name_their_file(voc_dataset):
     annotations = voc_dataset / "Annotations"
     write(annotations / "c.xml", "<annotation><filename>c.png</filename><object>")

@@ -35,6 +35,7 @@ def register(sub) -> None:
                    help="voc: a difficult object becomes a crowd region, ignored by training and COCO evaluation as "
                         "VOC's evaluation ignores it (crowd, default), or an ordinary object (keep); both keep "
                         "\"difficult\": 1 on the annotation")
+    p.add_argument("--split", help="voc: only the image ids listed in this file (ImageSets/Main/train.txt)")
     p.add_argument("--voc-zero-based", action="store_true",
                    help="voc: the XML corners are 0-based continuous pixels (x = xmin, width = xmax - xmin), not "
                         "VOC's 1-based inclusive indices")
@@ -55,19 +56,20 @@ def run(args) -> int:
         raise ValueError(f"--output {output} exists; give another file, or --overwrite to replace it")
     if Path(args.input).exists() and Path(args.input).resolve() == output.resolve():
         raise ValueError("--output must not be the input file")
-    for flag, value, fmt in (("--labels", args.labels, "yolo"), ("--voc-zero-based", args.voc_zero_based, "voc")):
+    for flag, value, fmt in (("--labels", args.labels, "yolo"), ("--voc-zero-based", args.voc_zero_based, "voc"),
+                             ("--split", args.split, "voc")):
         if value and args.source != fmt:
             raise ValueError(f"{flag} applies to --from {fmt} only")
     names = formats.read_names(args.names) if args.names else None
     kwargs = {"names": names}
-    if args.source == "yolo":
-        kwargs.update(labels=args.labels, image_root=args.images)
+    if args.source == "yolo":  # the file itself, so that the JSON's info says where the names came from
+        kwargs.update(names=args.names, labels=args.labels, image_root=args.images)
     elif args.source == "labelme":
         kwargs.update(image_root=args.images)
     else:
         kwargs.update(images=args.images)
     if args.source == "voc":
-        kwargs.update(difficult=args.difficult, one_based=not args.voc_zero_based)
+        kwargs.update(difficult=args.difficult, one_based=not args.voc_zero_based, split=args.split)
     coco = formats.READERS[args.source](args.input, **kwargs)
     formats.write_coco(coco, output, overwrite=args.overwrite)
 

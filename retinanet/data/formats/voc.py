@@ -31,6 +31,22 @@ from .common import (IMAGE_EXTENSIONS, ImageEntry, ObjectEntry, Problems, build_
 DIFFICULT = ("crowd", "keep")
 
 
+def _split(split: Path, xmls: list) -> list:
+    """The XML files whose names (without .xml) the split file lists, sorted like the rest."""
+    if not split.is_file():
+        raise FileNotFoundError(f"split file not found: {split}")
+    by_id = {}
+    for xml in xmls:
+        by_id.setdefault(xml.stem, xml)
+    # VOCdevkit's per-class lists (ImageSets/Main/dog_train.txt) add a column, 1 / -1 / 0
+    ids = [line.split()[0] for line in split.read_text(encoding="utf-8").splitlines() if line.strip()]
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"{split}: image id {missing[0]}{more} has no XML file")
+    return sorted(by_id[i] for i in set(ids))
+
+
 def _voc_image(xml: Path, root, annotations: Path, images: Path) -> Optional[Path]:
     """The image an XML describes: `<filename>` in the images folder (at the XML's relative path, then at
     the top), else a file named like the XML with an image suffix; None if there is none."""
@@ -42,13 +58,15 @@ def _voc_image(xml: Path, root, annotations: Path, images: Path) -> Optional[Pat
 
 
 def read_voc(annotations, *, images=None, names=None, difficult: str = "crowd", one_based: bool = True,
-             image_root=None) -> dict:
+             split=None, image_root=None) -> dict:
     """A folder of Pascal VOC XML files (searched recursively) -> a COCO instances dict.
 
     images: the image folder (default: a `JPEGImages` folder beside `annotations`, as VOCdevkit has it,
     else `annotations` itself, as LabelImg saves). names: the class names in the order of the category
     ids (default: every name found, sorted). difficult: "crowd" or "keep" (module docstring).
-    one_based: VOC's 1-based inclusive pixel indices (module docstring). image_root: the folder the
+    one_based: VOC's 1-based inclusive pixel indices (module docstring). split: a VOCdevkit list of
+    image ids, one a line (ImageSets/Main/train.txt): only the XML files named so (default: all of
+    them; an id without its XML is an error). image_root: the folder the
     COCO file_names are relative to (default `images`). Every problem (malformed XML, a missing image, a
     size that differs from the image's, a bad number) is collected and raised in one DataValidationError.
     """
@@ -63,6 +81,8 @@ def read_voc(annotations, *, images=None, names=None, difficult: str = "crowd", 
     if not images.is_dir():
         raise FileNotFoundError(f"image folder not found: {images}")
     xmls = sorted(annotations.rglob("*.xml"))
+    if split is not None:
+        xmls = _split(Path(split), xmls)
     if not xmls:
         raise ValueError(f"{annotations}: no .xml files")
     problems = Problems(annotations)
