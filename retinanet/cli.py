@@ -19,6 +19,7 @@ COMMANDS = {
     "export": "retinanet.commands.export",
     "convert": "retinanet.commands.convert",
     "check-data": "retinanet.commands.check_data",
+    "convert-data": "retinanet.commands.convert_data",
     "ablate": "retinanet.commands.ablate",
     "analyze": "retinanet.commands.analyze",
 }
