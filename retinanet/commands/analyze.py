@@ -27,7 +27,8 @@ def register(sub) -> None:
     p.add_argument("--label", action="append", metavar="NAME",
                    help="iou: a legend name per --checkpoint, in order (default: the checkpoint's folder name)")
     p.add_argument("--json", metavar="J", help="COCO instances JSON of the images to analyze (the ground truth)")
-    p.add_argument("--images", metavar="D", help="the images folder of --json (loss-cdf, iou; errors with --checkpoint)")
+    p.add_argument("--images", metavar="D",
+                   help="the images folder of --json (loss-cdf, iou; errors with --checkpoint)")
     p.add_argument("--results", metavar="R.json",
                    help="errors: COCO results to analyze, instead of --checkpoint (with 'segmentation' RLEs for masks)")
     p.add_argument("--iou-type", choices=["auto", "bbox", "segm"], default="auto",
