@@ -6,6 +6,7 @@ the reference implementation, tidecv 1.0.1 (Bolya et al.'s own code), on the sam
     PYTHONPATH=$PWD:/work/ckpt/tide/site python benchmarks/check_tide.py \
         [--checkpoint /work/ckpt/demo/final.pt --json VAL.json --images VAL/ | --results R.json --json VAL.json] \
         [--iou-type bbox|segm] [--save-results R.json] [--output check.json]
+    PYTHONPATH=$PWD:/work/ckpt/tide/site python benchmarks/check_tide.py --boxes-as-masks   # segm
     PYTHONPATH=$PWD:/work/ckpt/tide/site python benchmarks/check_tide.py --differences
 
 Prints, per error kind, both dAPs (AP points at IoU 0.5), their difference, and both error counts;
@@ -116,6 +117,20 @@ def difference_cases() -> dict:
             "a category without ground truth": (gt, [hit_a, hit_b, stray])}
 
 
+def boxes_as_masks(results: list, gt: dict) -> list:
+    """Each result with "segmentation": its [x, y, w, h] box as a compressed RLE of its image's size."""
+    from pycocotools import mask as mask_utils
+
+    sizes = {im["id"]: (im["height"], im["width"]) for im in gt["images"]}
+    out = []
+    for r in results:
+        x, y, w, h = r["bbox"]
+        rle = mask_utils.merge(mask_utils.frPyObjects([[x, y, x + w, y, x + w, y + h, x, y + h]],
+                                                      *sizes[r["image_id"]]))
+        out.append({**r, "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}})
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default="/work/ckpt/demo/final.pt", help="a detector to predict with")
@@ -125,6 +140,9 @@ def main(argv=None) -> int:
     p.add_argument("--iou-type", default="bbox", choices=["bbox", "segm"])
     p.add_argument("--save-results", help="write the checkpoint's results here")
     p.add_argument("--output", help="write both breakdowns as JSON here")
+    p.add_argument("--boxes-as-masks", action="store_true",
+                   help="segm for a box detector: each result's box as a rectangular mask (RLE), scored by mask "
+                        "IoU against the ground truth's polygons")
     p.add_argument("--differences", action="store_true",
                    help="instead: the two hand-made cases where the two differ by design")
     args = p.parse_args(argv)
@@ -148,6 +166,9 @@ def main(argv=None) -> int:
         results = predict_results(args.checkpoint, args.json, args.images, device="cpu", workers=0)
         if args.save_results:
             Path(args.save_results).write_text(json.dumps(results))
+    if args.boxes_as_masks:
+        results = boxes_as_masks(results, gt)
+        args.iou_type = "segm"
     start = time.perf_counter()
     ours = analyze_errors(gt, results, args.iou_type).tide
     ours_s = time.perf_counter() - start
