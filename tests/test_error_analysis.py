@@ -150,10 +150,12 @@ def test_ece_by_hand():
     assert cal["bins"][0]["accuracy"] is None  # an empty bin has no accuracy
 
 
-def test_masks_are_scored_as_masks():
-    """Boxes that match but masks that do not: the segm analysis finds a localization error the bbox one does not."""
-    from retinanet.ops.masks import encode_masks
+def _mask_case():
+    """One 20x20 square object; two results with its box, one with its mask (a hit), one with its outline only
+    (mask IoU 144/400 = 0.36), the outline scored higher."""
     import torch
+
+    from retinanet.ops.masks import encode_masks
 
     images = [{"id": 1, "width": 40, "height": 40}]
     square = [[0, 0, 20, 0, 20, 20, 0, 20]]  # polygon of the 20x20 square at the origin
@@ -165,7 +167,12 @@ def test_masks_are_scored_as_masks():
     rles = encode_masks(masks)
     results = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 20, 20], "score": s, "segmentation": r}
                for s, r in ((0.8, rles[0]), (0.9, rles[1]))]
-    gt = {"images": images, "annotations": anns, "categories": CATS[:1]}
+    return {"images": images, "annotations": anns, "categories": CATS[:1]}, results
+
+
+def test_masks_are_scored_as_masks():
+    """Boxes that match but masks that do not: the segm analysis finds a localization error the bbox one does not."""
+    gt, results = _mask_case()
     boxes, segm = analyze_errors(gt, results, "bbox"), analyze_errors(gt, results, "segm")
     assert boxes.tide["counts"]["Dupe"] == 1 and boxes.tide["counts"]["Loc"] == 0  # same box twice
     assert segm.tide["counts"]["Loc"] == 1 and segm.tide["counts"]["Dupe"] == 0  # outline IoU 144/400 = 0.36
@@ -274,3 +281,29 @@ def test_cli_checkpoint_equals_its_saved_results(tmp_path, arch):
     saved = analyze_errors(str(paths.val_json), str(tmp_path / "dt.json"))
     assert ours["tide"] == saved.tide and ours["confusion"] == saved.confusion
     assert ours["calibration"] == saved.calibration
+
+
+def test_cli_masks_analyzed_when_results_have_them(tmp_path, capsys):
+    from retinanet.cli import main
+
+    gt, results = _mask_case()
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "dt.json").write_text(json.dumps(results))
+    args = ["analyze", "errors", "--json", str(tmp_path / "gt.json"), "--results", str(tmp_path / "dt.json")]
+    assert main([*args, "--output", str(tmp_path / "auto")]) == 0
+    report = json.loads((tmp_path / "auto" / "errors.json").read_text())
+    assert [k for k in report if k != "source"] == ["bbox", "segm"]
+    assert report["segm"]["tide"]["counts"]["Loc"] == 1 and report["bbox"]["tide"]["counts"]["Dupe"] == 1
+    assert (tmp_path / "auto" / "segm_calibration.png").is_file()
+    printed = capsys.readouterr().out
+    # boxes: the hit first (equal boxes, higher score), a duplicate after it; masks: the outline first, a miss
+    assert coco_ap([True, False], 1) == 1.0 and coco_ap([False, True], 1) == 0.5
+    assert "TIDE bbox (AP50 100.00): dAP Cls 0.00 Loc 0.00" in printed
+    assert "TIDE segm (AP50 50.00): dAP Cls 0.00 Loc 50.00" in printed
+    # boxes only, and a refusal of masks that are not there
+    boxes_only = [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
+    (tmp_path / "boxes.json").write_text(json.dumps(boxes_only))
+    argv = ["analyze", "errors", "--json", str(tmp_path / "gt.json"), "--results", str(tmp_path / "boxes.json"),
+            "--iou-type", "segm", "--output", str(tmp_path / "segm")]
+    assert main(argv) == 1
+    assert "--iou-type segm: " in capsys.readouterr().err and not (tmp_path / "segm" / "errors.json").exists()
