@@ -43,7 +43,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .evaluate import CocoEvaluation, PathLike
+from .evaluate import CocoEvaluation, PathLike, _unique_names
 
 TIDE_MAIN = ("Cls", "Loc", "Both", "Dupe", "Bkg", "Miss")
 TIDE_SPECIAL = ("FP", "FN")
@@ -81,7 +81,7 @@ class ErrorAnalysis:
         for iou in PR_IOUS:
             p = ev.category_pr_curves(iou)  # (R, K), -1 where the category has no ground truth
             out[f"{iou:g}"] = {name: (p[:, k].tolist() if (p[:, k] > -1).all() else None)
-                               for k, name in enumerate(ev.cat_names)}
+                               for k, name in enumerate(_unique_names(ev.cat_ids, ev.cat_names))}
         return out
 
     def to_dict(self) -> dict:
@@ -116,7 +116,7 @@ def analyze_errors(gt: Union[PathLike, dict], results: Union[PathLike, list], io
         raise ValueError(f"bins must be >= 1, got {bins}")
     gt, ev = _run(gt, results, "hotcoco", iou_type, proposals=False)  # checked inputs, evaluated, accumulated
     evaluation = _evaluation(gt, ev)
-    names = dict(zip(evaluation.cat_ids, evaluation.cat_names))
+    names = dict(zip(evaluation.cat_ids, _unique_names(evaluation.cat_ids, evaluation.cat_names)))
 
     t = ev.tide_errors(pos_thr=pos_thr, bg_thr=bg_thr)
     tide = {"AP50" if pos_thr == 0.5 else f"AP@{pos_thr:g}": _finite(t["ap_base"]),
