@@ -307,3 +307,22 @@ def test_cli_masks_analyzed_when_results_have_them(tmp_path, capsys):
             "--iou-type", "segm", "--output", str(tmp_path / "segm")]
     assert main(argv) == 1
     assert "--iou-type segm: " in capsys.readouterr().err and not (tmp_path / "segm" / "errors.json").exists()
+
+
+def test_cli_refuses_a_segment_proposal_checkpoint_and_a_missing_one(tmp_path, capsys):
+    from conftest import tiny_deepmask_config
+    from retinanet.checkpoint import make_checkpoint, save_atomic
+    from retinanet.cli import main
+    from retinanet.modeling import build_model
+
+    gt, _ = _files(tmp_path)
+    cfg = tiny_deepmask_config()
+    save_atomic(make_checkpoint(build_model(cfg), cfg, [{"id": 1, "name": "object"}]), str(tmp_path / "dm.pt"))
+    for checkpoint, expected in ((tmp_path / "dm.pt", "is a segment proposal model (model.arch deepmask)"),
+                                 (tmp_path / "nope.pt", f"checkpoint not found: {tmp_path / 'nope.pt'}")):
+        argv = ["analyze", "errors", "--json", gt, "--images", str(tmp_path), "--checkpoint", str(checkpoint),
+                "--output", str(tmp_path / "out")]
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
+    assert not (tmp_path / "out").exists()
