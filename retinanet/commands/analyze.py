@@ -16,7 +16,8 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    p = sub.add_parser("analyze", help="the papers' analysis figures (loss curves, loss CDF, score vs IoU)",
+    p = sub.add_parser("analyze", help="the papers' analysis figures (loss curves, loss CDF, score vs IoU) and where a "
+                                       "detector's errors are (TIDE, confusion matrix, calibration)",
                        description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     p.add_argument("figure", choices=["curves", "loss-cdf", "iou", "errors"], help="which figure(s)")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for the PNG and JSON files")
