@@ -113,6 +113,36 @@ def test_resized_size_tensor_is_the_resize_rule():
                     resized_size(h, w, lo, hi, rounding), (h, w, lo, hi, rounding)
 
 
+class _ResizedSize(torch.nn.Module):
+    def __init__(self, min_size: int, max_size: int, rounding: str):
+        super().__init__()
+        self.rule = (min_size, max_size, rounding)
+
+    def forward(self, image):
+        return resized_size_tensor(torch._shape_as_tensor(image)[:2], *self.rule)
+
+
+@pytest.mark.parametrize("rule", [(800, 1333, "floor"), (128, 192, "round")])
+def test_resize_rule_in_the_graph(rule, tmp_path):
+    """The resize rule as onnxruntime computes it, on a grid of image sizes: float64 throughout (the
+    torchscript exporter computes 0-d tensors in float32, where 192 x (800 / 192) floors to 799)."""
+    path = tmp_path / "size.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_ResizedSize(*rule), (torch.zeros(37, 53, 3, dtype=torch.uint8),), str(path), dynamo=False,
+                          input_names=["image"], opset_version=17, dynamic_axes={"image": {0: "h", 1: "w"}})
+    session = _session(path)
+
+    def size(h, w):
+        return tuple(session.run(None, {"image": np.zeros((h, w, 3), np.uint8)})[0].tolist())
+
+    if rule[0] == 800:
+        assert size(192, 192) == (800, 800) and size(375, 500) == (800, 1066)  # by hand, as above
+    for h in (1, 5, 33, 96, 100, 128, 192, 257, 480):
+        for w in (1, 7, 40, 96, 150, 192, 333, 400, 641, 4000):
+            assert size(h, w) == resized_size(h, w, *rule), (h, w)
+
+
 @pytest.mark.parametrize("size", SIZES)
 def test_end_to_end_file_equals_predictor(exported, size):
     arch, model, _, path = exported
