@@ -209,13 +209,18 @@ def test_checker_opset_and_metadata(exported):
 
 
 class _NMSGraph(torch.nn.Module):
+    def __init__(self, class_agnostic: bool = False):
+        super().__init__()
+        self.class_agnostic = class_agnostic
+
     def forward(self, boxes, scores, labels, iou_threshold, max_detections):
-        return graph_nms(boxes, scores, labels, 3, iou_threshold, max_detections)
+        return graph_nms(boxes, scores, labels, 3, iou_threshold, max_detections, class_agnostic=self.class_agnostic)
 
 
-def test_in_graph_nms_equals_the_packages_on_ties(tmp_path):
+@pytest.mark.parametrize("class_agnostic", [False, True])
+def test_in_graph_nms_equals_the_packages_on_ties(class_agnostic, tmp_path):
     """Hand-made candidates of three classes with exactly equal scores, through the exported NMS and the
-    package's (`batched_nms` per class, then the best max_detections)."""
+    package's (`batched_nms` per class, or across classes, then the best max_detections)."""
     boxes = torch.tensor([[0, 0, 10, 10],  # 0: class 0, 0.9
                           [1, 0, 11, 10],  # 1: class 0, 0.9, the same score as 0: IoU 90/110 = 0.82, 0 (first) wins
                           [20, 20, 30, 30],  # 2: class 0, 0.8, alone
@@ -231,7 +236,7 @@ def test_in_graph_nms_equals_the_packages_on_ties(tmp_path):
     sample = (boxes, scores, labels, torch.tensor(0.5), torch.tensor(3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(_NMSGraph(), sample, str(path), dynamo=False, input_names=names,
+        torch.onnx.export(_NMSGraph(class_agnostic), sample, str(path), dynamo=False, input_names=names,
                           output_names=["kept_boxes", "kept_scores", "kept_labels"], opset_version=17,
                           dynamic_axes={"boxes": {0: "c"}, "scores": {0: "c"}, "labels": {0: "c"}})
     session = _session(path)
@@ -240,15 +245,18 @@ def test_in_graph_nms_equals_the_packages_on_ties(tmp_path):
              (0.5, 10): [0, 2, 3, 5],
              (0.7, 10): [0, 2, 3, 5, 6],  # 6 survives 5 (0.67 <= 0.7)
              (0.85, 10): [0, 1, 2, 3, 5, 6]}  # 1 survives 0 (0.82), 4 not 3 (0.9)
+    if class_agnostic:  # 0 (first of the four 0.9s) suppresses 1 and 3 (its own box), and 4; 5 suppresses 6
+        cases = {(0.5, 10): [0, 2, 5], (0.5, 2): [0, 5], (0.85, 10): [0, 1, 2, 5, 6]}
+    groups = torch.zeros_like(labels) if class_agnostic else labels
     for (iou, k), kept in cases.items():
-        ours = batched_nms(boxes, scores, labels, iou)[:k]
+        ours = batched_nms(boxes, scores, groups, iou)[:k]
         assert sorted(ours.tolist()) == kept, (iou, k)
         out = session.run(None, {"boxes": boxes.numpy(), "scores": scores.numpy(), "labels": labels.numpy(),
                                  "iou_threshold": np.array(iou, np.float32), "max_detections": np.array(k)})
         expected = _as_detections(boxes[kept].numpy(), scores[kept].numpy(), labels[kept].numpy())
         assert_same_detections(_as_detections(*out), expected, score_atol=0, box_atol=0, what=f"iou {iou}, {k}")
         with torch.no_grad():  # the same function in PyTorch
-            eager = graph_nms(boxes, scores, labels, 3, torch.tensor(iou), k)
+            eager = graph_nms(boxes, scores, labels, 3, torch.tensor(iou), k, class_agnostic=class_agnostic)
         assert_same_detections(_as_detections(*[t.numpy() for t in eager]), expected, score_atol=0, box_atol=0)
 
 
