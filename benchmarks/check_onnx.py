@@ -190,7 +190,8 @@ def end_to_end(args) -> None:
     path = work / f"model_e2e_{cfg.model.arch}.onnx"
     start = time.perf_counter()
     export_end_to_end(model, cfg, categories, str(path))
-    print(f"{name}: exported end to end in {time.perf_counter() - start:.1f} s ({path.stat().st_size / 2 ** 20:.1f} MiB)")
+    size_mb = path.stat().st_size / 2 ** 20
+    print(f"{name}: exported end to end in {time.perf_counter() - start:.1f} s ({size_mb:.1f} MiB)")
     gt = json.loads(Path(args.json).read_text())
     images = gt["images"][:args.limit] if args.limit else gt["images"]
     files = [str(Path(args.images) / info["file_name"]) for info in images]

@@ -198,9 +198,11 @@ def test_checker_opset_and_metadata(exported):
     assert [o.name for o in proto.graph.output] == ["boxes", "scores", "labels"]
     meta = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(meta["retinanet.categories"]) == CATEGORIES
-    assert json.loads(meta["retinanet.config"])["model"]["arch"] == ("faster_rcnn" if arch == "faster_rcnn" else "retinanet")
+    stored_arch = json.loads(meta["retinanet.config"])["model"]["arch"]
+    assert stored_arch == ("faster_rcnn" if arch == "faster_rcnn" else "retinanet")
     assert json.loads(meta["retinanet.end_to_end"]) == {
-        "opset": 17, "score_threshold": pytest.approx(model.score_thresh), "iou_threshold": pytest.approx(model.nms_thresh),
+        "opset": 17, "score_threshold": pytest.approx(model.score_thresh),
+        "iou_threshold": pytest.approx(model.nms_thresh),
         "max_detections": model.detections_per_image}
     if arch == "sigmoid":
         assert sum(n.op_type == "NonMaxSuppression" for n in proto.graph.node) == 1
@@ -315,6 +317,7 @@ def test_end_to_end_refused_where_it_does_not_apply(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(ckpt), "--output", str(out), "--end-to-end"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "covers RetinaNet and Faster R-CNN" in err[0] and "without --end-to-end" in err[0]
-    assert main(["export", "--checkpoint", str(ckpt), "--output", str(out), "--end-to-end", "--exporter", "dynamo"]) == 1
+    assert main(["export", "--checkpoint", str(ckpt), "--output", str(out), "--end-to-end",
+                 "--exporter", "dynamo"]) == 1
     assert "torchscript exporter only" in capsys.readouterr().err
     assert not out.exists()
