@@ -24,6 +24,22 @@ def resized_size(height: int, width: int, min_size: int, max_size: int, rounding
     return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
 
 
+def resized_size_tensor(size: Tensor, min_size: int, max_size: int, rounding: str = "round") -> Tensor:
+    """`resized_size` in tensor operations, for a graph that does not know the image's size (the end-to-end
+    ONNX export, retinanet/export.py): size (2,) int64 (height, width) -> (2,) int64 resized (height, width).
+
+    The same numbers as `resized_size`: float64 like Python's floats, and torch.round (ONNX Round)
+    rounds halves to even as Python's round() does.
+    """
+    s = size.to(torch.float64)  # (2,)
+    # (1,) tensors, not numbers or 0-d tensors: `number / tensor` is reciprocal() * number in PyTorch, and
+    # the torchscript ONNX exporter computes 0-d tensors' arithmetic in float32; both round differently
+    lo, hi = (torch.full((1,), float(v), dtype=torch.float64, device=size.device) for v in (min_size, max_size))
+    scale = torch.minimum(lo / s.amin(dim=0, keepdim=True), hi / s.amax(dim=0, keepdim=True))  # (1,)
+    out = torch.floor(s * scale) if rounding == "floor" else torch.round(s * scale)
+    return out.clamp(min=1).to(torch.int64)
+
+
 def default_image_sizes(images: Tensor, image_sizes=None) -> Tensor:
     """The (h, w) of each image in a padded batch, for a network that takes them: images (B, C, H, W),
     image_sizes (B, 2) int (h, w) of each image's region (top-left) as given (a tensor, returned as is,
