@@ -150,8 +150,9 @@ class Predictor:
             min_size runs them at the image's own resolution). Box detectors only; not with `tta`.
         tile_overlap: the crops' overlap, a fraction of `tile` in [0, 1) (default 0.25).
         tile_full_image: also run the whole image resized as usual and merge it in (default True, as SAHI).
-        tile_merge: how the passes' detections are merged: "greedy_nmm" (default, SAHI's GREEDYNMM with
-            IoS 0.5: a box cut by a crop border joins the whole one) or "nms" (class-aware NMS).
+        tile_merge: how the passes' detections are merged: "nms" (default: class-aware NMS at the NMS
+            threshold) or "greedy_nmm" (SAHI's GREEDYNMM, IoS 0.5: a box cut by a crop border joins the
+            whole one; measured worse at low score thresholds, see retinanet/tiling.py).
 
     Example:
         >>> predictor = Predictor.from_checkpoint("model.pt", device="cpu", classes=["person"])

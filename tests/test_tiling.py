@@ -198,13 +198,15 @@ def test_crop_detections_map_back_into_the_image(arch):
     assert_same_detections(tiled, expected, what=arch)
 
 
-def test_whole_image_pass_and_greedy_merge_through_the_predictor():
-    """With the whole image and greedy merging (the defaults): the result is `merge_tiled` of the crops'
-    and the whole image's detections, each from an untiled Predictor."""
+@pytest.mark.parametrize("method", [None, "greedy_nmm"])
+def test_whole_image_pass_through_the_predictor(method):
+    """With the whole image (the default), merged by the default (NMS) or greedy merging: the result is
+    `merge_tiled` of the crops' and the whole image's detections, each from an untiled Predictor."""
     model = _retinanet()
     image = _image(4, 80, 200)
     plain = Predictor(model, CATEGORIES, device="cpu", max_detections=300)
-    tiled = Predictor(model, CATEGORIES, device="cpu", max_detections=300, tile=80)(image)
+    merge = {} if method is None else {"tile_merge": method}
+    tiled = Predictor(model, CATEGORIES, device="cpu", max_detections=300, tile=80, **merge)(image)
     parts = []
     for x0 in tile_starts(200, 80, 0.25):
         det = plain(np.ascontiguousarray(image[:, x0:x0 + 80]))
@@ -213,7 +215,7 @@ def test_whole_image_pass_and_greedy_merge_through_the_predictor():
     whole = plain(image)
     parts.append({"boxes": torch.from_numpy(whole.boxes), "scores": torch.from_numpy(whole.scores),
                   "labels": torch.from_numpy(whole.labels)})
-    expected = merge_tiled(parts, method="greedy_nmm", max_detections=300)
+    expected = merge_tiled(parts, method=method or "nms", nms_thresh=model.nms_thresh, max_detections=300)
     assert 0 < len(tiled) <= 300
     assert_same_detections(tiled, expected)
 

@@ -46,12 +46,13 @@ def register(sub) -> None:
     p.add_argument("--tile", type=int, metavar="SIZE",
                    help="tiled inference for images much larger than the training images (box detectors): "
                         "SIZE x SIZE px crops, each resized as the model resizes any image (SIZE = the model's "
-                        "min_size keeps the image's resolution), plus the whole image; merged by greedy "
-                        "non-maximum merging (SAHI's GREEDYNMM, IoS 0.5). Raise --max-detections for crowded images")
+                        "min_size keeps the image's resolution), plus the whole image; merged by class-aware NMS. "
+                        "Raise --max-detections for crowded images")
     p.add_argument("--tile-overlap", type=float, metavar="F",
                    help="with --tile: overlap of neighbouring crops, a fraction of SIZE in [0, 1) (default 0.25)")
     p.add_argument("--tile-merge", choices=("greedy_nmm", "nms"),
-                   help="with --tile: merge the crops' detections by greedy_nmm (default) or class-aware nms")
+                   help="with --tile: merge the crops' detections by class-aware nms (default) or greedy_nmm "
+                        "(SAHI's greedy non-maximum merging, IoS 0.5)")
     p.add_argument("--no-full-image", action="store_true",
                    help="with --tile: crops only, without the whole image resized as usual")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the network (CPU with AVX512-BF16/AMX, or GPU)")
