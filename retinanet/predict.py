@@ -185,7 +185,7 @@ class Predictor:
                 raise ValueError("tiled inference and test-time augmentation do not combine: choose one")
             if getattr(model, "class_agnostic_proposals", False):
                 raise ValueError("tiled inference merges boxes, not masks: it does not apply to segment proposals")
-        self.tile = tile
+        self.tile = None if tile is None else int(tile)
         self.tiling = dict(overlap=float(tile_overlap), full_image=bool(tile_full_image), merge=tile_merge)
         if classes is None:
             self.labels = [i for i, c in enumerate(self.categories) if not c.get("placeholder")]

@@ -39,6 +39,7 @@ score threshold (0.3, where such boxes are gone) the two merges are close.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -56,7 +57,7 @@ DEFAULT_MATCH_THRESHOLD = 0.5  # SAHI's postprocess_match_threshold (IOS)
 def check_tiling(tile, overlap: float, merge: str = DEFAULT_MERGE) -> None:
     """Raise a ValueError (one line) for a tile size that is not a positive integer, an overlap outside
     [0, 1) or an unknown merge method."""
-    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+    if isinstance(tile, bool) or not isinstance(tile, numbers.Integral) or tile < 1:
         raise ValueError(f"tile must be a positive number of pixels, got {tile!r}")
     if not (isinstance(overlap, (int, float)) and 0.0 <= overlap < 1.0):
         raise ValueError(f"tile overlap must be in [0, 1) (a fraction of the tile), got {overlap!r}")
@@ -79,6 +80,7 @@ def tile_starts(length: int, tile: int, overlap: float) -> list:
 def tile_grid(height: int, width: int, tile: int, overlap: float) -> list:
     """The crops of a height x width image: [(x0, y0, x1, y1)] integer pixel corners, row by row (all the
     same size: min(tile, height) x min(tile, width))."""
+    tile = int(tile)
     th, tw = min(tile, height), min(tile, width)
     return [(x, y, x + tw, y + th) for y in tile_starts(height, tile, overlap) for x in tile_starts(width, tile, overlap)]
 
@@ -90,7 +92,8 @@ def greedy_nmm(boxes: Tensor, scores: Tensor, groups: Tensor, match_threshold: f
     absorbed is kept and absorbs the remaining boxes of its group whose IoS with it (intersection over
     the smaller of the two areas) is >= match_threshold; it then merges them in order of decreasing
     score, each only if it still matches the grown box (IoS >= match_threshold), into the union of the
-    two boxes. Scores stay the kept box's (the best of its cluster).
+    two boxes; a member that no longer matches is dropped (as in SAHI: its cluster took it). Scores
+    stay the kept box's (the best of its cluster).
     -> (kept indices (M,) by decreasing score, merged boxes (M, 4) float32).
     """
     boxes = boxes.float()
