@@ -239,8 +239,9 @@ class Predictor:
             dets = tta_detections(self.model, images, network=self.network, scales=self.tta_scales, device=device,
                                   keep_classes=self.keep_classes, **self.settings)
         elif self.tile is not None:
-            dets = tiled_detections(self.model, images, tile=self.tile, batch_size=self.batch_size, network=self.network,
-                                    device=device, keep_classes=self.keep_classes, **self.tiling, **self.settings)
+            dets = tiled_detections(self.model, images, tile=self.tile, batch_size=self.batch_size,
+                                    network=self.network, device=device, keep_classes=self.keep_classes,
+                                    **self.tiling, **self.settings)
         else:
             batch = self.model.preprocess(images, device=device)
             dets = self.model.postprocess(self.network(batch), batch, keep_classes=self.keep_classes,

@@ -82,10 +82,12 @@ def tile_grid(height: int, width: int, tile: int, overlap: float) -> list:
     same size: min(tile, height) x min(tile, width))."""
     tile = int(tile)
     th, tw = min(tile, height), min(tile, width)
-    return [(x, y, x + tw, y + th) for y in tile_starts(height, tile, overlap) for x in tile_starts(width, tile, overlap)]
+    xs, ys = tile_starts(width, tile, overlap), tile_starts(height, tile, overlap)
+    return [(x, y, x + tw, y + th) for y in ys for x in xs]
 
 
-def greedy_nmm(boxes: Tensor, scores: Tensor, groups: Tensor, match_threshold: float = DEFAULT_MATCH_THRESHOLD) -> tuple:
+def greedy_nmm(boxes: Tensor, scores: Tensor, groups: Tensor,
+               match_threshold: float = DEFAULT_MATCH_THRESHOLD) -> tuple:
     """SAHI's greedy non-maximum merging with the IoS match metric, within each group (class).
 
     boxes (N, 4) xyxy, scores (N,), groups (N,) int. In order of decreasing score, each box not yet

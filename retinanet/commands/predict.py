@@ -236,7 +236,7 @@ def run(args) -> int:
                                           batch_size=args.batch_size,
                                           tta=(args.tta_scales or True) if args.tta else False,
                                           tile=args.tile, tile_full_image=not args.no_full_image,
-                                          **({"tile_overlap": args.tile_overlap} if args.tile_overlap is not None else {}),
+                                          **({} if args.tile_overlap is None else {"tile_overlap": args.tile_overlap}),
                                           **({"tile_merge": args.tile_merge} if args.tile_merge else {}))
     print(f"{len(files)} image(s); model on {predictor.device}{' (bf16)' if args.bf16 else ''}"
           f"{f', TTA at scales {list(predictor.tta_scales)} x flip' if predictor.tta_scales else ''}"

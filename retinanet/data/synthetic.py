@@ -101,7 +101,8 @@ def _shape_mask(rng: np.random.Generator, cls: int, size: int) -> np.ndarray:
     return np.asarray(canvas, dtype=bool)
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, rng: np.random.Generator, name: str, x0: int, y0: int, w: int, h: int) -> None:
+def _draw_shape(draw: ImageDraw.ImageDraw, rng: np.random.Generator, name: str, x0: int, y0: int, w: int,
+                h: int) -> None:
     """Draw one shape of class `name` filling the w x h px box at (x0, y0) (value 1 on a mode "1" canvas);
     the triangle's apex and the cross's bar widths are drawn from `rng`."""
     x1, y1 = x0 + w - 1, y0 + h - 1  # inclusive pixel corners
@@ -256,7 +257,8 @@ class LargeScenesPaths:
     images: Path
 
 
-def render_large_scene(rng: np.random.Generator, size: int, num_objects: int, min_object: int, max_object: int) -> tuple:
+def render_large_scene(rng: np.random.Generator, size: int, num_objects: int, min_object: int,
+                       max_object: int) -> tuple:
     """One size x size scene with up to `num_objects` shapes of the shapes dataset's classes, each
     min_object..max_object px (sqrt(w h) log-uniform in that range, aspect ratio 1:2 to 2:1, each side
     clamped to it), placed without overlap (SCENE_MARGIN px apart: every shape fully
@@ -277,7 +279,8 @@ def render_large_scene(rng: np.random.Generator, size: int, num_objects: int, mi
         mask = np.asarray(patch, dtype=bool)  # (h, w)
         for _ in range(PLACEMENT_TRIES):
             x0, y0 = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
-            if occupied[max(0, y0 - SCENE_MARGIN):y0 + h + SCENE_MARGIN, max(0, x0 - SCENE_MARGIN):x0 + w + SCENE_MARGIN].any():
+            m = SCENE_MARGIN
+            if occupied[max(0, y0 - m):y0 + h + m, max(0, x0 - m):x0 + w + m].any():
                 continue
             region = image[y0:y0 + h, x0:x0 + w]  # (h, w, 3) view
             under = region[mask].mean(axis=0)
