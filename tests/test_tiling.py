@@ -260,3 +260,33 @@ def test_cli_tile_equals_the_predictor(tmp_path, capsys):
     assert main(["predict", "--checkpoint", str(checkpoint), "--device", "cpu", "--tile-overlap", "0.5",
                  str(tmp_path / "a.png")]) == 1
     assert "--tile-overlap needs --tile" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the large scenes it is measured on
+
+
+def test_large_scenes_are_deterministic_and_exact(tmp_path):
+    from retinanet.data.synthetic import SCENE_MARGIN, make_large_scenes
+
+    a = make_large_scenes(str(tmp_path / "a"), num_images=2, image_size=256, min_objects=20, max_objects=30,
+                          min_object=8, max_object=40, seed=3)
+    b = make_large_scenes(str(tmp_path / "b"), num_images=2, image_size=256, min_objects=20, max_objects=30,
+                          min_object=8, max_object=40, seed=3)
+    assert a.json.read_text() == b.json.read_text()
+    assert [p.read_bytes() for p in sorted(a.images.iterdir())] == [p.read_bytes() for p in sorted(b.images.iterdir())]
+    coco = json.loads(a.json.read_text())
+    assert [img["file_name"] for img in coco["images"]] == ["000000.png", "000001.png"]
+    for image in coco["images"]:
+        boxes = np.array([x["bbox"] for x in coco["annotations"] if x["image_id"] == image["id"]])  # (G, 4) xywh
+        assert 10 <= len(boxes) <= 30  # a few may find no free place on a small image
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, :2] + boxes[:, 2:] <= 256).all()
+        assert boxes[:, 2:].max() <= 40 and boxes[:, 2:].min() >= 8  # every shape fills its w x h box
+        x0, y0, x1, y1 = boxes[:, 0], boxes[:, 1], boxes[:, 0] + boxes[:, 2], boxes[:, 1] + boxes[:, 3]
+        apart = ((x0[:, None] >= x1[None] + SCENE_MARGIN) | (x1[:, None] + SCENE_MARGIN <= x0[None])
+                 | (y0[:, None] >= y1[None] + SCENE_MARGIN) | (y1[:, None] + SCENE_MARGIN <= y0[None]))
+        np.fill_diagonal(apart, True)
+        assert apart.all()  # no two shapes' boxes within SCENE_MARGIN px: every shape fully visible
+    assert make_large_scenes(str(tmp_path / "a"), num_images=2, image_size=256, min_objects=20, max_objects=30,
+                             seed=3) == a  # a complete set is reused
+    with pytest.raises(ValueError, match="is not a large-scene set made with these parameters"):
+        make_large_scenes(str(tmp_path / "a"), num_images=3, image_size=256, min_objects=20, max_objects=30, seed=3)
