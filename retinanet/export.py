@@ -188,13 +188,21 @@ def export_onnx(model, config: Config, categories: list, path: str, *, exporter:
         meta = {"retinanet.config": json.dumps(config_to_dict(config)),  # the whole Config (model, loss, ...)
                 "retinanet.categories": json.dumps(list(categories)),
                 "retinanet.format": "normalized padded images -> " + ", ".join(names)}
-        for key, value in meta.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.checker.check_model(proto)
-        final = os.path.join(tmp, "model.onnx")
-        onnx.save(proto, final)
-        os.replace(final, path)
+        _save_with_metadata(proto, meta, tmp, path)
+
+
+def _save_with_metadata(proto, meta: dict, tmp: str, path) -> None:
+    """Add meta {key: JSON string} to the ONNX model proto, check it, and write it to path atomically
+    (through tmp, a folder beside path)."""
+    import onnx
+
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    final = os.path.join(tmp, "model.onnx")
+    onnx.save(proto, final)
+    os.replace(final, path)
 
 
 class OnnxDetector(Predictor):
@@ -464,10 +472,4 @@ def export_end_to_end(model, config: Config, categories: list, path: str, *, ops
                 "retinanet.categories": json.dumps(list(categories)),
                 "retinanet.format": END_TO_END_FORMAT,
                 "retinanet.end_to_end": json.dumps({"opset": opset, **{k: v.item() for k, v in defaults.items()}})}
-        for key, value in meta.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.checker.check_model(proto)
-        final = os.path.join(tmp, "model.onnx")
-        onnx.save(proto, final)
-        os.replace(final, path)
+        _save_with_metadata(proto, meta, tmp, path)
