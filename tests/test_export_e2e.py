@@ -281,8 +281,6 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def test_tool_without_the_package_gives_predictors_detections(exported, tmp_path):
     arch, model, _, path = exported
-    if arch != "sigmoid":
-        pytest.skip("one architecture is enough for the tool")
     files = []
     for i, size in enumerate([(128, 160), (40, 400), (90, 131)]):
         files.append(tmp_path / f"img{i}.png")
