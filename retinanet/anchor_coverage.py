@@ -394,6 +394,10 @@ def anchor_coverage(data, config, image_dir=None) -> CoverageReport:
     seconds = time.perf_counter() - started
     wh = (resized[:, 2:] - resized[:, :2]).numpy()
     resize = f"images resized to shorter side {m.min_size}, longer <= {m.max_size}, padded to x{m.size_divisibility}"
+    d = config.data
+    if d.scale_jitter or (d.train_sizes and list(d.train_sizes) != [m.min_size]):
+        resize += (" (the test size: training also draws other sizes, data.train_sizes / scale_jitter; "
+                   "override model.min_size to measure one of them)")
     return CoverageReport(boxes, best, wh, settings["fg"], settings["bg"], settings["low_quality"],
                           settings["detector"], describe_anchors(m), resize, seconds)
 

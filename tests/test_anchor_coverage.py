@@ -73,12 +73,12 @@ def test_iou_worked_out_by_hand(tmp_path):
     assert (rpn.fg, rpn.bg, rpn.low_quality) == (0.7, 0.3, True)
 
 
-def test_a_box_between_grid_points_and_a_box_with_no_anchor(tmp_path):
+def test_a_box_between_grid_points_and_a_box_in_the_corner(tmp_path):
     # a 32 px box centred at (20, 16), between the centres 16 and 24: overlap 28 x 32 -> 896 / (2048 - 896)
     gt = write_coco(tmp_path / "gt.json", [(64, 64)], [(1, [4, 0, 32, 32], {})])
     assert anchor_coverage(gt, one_anchor_config()).best_iou[0] == pytest.approx(896 / 1152, abs=1e-7)
-    # a 2 px box in a corner far from every centre? every box overlaps the anchor over its centre: IoU > 0;
-    # so with the rule on "never" needs best IoU 0, which a degenerate (dropped) box alone would give
+    # a 2 x 2 px box in the corner, centre 63, beyond the last grid centre 56 (8 columns at stride 8: the
+    # search clamps to the grid): the anchor [40, 40, 72, 72] contains it -> 4 / 1024, low quality only
     report = anchor_coverage(write_coco(tmp_path / "g2.json", [(64, 64)], [(1, [62, 62, 2, 2], {})]), one_anchor_config())
     assert report.best_iou[0] == pytest.approx(4 / 1024, abs=1e-8) and report.status[0] == LOW_QUALITY
 
@@ -195,6 +195,10 @@ def test_resizing_is_applied_and_buckets_use_the_original_size(tmp_path):
     big = anchor_coverage(gt, load_config(None, ["model.min_size=200", "model.max_size=200"]))
     assert big.best_iou[2:].tolist() != report.best_iou[2:].tolist()
     assert big.resized_wh[2].tolist() == [40.0, 40.0] and report.resized_wh[2].tolist() == [20.0, 20.0]
+    # multi-scale training is named: the report is at the model's (test) size
+    jitter = anchor_coverage(gt, load_config(None, ["model.min_size=100", "model.max_size=100",
+                                                    "data.train_sizes=[80,100]"]))
+    assert "training also draws other sizes" in jitter.format() and "training also" not in report.format()
     # the resize is the model's rule: 375 x 500 -> 800 x 1067
     boxes = load_boxes(write_coco(tmp_path / "g3.json", [(375, 500)], [(1, [0, 0, 50, 50], {})]))
     resized, padded = resized_boxes(boxes, 800, 1333, "round", 32)
