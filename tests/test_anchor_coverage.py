@@ -264,6 +264,12 @@ def test_cli_reports_coverage_and_warns_below_95_percent(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "100.0%" in out and "warning: only" not in out
     assert "the config's anchors are the best found (100.0% covered): keep them" in out
+    # a dataset with errors: they are listed, the coverage waits for them to be fixed
+    gt = write_coco(tmp_path / "gt.json", [(64, 64)], [(1, [0, 0, 32, 32], {"category_id": 9})],
+                    image_dir=tmp_path / "images")
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "anchor coverage: not measured until the errors above are fixed" in out and "covered" not in out
 
 
 @pytest.mark.parametrize("config, expected", [
