@@ -27,7 +27,7 @@ for each of the A anchor shapes, the best anchor is centred on one of the two gr
 two grid rows around the box's centre (clamped to the grid): 2 x-candidates and 2 y-candidates per
 shape and level, L * A IoUs per box in all instead of one per anchor in the image. The candidate anchors
 are computed with the generator's own float32 arithmetic; tests/test_anchor_coverage.py checks the result
-against `box_iou` with every anchor of the real generator.
+against `box_iou` with every anchor of the real generator and of a model's forward pass (equal to 1e-6).
 
 `fit_anchors` searches anchor sizes (one per level), scales and ratios of the config's counts (so the
 heads keep their shape) that maximize the covered fraction, with the same exact measure.
@@ -87,7 +87,9 @@ def padded_size(height, width, divisibility: int):
 
 @torch.no_grad()
 def best_anchor_iou(boxes: torch.Tensor, padded_sizes: torch.Tensor, generator, chunk: int = 4096) -> torch.Tensor:
-    """The best IoU of each box with the anchors of its image: exactly max(box_iou(box, all anchors)).
+    """The best IoU of each box with the anchors of its image: max(box_iou(box, all anchors)), equal to it up
+    to float32 rounding (an anchor's width is computed from its own centre, so two anchors of one shape may
+    differ in the last bit; tests/test_anchor_coverage.py: within 1e-6).
 
     boxes: (N, 4) float32 xyxy in the resized image's pixels; padded_sizes: (N, 2) int64, the padded
     input (H, W) of each box's image; generator: an `AnchorGenerator` (its strides are 2^level, and the
