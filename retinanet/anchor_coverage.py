@@ -16,8 +16,9 @@ anchor IoU? Each box is then exactly one of
                     or best IoU 0.
 
 Each box is measured alone: an anchor that overlaps two boxes goes to the one it overlaps most, which
-this report does not model, and a horizontal flip (which moves a box relative to the anchor grid) is
-not applied. Each image is padded alone (a batch pads to its largest image, which only adds anchors
+this report does not model, and a horizontal flip is not applied (it mirrors a box's offset from the
+grid, which for an image width that is a multiple of every stride changes nothing but at the right
+edge: on the shapes dataset the flipped coverage is identical). Each image is padded alone (a batch pads to its largest image, which only adds anchors
 beyond an image's own padding).
 
 Fast and exact. The IoU of a box with an anchor of a given shape is increasing in the intersection,
