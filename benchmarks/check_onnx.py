@@ -59,6 +59,8 @@ def main() -> None:
     p.add_argument("--random-r50", choices=["retinanet", "faster_rcnn"],
                    help="with --end-to-end, instead of --checkpoint: torchvision's R50-FPN config, random weights")
     p.add_argument("--latency", type=int, default=30, help="with --end-to-end: images timed, one thread")
+    p.add_argument("--stretch", help="with --end-to-end: WxH, every image (and its boxes) stretched to that size "
+                                     "first (Pillow, bilinear; into --workdir), so that the model resizes it")
     args = p.parse_args()
     if bool(args.checkpoint) == bool(args.random_r50):
         p.error("give --checkpoint or --random-r50 (with --end-to-end)")
@@ -146,6 +148,27 @@ def random_r50(arch: str) -> tuple:
     return model, cfg, categories
 
 
+def stretched(gt: dict, images: list, files: list, size: str, work: Path) -> tuple:
+    """The images stretched to size "WxH" (PNG files in work/), and the ground truth with them."""
+    w, h = (int(v) for v in size.lower().split("x"))
+    folder = work / f"stretched_{w}x{h}"
+    folder.mkdir(parents=True, exist_ok=True)
+    out_files, scale = [], {}
+    for info, f in zip(images, files):
+        with Image.open(f) as img:
+            scale[info["id"]] = (w / img.width, h / img.height)
+            out_files.append(str(folder / Path(f).name))
+            img.convert("RGB").resize((w, h), Image.BILINEAR).save(out_files[-1])
+    annotations = []
+    for a in gt["annotations"]:
+        if a["image_id"] in scale:
+            sx, sy = scale[a["image_id"]]
+            x, y, bw, bh = a["bbox"]
+            annotations.append({**a, "bbox": [x * sx, y * sy, bw * sx, bh * sy], "area": a["area"] * sx * sy})
+    images = [{**info, "width": w, "height": h} for info in images]
+    return {**gt, "images": images, "annotations": annotations}, images, out_files
+
+
 def end_to_end(args) -> None:
     import os
     import subprocess
@@ -167,10 +190,13 @@ def end_to_end(args) -> None:
     path = work / f"model_e2e_{cfg.model.arch}.onnx"
     start = time.perf_counter()
     export_end_to_end(model, cfg, categories, str(path))
-    print(f"{name}: exported end to end in {time.perf_counter() - start:.1f} s ({path.stat().st_size / 2 ** 20:.1f} MiB)")
+    size_mb = path.stat().st_size / 2 ** 20
+    print(f"{name}: exported end to end in {time.perf_counter() - start:.1f} s ({size_mb:.1f} MiB)")
     gt = json.loads(Path(args.json).read_text())
     images = gt["images"][:args.limit] if args.limit else gt["images"]
     files = [str(Path(args.images) / info["file_name"]) for info in images]
+    if args.stretch:
+        gt, images, files = stretched(gt, images, files, args.stretch, work)
     predictor = Predictor(model, categories, device="cpu")
     start = time.perf_counter()
     ours = [predictor(f) for f in files]
@@ -226,7 +252,7 @@ def end_to_end(args) -> None:
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = 1, 1, 3
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    arrays = [np.asarray(Image.open(f).convert("RGB")) for f in files[:args.latency]]
+    arrays = [np.array(Image.open(f).convert("RGB")) for f in files[:args.latency]]
     predictor(arrays[0]), session.run(None, {"image": arrays[0]})
     times = {"Predictor (PyTorch)": [], "end-to-end ONNX (onnxruntime)": []}
     load = os.getloadavg()[0]

@@ -20,6 +20,7 @@ COMMANDS = {
     "quantize": "retinanet.commands.quantize",
     "convert": "retinanet.commands.convert",
     "check-data": "retinanet.commands.check_data",
+    "convert-data": "retinanet.commands.convert_data",
     "ablate": "retinanet.commands.ablate",
     "analyze": "retinanet.commands.analyze",
 }

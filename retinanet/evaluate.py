@@ -591,6 +591,11 @@ def run_coco_eval(gt: Union[PathLike, dict], results: Union[PathLike, list],
     every metric with ground truth is then 0). Neither input is modified.
     """
     gt, ev = _run(gt, results, backend, iou_type, proposals=False)
+    return _evaluation(gt, ev)
+
+
+def _evaluation(gt: dict, ev) -> CocoEvaluation:
+    """What an evaluated and accumulated COCOeval (any backend) holds, as a CocoEvaluation."""
     params = ev.params
     names = {c["id"]: c["name"] for c in gt["categories"]}
     cat_ids = [int(c) for c in params.catIds]

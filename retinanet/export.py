@@ -1,6 +1,8 @@
-"""ONNX export: the network in the graph, the pre- and post-processing in Python around it.
+"""ONNX export, in two forms: the network in the graph with the pre- and post-processing in Python
+around it (`export_onnx`, `OnnxDetector`, the default), or everything from the decoded image to the
+detections in one graph (`export_end_to_end`, `EndToEndGraph`: see the section at the end).
 
-The graph is the detector's `network` (retinanet/modeling/detector.py); for RetinaNet it maps a
+The network-only graph is the detector's `network` (retinanet/modeling/detector.py); for RetinaNet it maps a
 normalized, padded batch to the head outputs and the anchors:
 
     inputs:  images       (B, 3, H, W) float32: RGB in [0, 1], minus pixel_mean, over pixel_std,
@@ -11,8 +13,8 @@ normalized, padded batch to the head outputs and the anchors:
              anchors_p3 .. anchors_p7   (H_l * W_l * A, 4) float32 xyxy in the padded input's pixels;
                           their row counts split N into levels (for the per-level top-k)
 
-Decoding and NMS are not in the graph: ONNX NonMaxSuppression has no per-level top-k and breaks
-ties its own way, so its detections would differ from PyTorch's. `OnnxDetector` runs the graph
+Decoding and NMS are not in this graph, for users who post-process themselves (and for every
+model.arch, the segment-proposal models included). `OnnxDetector` runs the graph
 with onnxruntime and then the model's own `postprocess` (retinanet/ops/postprocess.py): score > threshold,
 top-k per level, decode (clamped dw, dh), clip, class-aware NMS, the best `detections_per_image`.
 
@@ -186,13 +188,21 @@ def export_onnx(model, config: Config, categories: list, path: str, *, exporter:
         meta = {"retinanet.config": json.dumps(config_to_dict(config)),  # the whole Config (model, loss, ...)
                 "retinanet.categories": json.dumps(list(categories)),
                 "retinanet.format": "normalized padded images -> " + ", ".join(names)}
-        for key, value in meta.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.checker.check_model(proto)
-        final = os.path.join(tmp, "model.onnx")
-        onnx.save(proto, final)
-        os.replace(final, path)
+        _save_with_metadata(proto, meta, tmp, path)
+
+
+def _save_with_metadata(proto, meta: dict, tmp: str, path) -> None:
+    """Add meta {key: JSON string} to the ONNX model proto, check it, and write it to path atomically
+    (through tmp, a folder beside path)."""
+    import onnx
+
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    final = os.path.join(tmp, "model.onnx")
+    onnx.save(proto, final)
+    os.replace(final, path)
 
 
 class OnnxDetector(Predictor):
@@ -462,10 +472,4 @@ def export_end_to_end(model, config: Config, categories: list, path: str, *, ops
                 "retinanet.categories": json.dumps(list(categories)),
                 "retinanet.format": END_TO_END_FORMAT,
                 "retinanet.end_to_end": json.dumps({"opset": opset, **{k: v.item() for k, v in defaults.items()}})}
-        for key, value in meta.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.checker.check_model(proto)
-        final = os.path.join(tmp, "model.onnx")
-        onnx.save(proto, final)
-        os.replace(final, path)
+        _save_with_metadata(proto, meta, tmp, path)

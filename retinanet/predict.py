@@ -25,6 +25,7 @@ from torch import Tensor
 from .modeling.detector import ImageBatch, keep_classes_mask
 from .ops.segprop import RLEMasks
 from .syncs import to_device
+from .tiling import DEFAULT_MERGE, DEFAULT_OVERLAP, check_tiling, tiled_detections
 from .tta import DEFAULT_SCALES, tta_detections
 
 
@@ -144,6 +145,14 @@ class Predictor:
         batch_size: images per forward pass.
         tta: test-time augmentation (retinanet/tta.py): False (default), True (shorter side 0.75x,
             1x and 1.25x the model's, each plain and flipped), or a list of scales (with flips).
+        tile: tiled inference for large images (retinanet/tiling.py): None (default), or the side in
+            pixels of the square crops, each resized as the model resizes any image (the model's
+            min_size runs them at the image's own resolution). Box detectors only; not with `tta`.
+        tile_overlap: the crops' overlap, a fraction of `tile` in [0, 1) (default 0.25).
+        tile_full_image: also run the whole image resized as usual and merge it in (default True, as SAHI).
+        tile_merge: how the passes' detections are merged: "nms" (default: class-aware NMS at the NMS
+            threshold) or "greedy_nmm" (SAHI's GREEDYNMM, IoS 0.5: a box cut by a crop border joins the
+            whole one; measured worse at low score thresholds, see retinanet/tiling.py).
 
     Example:
         >>> predictor = Predictor.from_checkpoint("model.pt", device="cpu", classes=["person"])
@@ -154,7 +163,8 @@ class Predictor:
     def __init__(self, model, categories: list, *, device: Optional[str] = None, bf16: bool = False,
                  score_threshold: Optional[float] = None, nms_threshold: Optional[float] = None,
                  max_detections: Optional[int] = None, class_agnostic: Optional[bool] = None,
-                 classes: Optional[Sequence] = None, batch_size: int = 4, tta=False):
+                 classes: Optional[Sequence] = None, batch_size: int = 4, tta=False, tile: Optional[int] = None,
+                 tile_overlap: float = DEFAULT_OVERLAP, tile_full_image: bool = True, tile_merge: str = DEFAULT_MERGE):
         if len(categories) != model.num_classes:
             raise ValueError(f"{len(categories)} categories for a model with {model.num_classes} classes")
         if batch_size < 1:
@@ -169,6 +179,14 @@ class Predictor:
         self.tta_scales = tuple(DEFAULT_SCALES) if tta is True else tuple(float(x) for x in tta) if tta else ()
         if self.tta_scales and getattr(model, "class_agnostic_proposals", False):
             raise ValueError("test-time augmentation merges boxes, not masks: it does not apply to segment proposals")
+        if tile is not None:
+            check_tiling(tile, tile_overlap, tile_merge)
+            if self.tta_scales:
+                raise ValueError("tiled inference and test-time augmentation do not combine: choose one")
+            if getattr(model, "class_agnostic_proposals", False):
+                raise ValueError("tiled inference merges boxes, not masks: it does not apply to segment proposals")
+        self.tile = None if tile is None else int(tile)
+        self.tiling = dict(overlap=float(tile_overlap), full_image=bool(tile_full_image), merge=tile_merge)
         if classes is None:
             self.labels = [i for i, c in enumerate(self.categories) if not c.get("placeholder")]
         else:
@@ -220,6 +238,10 @@ class Predictor:
         if self.tta_scales:
             dets = tta_detections(self.model, images, network=self.network, scales=self.tta_scales, device=device,
                                   keep_classes=self.keep_classes, **self.settings)
+        elif self.tile is not None:
+            dets = tiled_detections(self.model, images, tile=self.tile, batch_size=self.batch_size,
+                                    network=self.network, device=device, keep_classes=self.keep_classes,
+                                    **self.tiling, **self.settings)
         else:
             batch = self.model.preprocess(images, device=device)
             dets = self.model.postprocess(self.network(batch), batch, keep_classes=self.keep_classes,

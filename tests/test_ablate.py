@@ -58,6 +58,16 @@ def test_shipped_sweeps_expand():
         for profile in ("small", "paper"):
             runs = expand_sweep(name, profile=profile)
             assert len(runs) == 3 * count, name
+    schedules = expand_sweep("one_vs_two_stage_schedules")  # issue 23: Table 3 at 1x, 2x, 4x
+    assert len(schedules) == 3 * 6
+    for r in schedules:
+        train = r["config"].train
+        multiple = {"1x": 1, "2x": 2, "4x": 4}[r["setting"][-2:]]
+        assert train.iterations == 500 * multiple, r["run_id"]
+        assert [s / train.iterations for s in train.lr_steps] == [0.8, 0.94], r["run_id"]  # the 1x fractions
+        assert train.eval_every * 5 == train.iterations and train.warmup_iters == 50
+        assert r["config"].model.arch == ("faster_rcnn" if "Faster" in r["setting"] else "retinanet")
+        assert r["config"].loss.iou_balanced_cls is False  # the paper's plain focal loss, as one_vs_two_stage
     anchors = {r["setting"]: r["config"] for r in expand_sweep("table1c_anchors")}
     assert len(anchors["1 scale(s), 1 ratio(s)"].model.anchor_scales) == 1
     assert anchors["4 scale(s), 3 ratio(s)"].model.anchor_scales[1] == pytest.approx(2 ** 0.25)

@@ -104,6 +104,7 @@ CASES = [
     ("check-data --json {missing_json} --images {images}", "{missing_json}: annotation file not found"),
     ("check-data --json {final} --images {images}", "{final}: cannot read the annotation file"),
     ("check-data --json {gt} --images {missing}", "{missing}: image folder not found"),
+    ("convert-data --from yolo {missing} --output {new}", "image folder not found: {missing}"),
     # outputs that cannot be written (under a file): refused at start-up, not after the work
     ("train {tiny} --output {text}/run", "--output {text}/run: {text} is a file, not a folder"),
     ("demo --output {text}/demo --data-dir {new}-data", "--output {text}/demo: {text} is a file, not a folder"),
@@ -120,6 +121,7 @@ CASES = [
     ("quantize --onnx {onnx} --calibration-images {images} --output {text}/m.onnx",
      "--output {text}/m.onnx: {text} is a file, not a folder"),
     ("convert {torchvision} {text}/c.pt --from torchvision", "{text}/c.pt: {text} is a file, not a folder"),
+    ("convert-data --from voc {images} --output {text}/c.json", "--output {text}/c.json: {text} is a file, not a folder"),
     ("analyze curves --output {text}/figures", "--output {text}/figures: {text} is a file, not a folder"),
     ("ablate table1b_gamma --output {text}/sweep", "--output {text}/sweep: {text} is a file, not a folder"),
 ]

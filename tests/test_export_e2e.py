@@ -113,6 +113,36 @@ def test_resized_size_tensor_is_the_resize_rule():
                     resized_size(h, w, lo, hi, rounding), (h, w, lo, hi, rounding)
 
 
+class _ResizedSize(torch.nn.Module):
+    def __init__(self, min_size: int, max_size: int, rounding: str):
+        super().__init__()
+        self.rule = (min_size, max_size, rounding)
+
+    def forward(self, image):
+        return resized_size_tensor(torch._shape_as_tensor(image)[:2], *self.rule)
+
+
+@pytest.mark.parametrize("rule", [(800, 1333, "floor"), (128, 192, "round")])
+def test_resize_rule_in_the_graph(rule, tmp_path):
+    """The resize rule as onnxruntime computes it, on a grid of image sizes: float64 throughout (the
+    torchscript exporter computes 0-d tensors in float32, where 192 x (800 / 192) floors to 799)."""
+    path = tmp_path / "size.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_ResizedSize(*rule), (torch.zeros(37, 53, 3, dtype=torch.uint8),), str(path), dynamo=False,
+                          input_names=["image"], opset_version=17, dynamic_axes={"image": {0: "h", 1: "w"}})
+    session = _session(path)
+
+    def size(h, w):
+        return tuple(session.run(None, {"image": np.zeros((h, w, 3), np.uint8)})[0].tolist())
+
+    if rule[0] == 800:
+        assert size(192, 192) == (800, 800) and size(375, 500) == (800, 1066)  # by hand, as above
+    for h in (1, 5, 33, 96, 100, 128, 192, 257, 480):
+        for w in (1, 7, 40, 96, 150, 192, 333, 400, 641, 4000):
+            assert size(h, w) == resized_size(h, w, *rule), (h, w)
+
+
 @pytest.mark.parametrize("size", SIZES)
 def test_end_to_end_file_equals_predictor(exported, size):
     arch, model, _, path = exported
@@ -168,9 +198,11 @@ def test_checker_opset_and_metadata(exported):
     assert [o.name for o in proto.graph.output] == ["boxes", "scores", "labels"]
     meta = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(meta["retinanet.categories"]) == CATEGORIES
-    assert json.loads(meta["retinanet.config"])["model"]["arch"] == ("faster_rcnn" if arch == "faster_rcnn" else "retinanet")
+    stored_arch = json.loads(meta["retinanet.config"])["model"]["arch"]
+    assert stored_arch == ("faster_rcnn" if arch == "faster_rcnn" else "retinanet")
     assert json.loads(meta["retinanet.end_to_end"]) == {
-        "opset": 17, "score_threshold": pytest.approx(model.score_thresh), "iou_threshold": pytest.approx(model.nms_thresh),
+        "opset": 17, "score_threshold": pytest.approx(model.score_thresh),
+        "iou_threshold": pytest.approx(model.nms_thresh),
         "max_detections": model.detections_per_image}
     if arch == "sigmoid":
         assert sum(n.op_type == "NonMaxSuppression" for n in proto.graph.node) == 1
@@ -179,13 +211,18 @@ def test_checker_opset_and_metadata(exported):
 
 
 class _NMSGraph(torch.nn.Module):
+    def __init__(self, class_agnostic: bool = False):
+        super().__init__()
+        self.class_agnostic = class_agnostic
+
     def forward(self, boxes, scores, labels, iou_threshold, max_detections):
-        return graph_nms(boxes, scores, labels, 3, iou_threshold, max_detections)
+        return graph_nms(boxes, scores, labels, 3, iou_threshold, max_detections, class_agnostic=self.class_agnostic)
 
 
-def test_in_graph_nms_equals_the_packages_on_ties(tmp_path):
+@pytest.mark.parametrize("class_agnostic", [False, True])
+def test_in_graph_nms_equals_the_packages_on_ties(class_agnostic, tmp_path):
     """Hand-made candidates of three classes with exactly equal scores, through the exported NMS and the
-    package's (`batched_nms` per class, then the best max_detections)."""
+    package's (`batched_nms` per class, or across classes, then the best max_detections)."""
     boxes = torch.tensor([[0, 0, 10, 10],  # 0: class 0, 0.9
                           [1, 0, 11, 10],  # 1: class 0, 0.9, the same score as 0: IoU 90/110 = 0.82, 0 (first) wins
                           [20, 20, 30, 30],  # 2: class 0, 0.8, alone
@@ -201,7 +238,7 @@ def test_in_graph_nms_equals_the_packages_on_ties(tmp_path):
     sample = (boxes, scores, labels, torch.tensor(0.5), torch.tensor(3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(_NMSGraph(), sample, str(path), dynamo=False, input_names=names,
+        torch.onnx.export(_NMSGraph(class_agnostic), sample, str(path), dynamo=False, input_names=names,
                           output_names=["kept_boxes", "kept_scores", "kept_labels"], opset_version=17,
                           dynamic_axes={"boxes": {0: "c"}, "scores": {0: "c"}, "labels": {0: "c"}})
     session = _session(path)
@@ -210,15 +247,18 @@ def test_in_graph_nms_equals_the_packages_on_ties(tmp_path):
              (0.5, 10): [0, 2, 3, 5],
              (0.7, 10): [0, 2, 3, 5, 6],  # 6 survives 5 (0.67 <= 0.7)
              (0.85, 10): [0, 1, 2, 3, 5, 6]}  # 1 survives 0 (0.82), 4 not 3 (0.9)
+    if class_agnostic:  # 0 (first of the four 0.9s) suppresses 1 and 3 (its own box), and 4; 5 suppresses 6
+        cases = {(0.5, 10): [0, 2, 5], (0.5, 2): [0, 5], (0.85, 10): [0, 1, 2, 5, 6]}
+    groups = torch.zeros_like(labels) if class_agnostic else labels
     for (iou, k), kept in cases.items():
-        ours = batched_nms(boxes, scores, labels, iou)[:k]
+        ours = batched_nms(boxes, scores, groups, iou)[:k]
         assert sorted(ours.tolist()) == kept, (iou, k)
         out = session.run(None, {"boxes": boxes.numpy(), "scores": scores.numpy(), "labels": labels.numpy(),
                                  "iou_threshold": np.array(iou, np.float32), "max_detections": np.array(k)})
         expected = _as_detections(boxes[kept].numpy(), scores[kept].numpy(), labels[kept].numpy())
         assert_same_detections(_as_detections(*out), expected, score_atol=0, box_atol=0, what=f"iou {iou}, {k}")
         with torch.no_grad():  # the same function in PyTorch
-            eager = graph_nms(boxes, scores, labels, 3, torch.tensor(iou), k)
+            eager = graph_nms(boxes, scores, labels, 3, torch.tensor(iou), k, class_agnostic=class_agnostic)
         assert_same_detections(_as_detections(*[t.numpy() for t in eager]), expected, score_atol=0, box_atol=0)
 
 
@@ -241,8 +281,6 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def test_tool_without_the_package_gives_predictors_detections(exported, tmp_path):
     arch, model, _, path = exported
-    if arch != "sigmoid":
-        pytest.skip("one architecture is enough for the tool")
     files = []
     for i, size in enumerate([(128, 160), (40, 400), (90, 131)]):
         files.append(tmp_path / f"img{i}.png")
@@ -277,6 +315,7 @@ def test_end_to_end_refused_where_it_does_not_apply(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(ckpt), "--output", str(out), "--end-to-end"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "covers RetinaNet and Faster R-CNN" in err[0] and "without --end-to-end" in err[0]
-    assert main(["export", "--checkpoint", str(ckpt), "--output", str(out), "--end-to-end", "--exporter", "dynamo"]) == 1
+    assert main(["export", "--checkpoint", str(ckpt), "--output", str(out), "--end-to-end",
+                 "--exporter", "dynamo"]) == 1
     assert "torchscript exporter only" in capsys.readouterr().err
     assert not out.exists()

@@ -3,6 +3,10 @@
   curves     Focal Loss paper Figures 1, 3, 4 (CE, FL, FL* and their derivatives)
   loss-cdf   Figure 6: CDF of the normalized loss of positive and negative anchors of a trained model
   iou        IoU-balanced paper Figures 2 and 3: average score by IoU, share of detections above IoU
+  errors     where the errors are (retinanet/error_analysis.py): TIDE breakdown, confusion matrix,
+             precision-recall per category at IoU 0.5 and 0.75, calibration (ECE); of a results file
+             (--json GT --results R.json) or of a detector's checkpoint (--checkpoint C --json GT
+             --images D); boxes, and masks when the results have segmentations
 """
 
 from __future__ import annotations
@@ -12,18 +16,27 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    p = sub.add_parser("analyze", help="the papers' analysis figures (loss curves, loss CDF, score vs IoU)",
+    p = sub.add_parser("analyze", help="the papers' analysis figures (loss curves, loss CDF, score vs IoU) and where a "
+                                       "detector's errors are (TIDE, confusion matrix, calibration)",
                        description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    p.add_argument("figure", choices=["curves", "loss-cdf", "iou"], help="which figure(s)")
+    p.add_argument("figure", choices=["curves", "loss-cdf", "iou", "errors"], help="which figure(s)")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for the PNG and JSON files")
     p.add_argument("--checkpoint", metavar="C", action="append",
                    help="a trained checkpoint (loss-cdf: one RetinaNet, model.arch retinanet; iou: one or more "
-                        "detectors, retinanet or faster_rcnn, drawn side by side)")
+                        "detectors, retinanet or faster_rcnn, drawn side by side; errors: one detector, run "
+                        "over every image of --json/--images)")
     p.add_argument("--label", action="append", metavar="NAME",
                    help="iou: a legend name per --checkpoint, in order (default: the checkpoint's folder name)")
-    p.add_argument("--json", metavar="J", help="COCO instances JSON of the images to analyze (loss-cdf, iou)")
-    p.add_argument("--images", metavar="D", help="the images folder of --json (loss-cdf, iou)")
-    p.add_argument("--max-images", type=int, default=200, help="images to use (default 200)")
+    p.add_argument("--json", metavar="J", help="COCO instances JSON of the images to analyze (the ground truth)")
+    p.add_argument("--images", metavar="D",
+                   help="the images folder of --json (loss-cdf, iou; errors with --checkpoint)")
+    p.add_argument("--results", metavar="R.json",
+                   help="errors: COCO results to analyze, instead of --checkpoint (with 'segmentation' RLEs for masks)")
+    p.add_argument("--iou-type", choices=["auto", "bbox", "segm"], default="auto",
+                   help="errors: boxes, masks, or auto (default: boxes, and masks too when the results have "
+                        "segmentations)")
+    p.add_argument("--device", default="auto", help="errors with --checkpoint: auto | cpu | cuda | cuda:N")
+    p.add_argument("--max-images", type=int, default=200, help="loss-cdf, iou: images to use (default 200)")
     p.add_argument("--gammas", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0], help="gammas for loss-cdf")
     p.set_defaults(func=run)
 
@@ -39,6 +52,8 @@ def run(args) -> int:
     if min(args.gammas) < 0:
         raise ValueError(f"--gammas must be >= 0 (gamma 0 is cross entropy), got {args.gammas}")
     out = Path(args.output)
+    if args.figure == "errors":
+        return run_errors(args)
     if args.figure == "curves":
         for path in plot_loss_curves(str(out)):
             print(f"wrote {path}")
@@ -95,4 +110,46 @@ def run(args) -> int:
         json.dump(data, f, indent=2)
     print(f"wrote {png} and {out / name}")
     print(json.dumps(data, indent=2)[:2000])
+    return 0
+
+
+def run_errors(args) -> int:
+    """`analyze errors`: errors.json and the {bbox,segm}_{tide,confusion_matrix,pr_per_category,calibration}.png
+    figures in --output. Every file it would write must be new, and the inputs exist, before any work."""
+    from ..error_analysis import analyze_errors, format_tide_line, output_files, predict_results, write_report
+    from ..evaluate import read_json
+
+    if not args.json:
+        raise ValueError("analyze errors needs --json GT.json (the ground truth)")
+    if bool(args.results) == bool(args.checkpoint):
+        raise ValueError("analyze errors needs either --results R.json or --checkpoint C (with --images D)")
+    if args.checkpoint and (len(args.checkpoint) != 1 or not args.images):
+        raise ValueError("analyze errors takes one --checkpoint, and --images D to run it on")
+    for flag, path in (("--json", args.json), ("--results", args.results), ("--images", args.images)):
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"{flag} {path}: not found")
+    existing = [str(p) for p in output_files(args.output, ("bbox", "segm")) if p.exists()]
+    if existing:
+        raise ValueError(f"--output {args.output}: refusing to overwrite {', '.join(existing)}; give a new folder")
+    if args.checkpoint:
+        results = predict_results(args.checkpoint[0], args.json, args.images, device=args.device)
+    else:
+        results = read_json(args.results)
+    has_masks = isinstance(results, list) and bool(results) and isinstance(results[0], dict) \
+        and "segmentation" in results[0]
+    if args.iou_type == "segm" and not has_masks:
+        raise ValueError(f"--iou-type segm: {args.results or args.checkpoint[0]} has no segmentations (masks)")
+    iou_types = {"auto": ("bbox", "segm") if has_masks else ("bbox",), "bbox": ("bbox",), "segm": ("segm",)}
+    # a results file is read again by the checks, so that their errors name it
+    analyses = [analyze_errors(args.json, args.results or results, t) for t in iou_types[args.iou_type]]
+    source = {"ground_truth": str(args.json), **({"results": str(args.results)} if args.results else
+                                                  {"checkpoint": str(args.checkpoint[0]), "images": str(args.images)})}
+    paths = write_report(analyses, args.output, extra={"source": source})
+    for a in analyses:
+        print(format_tide_line(a.tide, a.iou_type))
+        ece = a.calibration["ece"]
+        print(f"  calibration at IoU {a.calibration['iou_thr']:g}: ECE {'n/a' if ece is None else f'{ece:.4f}'} "
+              f"over {a.calibration['num_detections']} detections; error counts "
+              + " ".join(f"{k} {v}" for k, v in a.tide["counts"].items()))
+    print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0

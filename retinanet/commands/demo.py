@@ -8,7 +8,8 @@ Writes into --output (a new folder): everything `retinanet train` writes (checkp
 metrics.jsonl, loss_curve.png), detections.png (detections on validation images, ground truth in
 thin white lines) and demo_metrics.json (on the held-out split: COCO AP, AP50, AP75 of a detector,
 or segment proposal recall AR@10, AR@100, AR@1000 of a proposal model; all the metrics, timings,
-the device). key=value overrides apply on top of the config.
+the device; a detector's TIDE error breakdown, also printed as one line). key=value overrides apply
+on top of the config.
 """
 
 from __future__ import annotations
@@ -275,10 +276,16 @@ def run(args) -> int:
     _, shown = headline_metrics(metrics)  # AP, AP50, AP75 (detectors) or AR@10, AR@100, AR@1000 (proposals)
     proposals = "AP" not in metrics
     reached = {} if proposals else time_to_ap50(output / "metrics.jsonl", AP50_TARGET)
+    tide = None
+    if not proposals:  # where the held-out errors are: TIDE (retinanet/error_analysis.py)
+        from ..error_analysis import analyze_errors, predict_results
+
+        results = predict_results(summary["final"], paths.val_json, paths.val_images, device=str(device), workers=0)
+        tide = analyze_errors(paths.val_json, results).tide
     total = time.perf_counter() - started
     report = {**{k: metrics[k] for k in shown}, "metrics": metrics,
               "iterations": cfg.train.iterations, "training_seconds": summary["seconds"], "total_seconds": total,
-              **({} if proposals else {"ap50_target": AP50_TARGET, "ap50_target_reached": reached}),
+              **({} if proposals else {"ap50_target": AP50_TARGET, "ap50_target_reached": reached, "tide": tide}),
               "device": describe_device(device),
               "threads": cfg.train.threads if device.type == "cpu" else None,
               "seconds_per_iteration_timed": {str(k): v if math.isfinite(v) else None for k, v in timings.items()},
@@ -296,5 +303,9 @@ def run(args) -> int:
               f"the evaluations)")
     if "per_category" in metrics:
         print("  per class: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics["per_category"].items() if v is not None))
+    if tide is not None:
+        from ..error_analysis import format_tide_line
+
+        print("  " + format_tide_line(tide) + "   (`retinanet analyze errors` for the figures)")
     print(f"  results in {output}/: detections.png, loss_curve.png, demo_metrics.json, final.pt")
     return 0

@@ -135,5 +135,6 @@ def verify_end_to_end(model, categories: list, path: str, config) -> tuple:
         det = (f"{len(a)} detections, labels identical, max |box diff| {match.max_box_diff:.2e} px, max |score diff| "
                f"{match.max_score_diff:.2e}")
     else:
-        det = f"{len(a)} vs {len(scores)} detections, " + ("the same: " + match.summary() if match.same else "DIFFERENT")
+        det = f"{len(a)} vs {len(scores)} detections, " + (
+            "the same: " + match.summary() if match.same else "DIFFERENT")
     return f"end-to-end onnxruntime vs Predictor on a random {image.shape[0]}x{image.shape[1]} image: " + det, match

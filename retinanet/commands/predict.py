@@ -43,6 +43,18 @@ def register(sub) -> None:
                         "merged by class-aware NMS with box voting (about 6-8x the time)")
     p.add_argument("--tta-scales", type=float, nargs="+", metavar="S",
                    help="with --tta: other scales (factors of the model's size), e.g. --tta-scales 1 1.5")
+    p.add_argument("--tile", type=int, metavar="SIZE",
+                   help="tiled inference for images much larger than the training images (box detectors): "
+                        "SIZE x SIZE px crops, each resized as the model resizes any image (SIZE = the model's "
+                        "min_size keeps the image's resolution), plus the whole image; merged by class-aware NMS. "
+                        "Raise --max-detections for crowded images")
+    p.add_argument("--tile-overlap", type=float, metavar="F",
+                   help="with --tile: overlap of neighbouring crops, a fraction of SIZE in [0, 1) (default 0.25)")
+    p.add_argument("--tile-merge", choices=("greedy_nmm", "nms"),
+                   help="with --tile: merge the crops' detections by class-aware nms (default) or greedy_nmm "
+                        "(SAHI's greedy non-maximum merging, IoS 0.5)")
+    p.add_argument("--no-full-image", action="store_true",
+                   help="with --tile: crops only, without the whole image resized as usual")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the network (CPU with AVX512-BF16/AMX, or GPU)")
     p.set_defaults(func=run)
 
@@ -171,6 +183,17 @@ def check_arguments(args) -> None:
         raise ValueError("--tta-scales needs --tta")
     if args.tta_scales and min(args.tta_scales) <= 0:
         raise ValueError(f"--tta-scales must be positive, got {args.tta_scales}")
+    tiling = [flag for flag, given in (("--tile-overlap", args.tile_overlap is not None),
+                                       ("--tile-merge", args.tile_merge is not None),
+                                       ("--no-full-image", args.no_full_image)) if given]
+    if tiling and args.tile is None:
+        raise ValueError(f"{tiling[0]} needs --tile")
+    if args.tile is not None and args.tile < 1:
+        raise ValueError(f"--tile must be >= 1 (pixels), got {args.tile}")
+    if args.tile_overlap is not None and not 0.0 <= args.tile_overlap < 1.0:
+        raise ValueError(f"--tile-overlap must be in [0, 1), got {args.tile_overlap:g}")
+    if args.tile is not None and args.tta:
+        raise ValueError("--tile and --tta do not combine: choose one")
     if args.device:
         resolve_device(args.device)  # a GPU asked for and absent: one line now
     if args.output:
@@ -211,9 +234,13 @@ def run(args) -> int:
                                           max_detections=args.max_detections, classes=classes,
                                           class_agnostic=True if args.class_agnostic else None,
                                           batch_size=args.batch_size,
-                                          tta=(args.tta_scales or True) if args.tta else False)
+                                          tta=(args.tta_scales or True) if args.tta else False,
+                                          tile=args.tile, tile_full_image=not args.no_full_image,
+                                          **({} if args.tile_overlap is None else {"tile_overlap": args.tile_overlap}),
+                                          **({"tile_merge": args.tile_merge} if args.tile_merge else {}))
     print(f"{len(files)} image(s); model on {predictor.device}{' (bf16)' if args.bf16 else ''}"
-          f"{f', TTA at scales {list(predictor.tta_scales)} x flip' if predictor.tta_scales else ''}, "
+          f"{f', TTA at scales {list(predictor.tta_scales)} x flip' if predictor.tta_scales else ''}"
+          f"{_tiling_text(predictor) if predictor.tile else ''}, "
           f"score > {predictor.score_threshold}, {len(predictor.labels)} of {len(predictor.categories)} classes",
           file=sys.stderr)
 
@@ -270,6 +297,12 @@ def run(args) -> int:
         print(f"error: {failed} input(s) could not be read (see above)", file=sys.stderr)
         return 1
     return 0
+
+
+def _tiling_text(predictor) -> str:
+    t = predictor.tiling
+    return (f", {predictor.tile} px tiles ({t['overlap']:g} overlap{', + the whole image' if t['full_image'] else ''}, "
+            f"merged by {t['merge']})")
 
 
 def _format_of(path: Path) -> str:

@@ -96,10 +96,16 @@ def _shape_mask(rng: np.random.Generator, cls: int, size: int) -> np.ndarray:
     w = int(min(max(round(side * ratio ** 0.5), MIN_OBJECT), longest))
     h = int(min(max(round(side / ratio ** 0.5), MIN_OBJECT), longest))
     x0, y0 = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
-    x1, y1 = x0 + w - 1, y0 + h - 1  # inclusive pixel corners
     canvas = Image.new("1", (size, size))
-    draw = ImageDraw.Draw(canvas)
-    name = CLASSES[cls]
+    _draw_shape(ImageDraw.Draw(canvas), rng, CLASSES[cls], x0, y0, w, h)
+    return np.asarray(canvas, dtype=bool)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, rng: np.random.Generator, name: str, x0: int, y0: int, w: int,
+                h: int) -> None:
+    """Draw one shape of class `name` filling the w x h px box at (x0, y0) (value 1 on a mode "1" canvas);
+    the triangle's apex and the cross's bar widths are drawn from `rng`."""
+    x1, y1 = x0 + w - 1, y0 + h - 1  # inclusive pixel corners
     if name == "rectangle":
         draw.rectangle([x0, y0, x1, y1], fill=1)
     elif name == "ellipse":
@@ -115,7 +121,6 @@ def _shape_mask(rng: np.random.Generator, cls: int, size: int) -> np.ndarray:
         cx, cy = x0 + (w - thick_x) // 2, y0 + (h - thick_y) // 2
         draw.rectangle([x0, cy, x1, cy + thick_y - 1], fill=1)
         draw.rectangle([cx, y0, cx + thick_x - 1, y1], fill=1)
-    return np.asarray(canvas, dtype=bool)
 
 
 def _extent(mask: np.ndarray) -> tuple:
@@ -233,3 +238,119 @@ def make_shapes_dataset(directory: Optional[str] = None, *, num_train: int = 200
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return _paths(root)
+
+
+# ----------------------------------------------------------------------------------------------
+# large scenes: many small shapes on one big image (for tiled inference, retinanet/tiling.py)
+
+LARGE_SCENES_VERSION = 1  # bump when the files a seed produces change
+LARGE_SCENES_STREAM = 2  # the random streams of the shapes splits are (seed, 0 | 1, i)
+SCENE_MARGIN = 2  # px of background kept between two shapes of a scene
+
+
+@dataclass(frozen=True)
+class LargeScenesPaths:
+    """Where a generated large-scene set lies: one COCO JSON file and its image folder."""
+
+    root: Path
+    json: Path
+    images: Path
+
+
+def render_large_scene(rng: np.random.Generator, size: int, num_objects: int, min_object: int,
+                       max_object: int) -> tuple:
+    """One size x size scene with up to `num_objects` shapes of the shapes dataset's classes, each
+    min_object..max_object px (sqrt(w h) log-uniform in that range, aspect ratio 1:2 to 2:1, each side
+    clamped to it), placed without overlap (SCENE_MARGIN px apart: every shape fully
+    visible) on the dataset's backgrounds, in a color >= MIN_COLOR_DISTANCE from the background under it.
+    A shape that finds no free place or color in PLACEMENT_TRIES tries is left out.
+    -> ((size, size, 3) uint8 RGB, [(class index, (x1, y1, x2, y2) xyxy, pixels)])."""
+    image = _background(rng, size)
+    occupied = np.zeros((size, size), dtype=bool)
+    shapes = []
+    for _ in range(num_objects):
+        cls = int(rng.integers(len(CLASSES)))
+        side = np.exp(rng.uniform(np.log(min_object), np.log(max_object)))
+        ratio = np.exp(rng.uniform(np.log(0.5), np.log(2)))
+        w = int(min(max(round(side * ratio ** 0.5), min_object), max_object))
+        h = int(min(max(round(side / ratio ** 0.5), min_object), max_object))
+        patch = Image.new("1", (w, h))
+        _draw_shape(ImageDraw.Draw(patch), rng, CLASSES[cls], 0, 0, w, h)
+        mask = np.asarray(patch, dtype=bool)  # (h, w)
+        for _ in range(PLACEMENT_TRIES):
+            x0, y0 = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
+            m = SCENE_MARGIN
+            if occupied[max(0, y0 - m):y0 + h + m, max(0, x0 - m):x0 + w + m].any():
+                continue
+            region = image[y0:y0 + h, x0:x0 + w]  # (h, w, 3) view
+            under = region[mask].mean(axis=0)
+            colors = rng.uniform(0, 255, size=(PLACEMENT_TRIES, 3))
+            good = np.linalg.norm(colors - under, axis=1) >= MIN_COLOR_DISTANCE
+            if not good.any():
+                break
+            region[mask] = colors[np.argmax(good)]
+            occupied[y0:y0 + h, x0:x0 + w] = True
+            bx0, by0, bx1, by1 = _extent(mask)
+            shapes.append((cls, (x0 + bx0, y0 + by0, x0 + bx1, y0 + by1), int(mask.sum())))
+            break
+    return np.round(image).astype(np.uint8), shapes
+
+
+def make_large_scenes(directory: Optional[str] = None, *, num_images: int = 20, image_size: int = 2048,
+                      min_objects: int = 200, max_objects: int = 400, min_object: int = 8, max_object: int = 40,
+                      seed: int = 0) -> LargeScenesPaths:
+    """Generate (or reuse) a set of large scenes (`render_large_scene`; image i has a uniform
+    min_objects..max_objects shapes, from the random stream (seed, LARGE_SCENES_STREAM, i)) as PNG files
+    and a COCO JSON (boxes and areas; no masks). Deterministic: the same parameters give the same files.
+
+    directory: where the set goes; None: default_cache_dir()/large-scenes-<hash of the parameters>.
+    As `make_shapes_dataset`: an existing complete set with the same parameters is reused, a folder
+    holding anything else is an error, and the folder appears complete or not at all.
+    """
+    if num_images < 1 or seed < 0 or not 1 <= min_object <= max_object or not 0 <= min_objects <= max_objects \
+            or image_size < 2 * max_object:
+        raise ValueError(f"need num_images >= 1, seed >= 0, 1 <= min_object <= max_object, 0 <= min_objects <= "
+                         f"max_objects and image_size >= 2 * max_object, got {num_images}, {seed}, {min_object}, "
+                         f"{max_object}, {min_objects}, {max_objects}, {image_size}")
+    params = {"version": LARGE_SCENES_VERSION, "num_images": num_images, "image_size": image_size,
+              "min_objects": min_objects, "max_objects": max_objects, "min_object": min_object,
+              "max_object": max_object, "seed": seed}
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    root = Path(directory) if directory is not None else default_cache_dir() / f"large-scenes-{digest}"
+    paths = LargeScenesPaths(root=root, json=root / "scenes.json", images=root / "scenes")
+    if _is_complete(root, params):
+        return paths
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise ValueError(f"{root} exists and is not a large-scene set made with these parameters; "
+                         f"choose another directory or remove it")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = root.parent / f".{root.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()
+    try:
+        (staging / "scenes").mkdir()
+        images, annotations = [], []
+        for i in range(num_images):
+            rng = np.random.default_rng([seed, LARGE_SCENES_STREAM, i])
+            count = int(rng.integers(min_objects, max_objects + 1))
+            pixels, shapes = render_large_scene(rng, image_size, count, min_object, max_object)
+            file_name = f"{i:06d}.png"
+            Image.fromarray(pixels).save(staging / "scenes" / file_name, format="PNG", compress_level=1)
+            images.append({"id": i + 1, "file_name": file_name, "height": image_size, "width": image_size})
+            for cls, (x1, y1, x2, y2), area in shapes:
+                annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": cls + 1,
+                                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": area, "iscrowd": 0})
+        coco = {"info": {"description": "retinanet synthetic large scenes", "parameters": params},
+                "images": images, "annotations": annotations,
+                "categories": [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(CLASSES)]}
+        (staging / "scenes.json").write_text(json.dumps(coco))
+        (staging / "manifest.json").write_text(json.dumps({"parameters": params, "classes": list(CLASSES)}))
+        if root.exists():
+            root.rmdir()
+        try:
+            os.rename(staging, root)
+        except OSError:
+            if not _is_complete(root, params):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return paths

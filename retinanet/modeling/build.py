@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from ..config import Config
+from ..config import Config, ModelConfig
 from ..ops.anchors import AnchorGenerator
 from ..ops.matcher import Matcher
 from .backbone import FPN, ResNet
@@ -28,12 +28,7 @@ def build_model(config: Config) -> Detector:
     fpn = FPN(backbone.out_channels, m.fpn_channels, m.min_level, m.max_level, m.p6_from)
     if m.arch == "fpn_masks":
         return _segment_proposals(config, backbone, fpn)
-    num_levels = m.max_level - m.min_level + 1
-    if len(m.anchor_sizes) != num_levels:
-        raise ValueError(f"model.anchor_sizes has {len(m.anchor_sizes)} sizes for {num_levels} levels "
-                         f"(P{m.min_level}-P{m.max_level})")
-    anchors = AnchorGenerator(m.anchor_sizes, m.anchor_scales, m.anchor_ratios,
-                              [2 ** lvl for lvl in range(m.min_level, m.max_level + 1)], m.anchor_offset, m.anchor_style)
+    anchors = build_anchor_generator(m)
     shared = dict(min_size=m.min_size, max_size=m.max_size, resize_rounding=m.resize_rounding,
                   size_divisibility=m.size_divisibility, pixel_mean=m.pixel_mean, pixel_std=m.pixel_std,
                   score_thresh=m.score_thresh, nms_thresh=m.nms_thresh, detections_per_image=m.detections_per_image,
@@ -46,6 +41,16 @@ def build_model(config: Config) -> Detector:
     return RetinaNet(backbone, fpn, head, anchors, matcher=Matcher(m.fg_iou, m.bg_iou, m.allow_low_quality),
                      loss=config.loss, crowd_ioa=m.crowd_ioa, box_weights=m.box_weights, box_clamp=m.box_clamp,
                      topk_candidates=m.topk_candidates, **shared)
+
+
+def build_anchor_generator(m: ModelConfig) -> AnchorGenerator:
+    """The anchors of a RetinaNet, or of a Faster R-CNN's RPN: one base size per level P{min_level}..P{max_level}."""
+    num_levels = m.max_level - m.min_level + 1
+    if len(m.anchor_sizes) != num_levels:
+        raise ValueError(f"model.anchor_sizes has {len(m.anchor_sizes)} sizes for {num_levels} levels "
+                         f"(P{m.min_level}-P{m.max_level})")
+    return AnchorGenerator(m.anchor_sizes, m.anchor_scales, m.anchor_ratios,
+                           [2 ** lvl for lvl in range(m.min_level, m.max_level + 1)], m.anchor_offset, m.anchor_style)
 
 
 def _faster_rcnn(config: Config, backbone: ResNet, fpn: FPN, anchors: AnchorGenerator, shared: dict) -> Detector:

@@ -143,3 +143,10 @@ def scale_boxes(boxes: Tensor, sx: float, sy: float) -> Tensor:
     result is float32 for float32, bf16 or integer boxes."""
     dtype = torch.float64 if boxes.dtype == torch.float64 else torch.float32
     return boxes * torch.tensor([sx, sy, sx, sy], dtype=dtype, device=boxes.device)
+
+
+def shift_boxes(boxes: Tensor, dx: float, dy: float) -> Tensor:
+    """(..., 4) xyxy boxes plus (dx, dy, dx, dy): boxes of a crop whose top-left corner is at (dx, dy) in
+    an image -> the same boxes in the image's pixels (tiled inference). float32 (float64 stays float64)."""
+    dtype = torch.float64 if boxes.dtype == torch.float64 else torch.float32
+    return boxes.to(dtype) + torch.tensor([dx, dy, dx, dy], dtype=dtype, device=boxes.device)

@@ -31,10 +31,11 @@ def resized_size_tensor(size: Tensor, min_size: int, max_size: int, rounding: st
     The same numbers as `resized_size`: float64 like Python's floats, and torch.round (ONNX Round)
     rounds halves to even as Python's round() does.
     """
-    s = size.to(torch.float64)
-    # a tensor over a tensor: `number / tensor` is reciprocal() * number in PyTorch, which rounds differently
-    lo, hi = (torch.tensor(float(v), dtype=torch.float64, device=size.device) for v in (min_size, max_size))
-    scale = torch.minimum(lo / s.min(), hi / s.max())
+    s = size.to(torch.float64)  # (2,)
+    # (1,) tensors, not numbers or 0-d tensors: `number / tensor` is reciprocal() * number in PyTorch, and
+    # the torchscript ONNX exporter computes 0-d tensors' arithmetic in float32; both round differently
+    lo, hi = (torch.full((1,), float(v), dtype=torch.float64, device=size.device) for v in (min_size, max_size))
+    scale = torch.minimum(lo / s.amin(dim=0, keepdim=True), hi / s.amax(dim=0, keepdim=True))  # (1,)
     out = torch.floor(s * scale) if rounding == "floor" else torch.round(s * scale)
     return out.clamp(min=1).to(torch.int64)
 
