@@ -187,6 +187,10 @@ def test_demo_end_to_end_on_a_tiny_dataset(tmp_path, monkeypatch, capsys):
     assert report["AP"] == [r for r in records if "val" in r][-1]["val"]["AP"]  # the held-out split's final AP
     assert report["iterations"] == 4 and report["num_val"] == 4
     assert report["device"] == "cpu" and report["threads"] == 1
+    from retinanet.error_analysis import TIDE_MAIN, format_tide_line
+
+    assert set(report["tide"]["dAP"]) == set(TIDE_MAIN)  # the held-out TIDE breakdown, stored and printed
+    assert "  " + format_tide_line(report["tide"]) in printed
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["device"] == "cpu"
     assert sorted(p.name for p in (tmp_path / "shapes" / "val").iterdir()) == [f"{i:06d}.png" for i in range(4)]
     assert main(["demo", *tiny, "--output", str(out), "--data-dir", str(tmp_path / "shapes")]) == 1  # never overwrites
