@@ -1,11 +1,14 @@
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from retinanet.ablate import aggregate, expand_sweep, format_table, run_sweep
 from retinanet.config import ConfigError
 from retinanet.engine import NonFiniteLossError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SWEEP = """
 name: tiny
@@ -226,3 +229,21 @@ settings:
     path.write_text(path.read_text().replace("init_from: first", "init_from: third"))
     with pytest.raises(ConfigError, match="starts from 'third', which is not a setting before it"):
         expand_sweep(str(path))
+
+
+def test_schedule_curves_reads_each_evaluation_with_its_training_seconds(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("schedule_curves", ROOT / "tools" / "schedule_curves.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    metrics = tmp_path / "metrics.jsonl"
+    records = [{"iteration": 10, "loss": 1.0, "time_s": 5.0},
+               {"iteration": 20, "val": {"AP": 0.25, "AP50": 0.5}, "time_s": 30.0, "train_s": 10.0},
+               {"iteration": 30, "loss": 0.5, "time_s": 35.0},
+               {"iteration": 40, "val": {"AP": 0.5, "AP50": None}, "time_s": 60.0, "train_s": 20.0}]
+    metrics.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert tool.run_curve(metrics) == [(20, 10.0, 0.25), (40, 20.0, 0.5)]
+    assert tool.run_curve(metrics, "AP50") == [(20, 10.0, 0.5)]  # a None value is no point
+    assert tool.split_setting("RetinaNet (FL) 2x") == ("RetinaNet (FL)", "2x")
+    assert tool.split_setting("FPN Faster R-CNN") == ("FPN Faster R-CNN", "1x")
