@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
-import torch
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -138,6 +137,8 @@ class CalibrationImages:
         """One (H, W, 3) uint8 RGB image -> the graph's inputs."""
         if self.form in ("image", "images"):
             return {next(iter(self.inputs)): image if self.form == "image" else image[None]}
+        import torch  # here, not at the top: `retinanet quantize --help` and the CLI parser stay torch-free
+
         batch = self.model.preprocess([torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)])
         values = {"images": batch.tensor.numpy(), "image_sizes": batch.sizes_tensor().numpy()}
         return {name: values[name] for name in self.inputs}
