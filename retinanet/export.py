@@ -188,10 +188,10 @@ def export_onnx(model, config: Config, categories: list, path: str, *, exporter:
         meta = {"retinanet.config": json.dumps(config_to_dict(config)),  # the whole Config (model, loss, ...)
                 "retinanet.categories": json.dumps(list(categories)),
                 "retinanet.format": "normalized padded images -> " + ", ".join(names)}
-        _save_with_metadata(proto, meta, tmp, path)
+        save_with_metadata(proto, meta, tmp, path)
 
 
-def _save_with_metadata(proto, meta: dict, tmp: str, path) -> None:
+def save_with_metadata(proto, meta: dict, tmp: str, path) -> None:
     """Add meta {key: JSON string} to the ONNX model proto, check it, and write it to path atomically
     (through tmp, a folder beside path)."""
     import onnx
@@ -472,4 +472,4 @@ def export_end_to_end(model, config: Config, categories: list, path: str, *, ops
                 "retinanet.categories": json.dumps(list(categories)),
                 "retinanet.format": END_TO_END_FORMAT,
                 "retinanet.end_to_end": json.dumps({"opset": opset, **{k: v.item() for k, v in defaults.items()}})}
-        _save_with_metadata(proto, meta, tmp, path)
+        save_with_metadata(proto, meta, tmp, path)

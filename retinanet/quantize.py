@@ -258,6 +258,8 @@ def quantize_onnx(onnx_path, calibration_images, output, *, num_images: int = 20
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    from .export import save_with_metadata
+
     if calibration not in CALIBRATION_METHODS:
         raise ValueError(f"calibration must be one of {', '.join(CALIBRATION_METHODS)}, got '{calibration}'")
     output = Path(output)
@@ -300,11 +302,5 @@ def quantize_onnx(onnx_path, calibration_images, output, *, num_images: int = 20
                                     kept_float=list(dict.fromkeys(w for w, _ in kept)),
                                     calibration_images=len(files), settings=settings)
         del result.metadata_props[:]
-        for key, value in {**meta, "retinanet.quantization": json.dumps(asdict(report))}.items():
-            entry = result.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.checker.check_model(result)
-        final = os.path.join(tmp, "final.onnx")
-        onnx.save(result, final)
-        os.replace(final, output)
+        save_with_metadata(result, {**meta, "retinanet.quantization": json.dumps(asdict(report))}, tmp, output)
     return report
