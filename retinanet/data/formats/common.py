@@ -221,3 +221,18 @@ def refuse_existing(paths: list) -> None:
     if existing:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
         raise ValueError(f"{existing[0]} exists{more}; give an empty or new output folder")
+
+
+def coco_to_write(coco_json, image_root, output, suffix: str, index_file: str) -> tuple:
+    """The start of a writer from COCO (`write_yolo`, `write_voc`): the dataset read through `validate_coco`
+    (its errors raise), one target per image (`<file_name>` with `suffix`, under `output`) and the index
+    file, none of them existing yet -> (report, targets, index_path)."""
+    from ..validate import validate_coco
+
+    report = validate_coco(coco_json, image_root, check_images="header")
+    report.raise_if_errors()
+    output = Path(output)
+    targets = [output / Path(image["file_name"]).with_suffix(suffix) for image in report.images]
+    index_path = output / index_file
+    refuse_existing(targets + [index_path])
+    return report, targets, index_path

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from .common import (IMAGE_EXTENSIONS, ImageEntry, ObjectEntry, Problems, build_coco, check_declared_size,
-                     image_size, number, parse_xml, refuse_existing)
+                     coco_to_write, image_size, number, parse_xml)
 
 DIFFICULT = ("crowd", "keep")
 
@@ -152,14 +152,7 @@ def write_voc(coco_json, image_root, output) -> dict:
     import xml.etree.ElementTree as ET
 
     from ...atomic import atomic_write
-    from ..validate import validate_coco
-
-    report = validate_coco(coco_json, image_root, check_images="header")
-    report.raise_if_errors()
-    output = Path(output)
-    targets = [output / Path(image["file_name"]).with_suffix(".xml") for image in report.images]
-    classes_txt = output / "classes.txt"
-    refuse_existing(targets + [classes_txt])
+    report, targets, classes_txt = coco_to_write(coco_json, image_root, output, ".xml", "classes.txt")
     names = {c["id"]: c["name"] for c in report.categories}
     boxes = 0
     for image, target in zip(report.images, targets):

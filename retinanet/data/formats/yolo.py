@@ -24,7 +24,7 @@ from typing import Optional
 
 from ...atomic import atomic_write
 from .common import (IMAGE_EXTENSIONS, ImageEntry, ObjectEntry, Problems, build_coco, find_images, image_size,
-                     polygon_box, read_names, refuse_existing)
+                     coco_to_write, polygon_box, read_names)
 
 NAME_FILES = ("data.yaml", "dataset.yaml", "classes.txt", "obj.names")
 # '.12g': 12 significant digits, so a coordinate read back is within 1e-12 of the image size (1e-8 px
@@ -172,14 +172,7 @@ def write_yolo(coco_json, image_root, output) -> dict:
     """
     import yaml
 
-    from ..validate import validate_coco
-
-    report = validate_coco(coco_json, image_root, check_images="header")
-    report.raise_if_errors()
-    output = Path(output)
-    targets = [output / Path(image["file_name"]).with_suffix(".txt") for image in report.images]
-    data_yaml = output / "data.yaml"
-    refuse_existing(targets + [data_yaml])
+    report, targets, data_yaml = coco_to_write(coco_json, image_root, output, ".txt", "data.yaml")
     index = {c["id"]: k for k, c in enumerate(report.categories)}
     boxes = crowd = 0
     for image, target in zip(report.images, targets):
