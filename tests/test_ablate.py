@@ -71,6 +71,24 @@ def test_shipped_sweeps_expand():
         assert train.eval_every * 5 == train.iterations and train.warmup_iters == 50
         assert r["config"].model.arch == ("faster_rcnn" if "Faster" in r["setting"] else "retinanet")
         assert r["config"].loss.iou_balanced_cls is False  # the paper's plain focal loss, as one_vs_two_stage
+    # issue 23 §3: the levers against the gap, each one change from the schedules sweep's 2x RetinaNet,
+    # which is the levers' first setting exactly (so `--reuse` of that sweep's output skips it)
+    from retinanet.config import config_to_dict
+
+    levers = {r["setting"]: r["config"] for r in expand_sweep("one_vs_two_stage_levers", seeds=[0])}
+    base = levers.pop("RetinaNet (FL) 2x")
+    two_x = expand_sweep("one_vs_two_stage_schedules", seeds=[0], only=["RetinaNet (FL) 2x"])[0]["config"]
+    assert config_to_dict(base) == config_to_dict(two_x)
+    changed = {name: {f"{section}.{k}" for section in ("model", "loss", "train")
+                      for k, v in config_to_dict(cfg)[section].items() if config_to_dict(base)[section][k] != v}
+               for name, cfg in levers.items()}
+    assert changed == {"IoU-b loc": {"loss.iou_balanced_loc"},
+                       "IoU-b cls+loc": {"loss.iou_balanced_cls", "loss.iou_balanced_loc"},
+                       "GIoU": {"loss.box"}, "4 head convs": {"model.head_convs"},
+                       "P2-P6": {"model.min_level", "model.anchor_sizes"},
+                       "all levers": {"loss.iou_balanced_cls", "loss.iou_balanced_loc", "loss.box", "model.head_convs",
+                                      "model.min_level", "model.anchor_sizes"}}
+    assert levers["P2-P6"].model.anchor_sizes == expand_sweep("one_vs_two_stage", seeds=[0])[1]["config"].model.anchor_sizes
     anchors = {r["setting"]: r["config"] for r in expand_sweep("table1c_anchors")}
     assert len(anchors["1 scale(s), 1 ratio(s)"].model.anchor_scales) == 1
     assert anchors["4 scale(s), 3 ratio(s)"].model.anchor_scales[1] == pytest.approx(2 ** 0.25)
