@@ -64,7 +64,8 @@ FIGURE_NAMES = ("tide", "confusion_matrix", "pr_per_category", "calibration")
 class ErrorAnalysis:
     """The error analysis of one results list, for one IoU type ("bbox" or "segm").
 
-    tide: {"AP50" (or "AP@{pos_thr}", e.g. "AP@0.75"): AP at IoU pos_thr before any fix, "dAP": {TIDE_MAIN kind: AP gain if fixed},
+    tide: {"AP50" (or "AP@{pos_thr}", e.g. "AP@0.75"): AP at IoU pos_thr before any fix,
+           "dAP": {TIDE_MAIN kind: AP gain if fixed},
            "special": {"FP", "FN": AP gain}, "counts": {TIDE_MAIN kind: number of errors},
            "pos_thr", "bg_thr"}; AP and dAP are fractions (0.05 is 5 AP points).
     confusion: {"iou_thr", "categories": K names then "background", "cat_ids" (K,),

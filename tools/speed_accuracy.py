@@ -61,8 +61,9 @@ def check_output_folder(path) -> None:
     if p.is_dir():
         others = sorted(e.name for e in p.iterdir() if e.name not in OUTPUT_FILES)
         if others:
-            raise ValueError(f"--output {p}: refusing to write into a folder with other files "
-                             f"({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}); give a new or empty folder")
+            listed = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+            raise ValueError(f"--output {p}: refusing to write into a folder with other files ({listed}); "
+                             f"give a new or empty folder")
 
 
 def resized_limits(trained: tuple, size: int) -> tuple:
@@ -208,7 +209,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--sizes must be positive and distinct, got {args.sizes}")
         if (args.max_images is not None and args.max_images < 1) or args.threads < 1 or args.warmup < 0:
             raise ValueError("--max-images and --threads must be >= 1 and --warmup >= 0")
-        for flag, path in [("--json", args.json), ("--images", args.images)] + [("--checkpoint", c) for _, c in checkpoints]:
+        inputs = [("--json", args.json), ("--images", args.images)] + [("--checkpoint", c) for _, c in checkpoints]
+        for flag, path in inputs:
             if not Path(path).exists():
                 raise FileNotFoundError(f"{flag} {path}: not found")
         check_output_folder(args.output)
@@ -219,8 +221,10 @@ def main(argv=None) -> int:
         print(TABLE_HEADER)
         rows = speed_accuracy(checkpoints, args.sizes, args.json, args.images, max_images=args.max_images,
                               warmup=args.warmup, device=args.device)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one line, as the retinanet CLI prints them
-        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # user errors, and what the system refused: as the retinanet CLI says them
+        from retinanet.cli import _one_problem
+
+        print(f"error: {_one_problem(e)}", file=sys.stderr)
         return 1
     from retinanet.atomic import atomic_write
 
