@@ -16,7 +16,14 @@ and two "special" oracles: FP (every false positive removed: perfect precision) 
 missed object dropped from the count: perfect recall). The dAPs do not add up to 100 - AP50: each
 is measured alone, and an error fixed changes what the others cost.
 
-The confusion matrix counts, at IoU 0.5 and with the 100 best detections of each image, which
+The IoU of a "right box" is TIDE's pos_thr, 0.5 by default. A detector that is near-perfect at
+AP50 but not at the COCO AP (.50:.95) loses its AP to poor boxes, which IoU 0.5 counts as right:
+`pos_thr` 0.75 (`retinanet analyze errors --iou 0.75`) sorts them as Loc errors instead, and the
+confusion matrix and calibration are then read at that IoU too. `ap_by_iou` says where the AP
+is lost: the AP at each of COCO's ten thresholds 0.50:0.05:0.95, whose mean is the AP, read from
+the same COCOeval run's precision array (nothing is matched again).
+
+The confusion matrix counts, at IoU 0.5 (pos_thr) and with the 100 best detections of each image, which
 class each object was detected as: rows are the ground truth's categories and "background" (a
 detection that matched nothing), columns the predicted ones and "background" (an object nothing
 matched). Unlike COCOeval, detections are matched across categories, best score first, so a
@@ -57,7 +64,8 @@ FIGURE_NAMES = ("tide", "confusion_matrix", "pr_per_category", "calibration")
 class ErrorAnalysis:
     """The error analysis of one results list, for one IoU type ("bbox" or "segm").
 
-    tide: {"AP50": AP at IoU pos_thr before any fix, "dAP": {TIDE_MAIN kind: AP gain if fixed},
+    tide: {"AP50" (or "AP@{pos_thr}", e.g. "AP@0.75"): AP at IoU pos_thr before any fix,
+           "dAP": {TIDE_MAIN kind: AP gain if fixed},
            "special": {"FP", "FN": AP gain}, "counts": {TIDE_MAIN kind: number of errors},
            "pos_thr", "bg_thr"}; AP and dAP are fractions (0.05 is 5 AP points).
     confusion: {"iou_thr", "categories": K names then "background", "cat_ids" (K,),
@@ -84,11 +92,18 @@ class ErrorAnalysis:
                                for k, name in enumerate(_unique_names(ev.cat_ids, ev.cat_names))}
         return out
 
+    def ap_by_iou(self) -> dict:
+        """{"0.5": AP at IoU 0.50, "0.55": ..., "0.95": ...}: COCO's AP at each of its IoU thresholds
+        (area all, 100 detections per image; fractions, None without ground truth). Their mean is the
+        COCO AP: read from the evaluation's precision array, as pycocotools' summarize() reads AP50."""
+        ev = self.evaluation
+        return {f"{t:g}": ev.ap_at_iou(float(t)) for t in np.round(ev.iou_thrs, 2)}
+
     def to_dict(self) -> dict:
         """Everything, as plain JSON-ready values."""
         return {"iou_type": self.iou_type, "tide": self.tide, "confusion": self.confusion,
                 "calibration": self.calibration, "AP": _finite(self.evaluation.metrics()["AP"]),
-                "pr_curves": self.pr_curves()}
+                "ap_by_iou": self.ap_by_iou(), "pr_curves": self.pr_curves()}
 
 
 def _finite(value) -> Optional[float]:
@@ -148,6 +163,18 @@ def format_tide_line(tide: dict, iou_type: str = "bbox") -> str:
     main = " ".join(f"{k} {100 * tide['dAP'][k]:.2f}" for k in TIDE_MAIN)
     special = " ".join(f"{k} {100 * tide['special'][k]:.2f}" for k in TIDE_SPECIAL)
     return f"TIDE {iou_type} ({ap_key} {'n/a' if ap is None else f'{100 * ap:.2f}'}): dAP {main} | {special}"
+
+
+def format_ap_by_iou_line(ap_by_iou: dict, iou_type: str = "bbox") -> str:
+    """One line: "AP by IoU bbox: .50 98.80 .55 98.10 ... .95 31.20 | mean 82.70", in AP points;
+    `ap_by_iou` is ErrorAnalysis.ap_by_iou() (the mean of the ten is the COCO AP)."""
+    def points(v):
+        return "n/a" if v is None else f"{100 * v:.2f}"
+
+    cells = " ".join(f"{float(t):.2f}"[1:] + f" {points(v)}" for t, v in ap_by_iou.items())
+    defined = [v for v in ap_by_iou.values() if v is not None]
+    mean = sum(defined) / len(defined) if len(defined) == len(ap_by_iou) else None
+    return f"AP by IoU {iou_type}: {cells} | mean {points(mean)}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -326,3 +326,84 @@ def test_cli_refuses_a_segment_proposal_checkpoint_and_a_missing_one(tmp_path, c
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and expected in err, err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# AP by IoU threshold, and TIDE at another IoU (--iou)
+
+# One category, two 10x10 objects in one 100x100 image: the one at (50, 50) found at IoU 0.92 (score
+# 0.9), the one at (0, 0) at IoU 0.63 (score 0.8), both IoUs away from COCO's thresholds.
+# By hand, COCO's 101-point AP at IoU t: t <= 0.63 (0.50, 0.55, 0.60) both are hits: 1.0;
+# 0.63 < t <= 0.92 (0.65 ... 0.90, six thresholds) the first is a hit and the second a false positive:
+# precision 1 up to recall 0.5, nothing above: 51 of the 101 recall points, 51/101; t = 0.95: 0.
+# The AP is their mean, (3 + 6 * 51/101) / 10 = 609/1010.
+TWO_OBJECTS_AP = {**dict.fromkeys(["0.5", "0.55", "0.6"], 1.0),
+                  **dict.fromkeys(["0.65", "0.7", "0.75", "0.8", "0.85", "0.9"], 51 / 101), "0.95": 0.0}
+
+
+def two_objects():
+    gt = {"images": [{"id": 1, "width": 100, "height": 100, "file_name": "1.png"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "area": 100, "iscrowd": 0},
+                          {"id": 2, "image_id": 1, "category_id": 1, "bbox": [50, 50, 10, 10], "area": 100,
+                           "iscrowd": 0}],
+          "categories": CATS[:1]}
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [50, 50, 10, 9.2], "score": 0.9},  # IoU 0.92
+            {"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 6.3], "score": 0.8}]  # IoU 0.63
+    return gt, dets
+
+
+def test_ap_by_iou_by_hand_and_against_evaluate_coco():
+    from retinanet.evaluate import evaluate_coco
+
+    gt, dets = two_objects()
+    analysis = analyze_errors(gt, dets)
+    by_iou = analysis.ap_by_iou()
+    assert list(by_iou) == list(TWO_OBJECTS_AP)
+    for t, expected in TWO_OBJECTS_AP.items():
+        assert by_iou[t] == pytest.approx(expected, abs=1e-12), t
+    metrics = evaluate_coco(gt, dets)  # the package's evaluation: its AP, AP50, AP75
+    assert metrics["AP"] == pytest.approx(609 / 1010, abs=1e-12)
+    assert np.mean(list(by_iou.values())) == pytest.approx(metrics["AP"], abs=1e-12)
+    assert by_iou["0.5"] == metrics["AP50"] and by_iou["0.75"] == metrics["AP75"]
+    assert analysis.to_dict()["ap_by_iou"] == by_iou
+    from retinanet.error_analysis import format_ap_by_iou_line
+    assert format_ap_by_iou_line(by_iou) == ("AP by IoU bbox: .50 100.00 .55 100.00 .60 100.00 .65 50.50 .70 50.50 "
+                                             ".75 50.50 .80 50.50 .85 50.50 .90 50.50 .95 0.00 | mean 60.30")
+
+
+def test_tide_at_iou_075_counts_the_iou_063_box_as_loc():
+    gt, dets = two_objects()
+    at_50 = analyze_errors(gt, dets).tide
+    assert at_50["AP50"] == 1.0 and set(at_50["counts"].values()) == {0}
+    at_75 = analyze_errors(gt, dets, pos_thr=0.75).tide
+    assert at_75["pos_thr"] == 0.75 and "AP50" not in at_75
+    assert at_75["AP@0.75"] == pytest.approx(51 / 101, abs=1e-12)
+    assert at_75["counts"] == {**dict.fromkeys(TIDE_MAIN, 0), "Loc": 1}
+    assert at_75["dAP"]["Loc"] == pytest.approx(1 - 51 / 101, abs=1e-12)  # its box fixed: both hits, AP 1
+    assert format_tide_line(at_75).startswith("TIDE bbox (AP@0.75 50.50): dAP Cls 0.00 Loc 49.50 ")
+
+
+def test_cli_iou_option(tmp_path, capsys):
+    from retinanet.cli import main
+
+    gt, dets = two_objects()
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "dt.json").write_text(json.dumps(dets))
+    argv = ["analyze", "errors", "--json", str(tmp_path / "gt.json"), "--results", str(tmp_path / "dt.json")]
+    assert main(argv + ["--iou", "0.75", "--output", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "errors.json").read_text())["bbox"]
+    assert report["tide"]["pos_thr"] == report["confusion"]["iou_thr"] == report["calibration"]["iou_thr"] == 0.75
+    assert report["tide"]["counts"]["Loc"] == 1
+    assert "TIDE bbox (AP@0.75 50.50)" in printed and "AP by IoU bbox: .50 100.00" in printed
+    assert report["ap_by_iou"] == pytest.approx(TWO_OBJECTS_AP, abs=1e-12)
+    # the default is unchanged: IoU 0.5, both boxes right
+    assert main(argv + ["--output", str(tmp_path / "out50")]) == 0
+    assert "TIDE bbox (AP50 100.00)" in capsys.readouterr().out
+    for bad in ("0.1", "1", "0.05", "nan"):
+        assert main(argv + ["--iou", bad, "--output", str(tmp_path / f"bad{bad}")]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--iou must be above TIDE's background IoU 0.1 and below 1" in err
+        assert not (tmp_path / f"bad{bad}").exists()
+    assert main(["analyze", "curves", "--iou", "0.75", "--output", str(tmp_path / "c")]) == 1
+    assert "--iou is for analyze errors" in capsys.readouterr().err

@@ -4,15 +4,20 @@
   loss-cdf   Figure 6: CDF of the normalized loss of positive and negative anchors of a trained model
   iou        IoU-balanced paper Figures 2 and 3: average score by IoU, share of detections above IoU
   errors     where the errors are (retinanet/error_analysis.py): TIDE breakdown, confusion matrix,
-             precision-recall per category at IoU 0.5 and 0.75, calibration (ECE); of a results file
-             (--json GT --results R.json) or of a detector's checkpoint (--checkpoint C --json GT
-             --images D); boxes, and masks when the results have segmentations
+             precision-recall per category at IoU 0.5 and 0.75, calibration (ECE), and the AP at each
+             of COCO's IoU thresholds 0.50:0.05:0.95; of a results file (--json GT --results R.json)
+             or of a detector's checkpoint (--checkpoint C --json GT --images D); boxes, and masks
+             when the results have segmentations. --iou T: TIDE's (and the confusion matrix's and
+             calibration's) match IoU, 0.5 by default; 0.75 counts the boxes that COCO AP's higher
+             thresholds reject as Loc errors
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+TIDE_BG_IOU = 0.1  # error_analysis.analyze_errors' bg_thr (kept here: the parser imports nothing heavy)
 
 
 def register(sub) -> None:
@@ -35,6 +40,10 @@ def register(sub) -> None:
     p.add_argument("--iou-type", choices=["auto", "bbox", "segm"], default="auto",
                    help="errors: boxes, masks, or auto (default: boxes, and masks too when the results have "
                         "segmentations)")
+    p.add_argument("--iou", type=float, metavar="T",
+                   help=f"errors: the IoU a detection needs to be right (TIDE's pos_thr; also the confusion "
+                        f"matrix's and calibration's), between TIDE's background IoU {TIDE_BG_IOU:g} and 1 "
+                        f"(default 0.5)")
     p.add_argument("--device", default="auto", help="errors with --checkpoint: auto | cpu | cuda | cuda:N")
     p.add_argument("--max-images", type=int, default=200, help="loss-cdf, iou: images to use (default 200)")
     p.add_argument("--gammas", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0], help="gammas for loss-cdf")
@@ -47,6 +56,8 @@ def run(args) -> int:
     from . import check_output_path
 
     check_output_path(args.output, "--output", folder=True)
+    if args.iou is not None and args.figure != "errors":
+        raise ValueError(f"--iou is for analyze errors (TIDE's match IoU), not analyze {args.figure}")
     if args.max_images < 1:
         raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
     if min(args.gammas) < 0:
@@ -116,9 +127,13 @@ def run(args) -> int:
 def run_errors(args) -> int:
     """`analyze errors`: errors.json and the {bbox,segm}_{tide,confusion_matrix,pr_per_category,calibration}.png
     figures in --output. Every file it would write must be new, and the inputs exist, before any work."""
-    from ..error_analysis import analyze_errors, format_tide_line, output_files, predict_results, write_report
+    from ..error_analysis import (analyze_errors, format_ap_by_iou_line, format_tide_line, output_files,
+                                  predict_results, write_report)
     from ..evaluate import read_json
 
+    iou = 0.5 if args.iou is None else args.iou
+    if not TIDE_BG_IOU < iou < 1:  # math.nan fails this too
+        raise ValueError(f"--iou must be above TIDE's background IoU {TIDE_BG_IOU:g} and below 1, got {args.iou}")
     if not args.json:
         raise ValueError("analyze errors needs --json GT.json (the ground truth)")
     if bool(args.results) == bool(args.checkpoint):
@@ -141,12 +156,14 @@ def run_errors(args) -> int:
         raise ValueError(f"--iou-type segm: {args.results or args.checkpoint[0]} has no segmentations (masks)")
     iou_types = {"auto": ("bbox", "segm") if has_masks else ("bbox",), "bbox": ("bbox",), "segm": ("segm",)}
     # a results file is read again by the checks, so that their errors name it
-    analyses = [analyze_errors(args.json, args.results or results, t) for t in iou_types[args.iou_type]]
+    analyses = [analyze_errors(args.json, args.results or results, t, pos_thr=iou, bg_thr=TIDE_BG_IOU)
+                for t in iou_types[args.iou_type]]
     source = {"ground_truth": str(args.json), **({"results": str(args.results)} if args.results else
                                                   {"checkpoint": str(args.checkpoint[0]), "images": str(args.images)})}
     paths = write_report(analyses, args.output, extra={"source": source})
     for a in analyses:
         print(format_tide_line(a.tide, a.iou_type))
+        print(format_ap_by_iou_line(a.ap_by_iou(), a.iou_type))
         ece = a.calibration["ece"]
         print(f"  calibration at IoU {a.calibration['iou_thr']:g}: ECE {'n/a' if ece is None else f'{ece:.4f}'} "
               f"over {a.calibration['num_detections']} detections; error counts "
