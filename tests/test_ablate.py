@@ -259,7 +259,8 @@ profiles:
 seeds: [0]
 settings:
   - {name: "FL", overrides: {}}
-  - {name: "mine", overrides: {data.train_json: a.json, data.train_images: a, data.val_json: b.json, data.val_images: b}}
+  - name: mine
+    overrides: {data.train_json: a.json, data.train_images: a, data.val_json: b.json, data.val_images: b}
 """
 
 
@@ -319,7 +320,8 @@ def test_the_dense_sweep_expands_with_anchors_sized_to_its_objects():
         assert (cfg.model.min_size, cfg.model.max_size, cfg.data.batch_size) == (384, 384, 8)
         train = cfg.train
         assert train.iterations == {"1x": 500, "2x": 1000}[r["setting"][-2:]], r["run_id"]
-        assert [s / train.iterations for s in train.lr_steps] == [0.8, 0.94] and train.eval_every * 5 == train.iterations
+        assert [s / train.iterations for s in train.lr_steps] == [0.8, 0.94]
+        assert train.eval_every * 5 == train.iterations
         assert cfg.loss.iou_balanced_cls is False and cfg.model.detections_per_image >= 60  # up to 60 objects
         assert cfg.model.arch == ("retinanet" if retina else "faster_rcnn")
         if retina:  # P2-P5 from 8 px: the 8 px objects need the stride-4 grid (sweep header: 99.1% covered)

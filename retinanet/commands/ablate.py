@@ -15,8 +15,9 @@ def register(sub) -> None:
                    help="folder for the runs and results.md/results.json; rerun with the same folder to resume")
     p.add_argument("--profile", default="small", help="small (2-core CPU, minutes per run; default) or paper (GPUs)")
     p.add_argument("--seeds", type=seed_list, metavar="S[,S...]", help="override the sweep's seed list, e.g. 0,1,2")
-    p.add_argument("--data-dir", metavar="DIR", help="where the shapes dataset is generated (profiles without data paths; default: the "
-                        "cache, one folder per dataset)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="where the shapes dataset is generated (profiles without data paths; default: the cache, one "
+                        "folder per dataset)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="applied to every run, e.g. data.train_json=... or train.iterations=100")
     p.add_argument("--reuse", action="append", default=[], metavar="DIR",

@@ -86,10 +86,11 @@ class ShapesParams:
 
 DEMO = ShapesParams()  # `retinanet demo`'s dataset (192 px)
 # A regime closer to the Focal Loss paper's (issue 23): many small objects, among clutter, on larger
-# images: ~20k anchors per image (RetinaNet P3-P6, 9 per place) against 20-60 objects of 8-64 px.
-# 384 px, not the issue's 512: training time scales with pixels and these are trained on 2 CPU cores;
-# 384 px is 4x the demo's pixels, and at batch 8 (half the demo's 16) an iteration costs about 2x a demo
-# iteration.
+# images: ~110k anchors per image (RetinaNet P2-P5, 9 per place; retinanet/sweeps/one_vs_two_stage_dense.yaml)
+# against 20-60 objects of 8-64 px (about 40 placed on average). 384 px, not the issue's 512: training time
+# scales with pixels and these are trained on 2 CPU cores; 384 px is 4x the demo's pixels, so at batch 8
+# (half the demo's 16) the backbone's cost per iteration is about 2x the demo's (the heads' depends on the
+# pyramid levels: see the sweep file).
 DENSE = ShapesParams(min_objects=20, max_objects=60, empty_fraction=0.0, min_object=8, max_object=64, clutter=40)
 DENSE_IMAGE_SIZE = 384
 VARIANTS = {"demo": (DEMO, 192), "dense": (DENSE, DENSE_IMAGE_SIZE)}  # name -> (parameters, image size)
@@ -136,7 +137,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(base + grain.repeat(2, axis=0).repeat(2, axis=1)[:size, :size], 0, 255)
 
 
-def _shape_mask(rng: np.random.Generator, cls: int, size: int, params: "ShapesParams" = None) -> np.ndarray:
+def _shape_mask(rng: np.random.Generator, cls: int, size: int, params: Optional[ShapesParams] = None) -> np.ndarray:
     """(size, size) bool mask of one shape of class `cls` at a random size, aspect ratio and place
     (sizes from `params`, default ShapesParams())."""
     params = params or DEMO
@@ -215,13 +216,13 @@ def _clutter(rng: np.random.Generator, image: np.ndarray, count: int) -> None:
         image[np.asarray(canvas, dtype=bool)] = rng.uniform(0, 255, size=3)
 
 
-def render_image(rng: np.random.Generator, size: int, params: Optional["ShapesParams"] = None) -> tuple:
+def render_image(rng: np.random.Generator, size: int, params: Optional[ShapesParams] = None) -> tuple:
     """One image -> ((size, size, 3) uint8 RGB, [(class index, (x1, y1, x2, y2) xyxy, visible pixels)])."""
     image, shapes = _render(rng, size, params)
     return image, [(s["cls"], s["box"], int(s["visible"].sum())) for s in shapes]
 
 
-def _render(rng: np.random.Generator, size: int, params: Optional["ShapesParams"] = None) -> tuple:
+def _render(rng: np.random.Generator, size: int, params: Optional[ShapesParams] = None) -> tuple:
     """One image -> ((size, size, 3) uint8 RGB, shapes: dicts with "cls", "box" xyxy and "visible":
     the bool mask, over the box (y1:y2, x1:x2), of the shape's pixels that no later shape covers).
 
