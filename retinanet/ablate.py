@@ -22,7 +22,14 @@ which replaces the profile's for that setting (the profile's overrides still app
 `one_vs_two_stage` compares two detectors. A setting with `init_from: NAME` starts each seed's run
 from the final weights of the same seed's run of the earlier setting NAME (`retinanet train
 --weights`): a second training stage, as SharpMask's refinement on top of DeepMask.
-Data paths come from the base or from `--data KEY=VALUE` overrides (data.train_json=...).
+Data paths come from the base or from `--data KEY=VALUE` overrides (data.train_json=...). A config
+with none gets a generated shapes dataset (`retinanet ablate` fills it in: the demo's by default); a
+profile may name which one:
+
+      small: {base: demo, dataset: {variant: dense, num_train: 2000, num_val: 500}, overrides: {...}}
+
+variant: a name in retinanet/data/synthetic.py VARIANTS (demo, dense); num_train, num_val (default:
+the demo's), image_size (default: the variant's), seed (default 0). It is checked at start-up.
 
 Each (setting, seed) is one run in DIR/runs/<setting>-seed<k>/, with its checkpoints and a
 result.json. A run whose result.json says "ok" or "diverged" is skipped on restart; a "failed" run
@@ -50,6 +57,36 @@ CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 DEMO_CONFIG = CONFIGS_DIR / "demo.yaml"
 DEFAULT_METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 FINAL = ("ok", "diverged")
+DATASET_KEYS = ("variant", "num_train", "num_val", "image_size", "seed")
+
+
+def dataset_spec(spec, where: str) -> dict:
+    """A profile's `dataset` mapping, checked -> {"variant", "num_train", "num_val", "image_size", "seed"}
+    (num_train, num_val None: the preparer's defaults). ConfigError (one line, starting with `where`)
+    for unknown keys or bad values."""
+    from .data.synthetic import VARIANTS
+
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: dataset must be a mapping with keys {', '.join(DATASET_KEYS)}, got {spec!r}")
+    unknown = sorted(set(map(str, spec)) - set(DATASET_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: dataset: unknown key(s) {', '.join(unknown)} (known: {', '.join(DATASET_KEYS)})")
+    variant = spec.get("variant", "demo")
+    if variant not in VARIANTS:
+        raise ConfigError(f"{where}: dataset: unknown variant {variant!r} (variants: {', '.join(VARIANTS)})")
+    shapes, image_size = VARIANTS[variant]
+    out = {"variant": variant, "num_train": None, "num_val": None, "image_size": image_size, "seed": 0}
+    for key in ("num_train", "num_val", "image_size", "seed"):
+        if key in spec:
+            value, least = spec[key], 0 if key == "seed" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"{where}: dataset: {key} must be an integer >= {least}, got {value!r}")
+            out[key] = value
+    try:
+        shapes.check(out["image_size"])
+    except ValueError as e:
+        raise ConfigError(f"{where}: dataset: {e}") from None
+    return out
 
 
 def find_sweep(name_or_path: str) -> Path:
@@ -94,7 +131,8 @@ def base_config_dict(base: str, sweep_path: Path) -> dict:
 
 def expand_sweep(sweep_path: str, profile: str = "small", extra_overrides: Optional[list] = None,
                  seeds: Optional[list] = None, only: Optional[list] = None) -> list:
-    """The runs of a sweep: [{"setting", "seed", "run_id", "config": Config}], in file order.
+    """The runs of a sweep: [{"setting", "seed", "run_id", "config": Config}], in file order; with
+    "dataset": the profile's dataset spec (`dataset_spec`) when it has one.
     only: setting names (or their folder names) to keep; the others are left out.
 
     Every config is built (and so checked) here, before anything trains: a typo in the last
@@ -109,6 +147,9 @@ def expand_sweep(sweep_path: str, profile: str = "small", extra_overrides: Optio
     if profile not in profiles:
         raise ConfigError(f"{path}: no profile '{profile}' (has: {', '.join(profiles) or 'none'})")
     prof = profiles[profile]
+    if not isinstance(prof, dict):
+        raise ConfigError(f"{path}: profile '{profile}' must be a mapping (base, dataset, overrides)")
+    dataset = dataset_spec(prof["dataset"], f"{path}: profile '{profile}'") if "dataset" in prof else None
 
     def profile_config(base_name: str) -> dict:
         data = base_config_dict(base_name, path)
@@ -155,6 +196,8 @@ def expand_sweep(sweep_path: str, profile: str = "small", extra_overrides: Optio
                 cfg = config_from_dict(data_seed)
                 run = {"setting": setting["name"], "seed": int(seed),
                        "run_id": f"{slug(setting['name'])}-seed{int(seed)}", "config": cfg}
+                if dataset is not None:
+                    run["dataset"] = dict(dataset)
                 if setting.get("init_from") is not None:
                     run["init_from"] = f"{slug(str(setting['init_from']))}-seed{int(seed)}"
                 runs.append(run)
@@ -186,7 +229,8 @@ def run_sweep(sweep_path: str, output: str, *, profile: str = "small", extra_ove
 
     train_fn(cfg, run_dir) -> metrics dict (default: the engine). A NonFiniteLossError marks the
     run "diverged"; any other exception marks it "failed" with the error, and the sweep goes on.
-    prepare(cfg) may fill in data paths (the demo base generates the shapes dataset).
+    prepare(cfg) may fill in data paths (the demo base generates the shapes dataset); for a profile
+    with a dataset spec it is called prepare(cfg, spec) (`dataset_spec`).
     reuse: folders of other sweeps whose finished runs with an identical config are copied, not rerun.
     """
     from .config import config_to_dict
@@ -206,7 +250,10 @@ def run_sweep(sweep_path: str, output: str, *, profile: str = "small", extra_ove
             continue
         cfg = run["config"]
         if prepare is not None:
-            prepare(cfg)
+            if "dataset" in run:
+                prepare(cfg, run["dataset"])
+            else:
+                prepare(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         record = {"setting": run["setting"], "seed": run["seed"], "run_id": run["run_id"],
                   "config": config_to_dict(cfg)}

@@ -265,3 +265,88 @@ def test_schedule_curves_reads_each_evaluation_with_its_training_seconds(tmp_pat
     assert tool.run_curve(metrics, "AP50") == [(20, 10.0, 0.5)]  # a None value is no point
     assert tool.split_setting("RetinaNet (FL) 2x") == ("RetinaNet (FL)", "2x")
     assert tool.split_setting("FPN Faster R-CNN") == ("FPN Faster R-CNN", "1x")
+
+
+DENSE_SWEEP = """
+name: dense
+profiles:
+  small:
+    base: demo
+    dataset: {variant: dense, num_train: 2, num_val: 1}
+    overrides: {train.iterations: 3, model.min_size: 384, model.max_size: 384}
+seeds: [0]
+settings:
+  - {name: "FL", overrides: {}}
+  - name: mine
+    overrides: {data.train_json: a.json, data.train_images: a, data.val_json: b.json, data.val_images: b}
+"""
+
+
+def test_a_profile_names_its_generated_dataset_and_the_preparer_makes_it(tmp_path):
+    from dataclasses import asdict
+
+    from retinanet.commands.ablate import shapes_preparer
+    from retinanet.data.synthetic import DENSE
+
+    p = tmp_path / "dense.yaml"
+    p.write_text(DENSE_SWEEP)
+    spec = {"variant": "dense", "num_train": 2, "num_val": 1, "image_size": 384, "seed": 0}
+    assert [r["dataset"] for r in expand_sweep(str(p))] == [spec, spec]
+    assert all("dataset" not in r for r in expand_sweep("one_vs_two_stage", seeds=[0]))  # none named: as before
+    make = shapes_preparer(str(tmp_path / "shapes"))
+    calls, trained = [], {}
+
+    def prepare(cfg, *dataset):
+        calls.append(dataset)
+        make(cfg, *dataset)
+
+    def train_fn(cfg, run_dir):
+        trained[Path(run_dir).name] = (cfg.data.train_json, cfg.data.val_images)
+        return {"AP": 0.5}
+
+    run_sweep(str(p), str(tmp_path / "out"), prepare=prepare, train_fn=train_fn, log=lambda line: None)
+    assert calls == [(spec,), (spec,)]
+    shapes = tmp_path / "shapes"
+    assert trained == {"FL-seed0": (str(shapes / "train.json"), str(shapes / "val")), "mine-seed0": ("a.json", "b")}
+    manifest = json.loads((shapes / "manifest.json").read_text())["parameters"]
+    assert manifest == {"version": 2, "num_train": 2, "num_val": 1, "image_size": 384, "seed": 0,
+                        "shapes": asdict(DENSE)}
+    assert len(json.loads((shapes / "train.json").read_text())["images"]) == 2
+
+
+@pytest.mark.parametrize("dataset, message", [
+    ("{variant: sparse}", "unknown variant 'sparse' \\(variants: demo, dense\\)"),
+    ("{variant: dense, num_trian: 5}", "unknown key\\(s\\) num_trian"),
+    ("{variant: dense, num_train: -1}", "num_train must be an integer >= 1, got -1"),
+    ("{variant: dense, image_size: 16}", "bad shapes parameters for 16 px images"),
+    ("dense", "dataset must be a mapping"),
+])
+def test_a_bad_dataset_spec_is_a_one_line_error_naming_the_sweep(tmp_path, dataset, message):
+    p = tmp_path / "bad.yaml"
+    p.write_text(DENSE_SWEEP.replace("{variant: dense, num_train: 2, num_val: 1}", dataset))
+    with pytest.raises(ConfigError, match=message) as e:
+        expand_sweep(str(p))
+    assert str(e.value).startswith(f"{p}: profile 'small': ") and "\n" not in str(e.value)
+
+
+def test_the_dense_sweep_expands_with_anchors_sized_to_its_objects():
+    runs = expand_sweep("one_vs_two_stage_dense")  # issue 23 sec. 2: Table 3 on the dense shapes
+    assert len(runs) == 3 * 4
+    for r in runs:
+        cfg, retina = r["config"], "RetinaNet" in r["setting"]
+        assert r["dataset"] == {"variant": "dense", "num_train": 2000, "num_val": 250, "image_size": 384, "seed": 0}
+        assert (cfg.model.min_size, cfg.model.max_size, cfg.data.batch_size) == (384, 384, 8)
+        train = cfg.train
+        assert train.iterations == {"1x": 500, "2x": 1000}[r["setting"][-2:]], r["run_id"]
+        assert [s / train.iterations for s in train.lr_steps] == [0.8, 0.94]
+        assert train.eval_every * 5 == train.iterations
+        assert cfg.loss.iou_balanced_cls is False and cfg.model.detections_per_image >= 60  # up to 60 objects
+        assert cfg.model.arch == ("retinanet" if retina else "faster_rcnn")
+        if retina:  # P2-P5 from 8 px: the 8 px objects need the stride-4 grid (sweep header: 99.1% covered)
+            assert (cfg.model.min_level, cfg.model.max_level, cfg.model.anchor_sizes) == (2, 5, [8, 16, 32, 64])
+            assert len(cfg.model.anchor_scales) == 3 and len(cfg.model.anchor_ratios) == 3
+        else:  # P2-P6, 3 scales below each level's size: 10-16 px anchors on P2 (RPN coverage 27% -> 55%)
+            assert (cfg.model.min_level, cfg.model.max_level) == (2, 6)
+            assert min(cfg.model.anchor_sizes) * min(cfg.model.anchor_scales) == pytest.approx(10.08)
+            assert len(cfg.model.anchor_scales) == 3 and len(cfg.model.anchor_ratios) == 3
+            assert cfg.model.rpn_post_nms_top_n[1] >= 5 * 60  # proposals: several per object at 60 objects

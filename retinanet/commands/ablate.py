@@ -15,7 +15,9 @@ def register(sub) -> None:
                    help="folder for the runs and results.md/results.json; rerun with the same folder to resume")
     p.add_argument("--profile", default="small", help="small (2-core CPU, minutes per run; default) or paper (GPUs)")
     p.add_argument("--seeds", type=seed_list, metavar="S[,S...]", help="override the sweep's seed list, e.g. 0,1,2")
-    p.add_argument("--data-dir", metavar="DIR", help="where the shapes dataset is generated (demo-based profiles)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="where the shapes dataset is generated (profiles without data paths; default: the cache, one "
+                        "folder per dataset)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="applied to every run, e.g. data.train_json=... or train.iterations=100")
     p.add_argument("--reuse", action="append", default=[], metavar="DIR",
@@ -38,22 +40,27 @@ def seed_list(text: str) -> list:
 
 
 def shapes_preparer(data_dir=None, num_train=None, num_val=None, image_size=None):
-    """Fill in the generated shapes dataset (the demo's, by default) for configs that name no training data."""
-    from .demo import IMAGE_SIZE, NUM_TRAIN, NUM_VAL
+    """Fill in a generated shapes dataset for configs that name no training data: the demo's, or the one
+    a sweep profile's dataset spec names (retinanet/ablate.py dataset_spec: variant, sizes, seed; its
+    num_train, num_val default to this function's arguments, then to the demo's)."""
+    from .demo import DATA_SEED, IMAGE_SIZE, NUM_TRAIN, NUM_VAL
 
     num_train, num_val, image_size = num_train or NUM_TRAIN, num_val or NUM_VAL, image_size or IMAGE_SIZE
-    state = {}
+    made = {}  # spec (sorted items) -> ShapesPaths
 
-    def prepare(cfg) -> None:
+    def prepare(cfg, dataset=None) -> None:
         if cfg.data.train_json:
             return
-        if "paths" not in state:
-            from ..data.synthetic import make_shapes_dataset
-            from .demo import DATA_SEED
+        from ..data.synthetic import VARIANTS, make_shapes_dataset
 
-            state["paths"] = make_shapes_dataset(data_dir, num_train=num_train, num_val=num_val,
-                                                 image_size=image_size, seed=DATA_SEED)
-        paths = state["paths"]
+        spec = dataset or {"variant": "demo", "num_train": None, "num_val": None, "image_size": image_size,
+                           "seed": DATA_SEED}
+        key = tuple(sorted(spec.items()))
+        if key not in made:
+            made[key] = make_shapes_dataset(data_dir, num_train=spec["num_train"] or num_train,
+                                            num_val=spec["num_val"] or num_val, image_size=spec["image_size"],
+                                            seed=spec["seed"], shapes=VARIANTS[spec["variant"]][0])
+        paths = made[key]
         cfg.data.train_json, cfg.data.train_images = str(paths.train_json), str(paths.train_images)
         cfg.data.val_json, cfg.data.val_images = str(paths.val_json), str(paths.val_images)
 

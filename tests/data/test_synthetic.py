@@ -118,3 +118,114 @@ def test_boxes_are_tight_around_the_pixels():
     assert checked >= 3
     assert empty >= 1  # some images have no shapes
     assert min(sides) >= 10 and max(sides) >= 40  # from about 12 px to a large part of the image
+
+
+# ----------------------------------------------------------------------------------------------
+# parametrized generation: the demo's files unchanged, the dense variant (issue 23)
+
+from retinanet.data.synthetic import DENSE, DEMO, ShapesParams, shapes_dataset_params  # noqa: E402
+
+
+def _digest(root):
+    import hashlib
+
+    h = hashlib.sha256()
+    for path, data in _files(root).items():
+        h.update(str(path).encode())
+        h.update(data)
+    return h.hexdigest()
+
+
+def test_the_default_parameters_give_the_files_they_gave_before(tmp_path):
+    """The crop-based renderer (for the dense variant) draws the demo's images exactly as the whole-image
+    one did: this digest of every file was computed with the generator at commit 96f1e1f, before it."""
+    paths = make_shapes_dataset(tmp_path / "d", num_train=6, num_val=3, image_size=96, seed=1)
+    assert _digest(paths.root) == "92e9af939a5953eb48367b3448b39ef3c48f868b7620013a3c465026c4bcb92e"
+    assert make_shapes_dataset(tmp_path / "e", num_train=6, num_val=3, image_size=96, seed=1,
+                               shapes=ShapesParams()).root.name == "e"
+    assert _files(tmp_path / "e") == _files(paths.root)
+    # the demo's cached dataset keeps its folder name (~/.cache/retinanet/shapes-3d73013508be)
+    params = shapes_dataset_params(4000, 500, 192, 0)
+    assert params == {"version": 2, "num_train": 4000, "num_val": 500, "image_size": 192, "seed": 0}
+    assert hashlib_digest(params) == "3d73013508be"
+    assert "shapes" in shapes_dataset_params(4000, 500, 384, 0, DENSE)
+
+
+def hashlib_digest(params):
+    import hashlib
+
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+
+
+DENSE_SMALL = {"num_train": 2, "num_val": 1, "image_size": 384, "shapes": DENSE}
+
+
+def test_the_dense_variant_is_deterministic_and_has_its_own_folder(tmp_path, monkeypatch):
+    a = make_shapes_dataset(tmp_path / "a", seed=0, **DENSE_SMALL)
+    b = make_shapes_dataset(tmp_path / "b", seed=0, **DENSE_SMALL)
+    assert _files(a.root) == _files(b.root)
+    assert json.loads((a.root / "manifest.json").read_text())["parameters"]["shapes"]["clutter"] == DENSE.clutter
+    with pytest.raises(ValueError, match="not a shapes dataset"):  # same sizes, other shapes: not reused
+        make_shapes_dataset(tmp_path / "a", seed=0, num_train=2, num_val=1, image_size=384)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    dense = make_shapes_dataset(seed=0, **DENSE_SMALL)
+    demo = make_shapes_dataset(seed=0, num_train=2, num_val=1, image_size=384)
+    assert dense.root != demo.root and _files(dense.root) == _files(a.root)
+
+
+def test_dense_annotations_are_exact_and_within_the_bounds(tmp_path):
+    from retinanet.ops.masks import decode_rles
+
+    paths = make_shapes_dataset(tmp_path / "d", seed=3, **DENSE_SMALL)
+    for json_path in (paths.train_json, paths.val_json):
+        coco = json.loads(json_path.read_text())
+        for image in coco["images"]:
+            anns = [a for a in coco["annotations"] if a["image_id"] == image["id"]]
+            # the requested count is uniform in [20, 60]; a shape that finds no place in 20 tries is left out
+            assert DENSE.min_objects - 5 <= len(anns) <= DENSE.max_objects
+            masks = decode_rles([a["segmentation"] for a in anns], 384, 384)  # (N, 384, 384)
+            for ann, mask in zip(anns, masks):
+                ys, xs = np.nonzero(mask)
+                x, y, w, h = ann["bbox"]
+                assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x, y, x + w, y + h)
+                assert ann["area"] == len(xs)
+                assert min(w, h) >= DENSE.min_object and max(w, h) <= DENSE.max_object
+            assert masks.sum(axis=0).max() <= 1  # visible masks never overlap
+
+
+def test_clutter_is_drawn_but_never_annotated():
+    no_objects = dict(min_objects=0, max_objects=0, empty_fraction=0.0)
+    plain, none = render_image(np.random.default_rng(5), 128, ShapesParams(**no_objects))
+    cluttered, objects = render_image(np.random.default_rng(5), 128, ShapesParams(clutter=10, **no_objects))
+    assert none == [] and objects == []
+    changed = (plain != cluttered).any(axis=2).mean()
+    assert 0.0 < changed < 0.5  # thin lines and outlines over the same background, not a new image
+
+
+def test_dense_counts_and_sizes_over_many_images():
+    """Counts in [20, 60] requested; few shapes are lost to the occlusion and color rules (small shapes on
+    384 px: in the first 100 training images all 4231 requested were placed); sizes span 8 px shorter
+    sides to 64 px longer sides."""
+    placed, requested, sides = 0, 0, []
+    for i in range(8):
+        rng = np.random.default_rng([0, 0, i])
+        _, objects = render_image(rng, 384, DENSE)
+        # the same stream up to the count: background, clutter, empty draw, count
+        again = np.random.default_rng([0, 0, i])
+        synthetic._clutter(again, synthetic._background(again, 384), DENSE.clutter)
+        again.random()
+        count = int(again.integers(DENSE.min_objects, DENSE.max_objects + 1))
+        assert len(objects) <= count
+        placed, requested = placed + len(objects), requested + count
+        sides += [(min(x2 - x1, y2 - y1), max(x2 - x1, y2 - y1)) for _, (x1, y1, x2, y2), _ in objects]
+    assert placed >= 0.9 * requested
+    sides = np.array(sides)
+    assert sides[:, 0].min() == 8 and 40 <= sides[:, 1].max() <= 64
+
+
+def test_bad_shape_parameters_are_one_line_errors(tmp_path):
+    with pytest.raises(ValueError, match="bad shapes parameters for 384 px images"):
+        make_shapes_dataset(tmp_path / "d", image_size=384, shapes=ShapesParams(min_objects=5, max_objects=2))
+    with pytest.raises(ValueError, match="bad shapes parameters for 24 px images"):
+        make_shapes_dataset(tmp_path / "d", image_size=24, shapes=DEMO)
+    assert not (tmp_path / "d").exists()
