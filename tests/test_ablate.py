@@ -265,6 +265,14 @@ def test_schedule_curves_reads_each_evaluation_with_its_training_seconds(tmp_pat
     assert tool.run_curve(metrics, "AP50") == [(20, 10.0, 0.5)]  # a None value is no point
     assert tool.split_setting("RetinaNet (FL) 2x") == ("RetinaNet (FL)", "2x")
     assert tool.split_setting("FPN Faster R-CNN") == ("FPN Faster R-CNN", "1x")
+    # the mean over seeds at the iterations every seed evaluated, lowest and highest; seconds from one seed
+    runs = [("R", "1x", 0, [(100, 10.0, 0.2), (200, 20.0, 0.4)]),
+            ("R", "1x", 1, [(100, 30.0, 0.4), (200, 40.0, 0.5), (300, 50.0, 0.9)]),
+            ("F", "2x", 0, [(200, 5.0, 0.7)])]
+    assert tool.mean_curves(runs) == [("R", "1x", [0, 1], [(100, 20.0, pytest.approx(0.3), 0.2, 0.4),
+                                                            (200, 30.0, pytest.approx(0.45), 0.4, 0.5)]),
+                                      ("F", "2x", [0], [(200, 5.0, 0.7, 0.7, 0.7)])]
+    assert [r[1] for r in tool.mean_curves(runs, seconds_seed=0)[0][3]] == [10.0, 20.0]
 
 
 DENSE_SWEEP = """
