@@ -857,3 +857,19 @@ def test_fpn_sweep_keeps_the_deepmask_settings_and_adds_the_appendix_ones():
     model = build_model(expand_sweep("thesis_table4_6_segment_proposals", seeds=[0],
                                      only=["FPN dual MLP [5x5, 7x7] (appendix rules)"])[0]["config"])
     assert model.object_sizes() == pytest.approx([16, 22.63, 32, 45.25, 64, 90.51, 128, 181.02], abs=0.01)
+
+
+def test_fpn_deepmask_rules_still_train():
+    """segprop_fpn_labels: deepmask (the old rules, now not the default): every window labelled, losses that train."""
+    model = build_model(tiny("fpn_masks", segprop_fpn_labels="deepmask")).train()
+    assert model.labels == "deepmask"
+    images, targets = [torch.rand(3, 64, 64)] * 2, [two_objects(), two_objects()]
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    history = []
+    for _ in range(6):
+        losses = model(images, targets)
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+        history.append(sum(losses.values()).item())
+    assert history[-1] < history[0]
