@@ -705,7 +705,8 @@ def test_fpn_appendix_model_labels_and_mask_regions():
     assert all((b == 0).all() for i, b in enumerate(blocks) if i not in (0, 2))  # every other location negative
     assert matched[labels == 1].tolist() == [0] * 4 + [1] * 4
     # their windows are the mask regions: 1.25 x 32 = 40 px (P2) and 1.25 x 64 = 80 px (P3), centred on the location
-    assert windows[labels == 1][:4].tolist() == [[10.0, 10, 50, 50], [14, 10, 54, 50], [10, 14, 50, 54], [14, 14, 54, 54]]
+    assert windows[labels == 1][:4].tolist() == [[10.0, 10, 50, 50], [14, 10, 54, 50], [10, 14, 50, 54],
+                                                 [14, 14, 54, 54]]
     assert windows[labels == 1][4:, 2:].sub(windows[labels == 1][4:, :2]).eq(80).all()
 
 
