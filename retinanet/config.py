@@ -110,6 +110,20 @@ class ModelConfig:
     segprop_mlp_windows: list = field(default_factory=lambda: [5, 7])
     segprop_mlp_hidden: int = 512
     segprop_fpn_mask_size: int = 14
+    # Their labels and losses: "appendix", the FPN paper's appendix A (arXiv 1612.03144): each object assigned to
+    # one (level, MLP) by its scale, sampled examples, a weighted mask loss; or "deepmask", DeepMask's window rules
+    # on every window (segprop_object_ratio, _shift, _neg_shift), what fpn_masks did before the appendix was found.
+    # A config stored before this key existed (a checkpoint's, an ONNX file's, a saved config.yaml) means
+    # "deepmask" (`config_from_dict`). docs/segment_proposals.md has both.
+    segprop_fpn_labels: str = "appendix"
+    # appendix rules only:
+    segprop_fpn_object_cells: float = 8.0  # the 5 x 5 MLP's canonical object, in its level's strides (32 px at P2);
+    #                                        MLP j of n (in segprop_mlp_windows order) expects 2^(j/n) times that
+    segprop_fpn_padding: float = 0.25  # the mask covers (1 + padding) x the canonical object (40 px at P2)
+    segprop_fpn_radius: float = 1.0  # positive: the object's centre within +-radius strides of the location's
+    segprop_fpn_batch_per_image: int = 128  # locations sampled per image for the losses (2048 from 16 images)
+    segprop_fpn_positive_fraction: float = 0.25  # positives : negatives 1 : 3, negatives fill in for missing ones
+    segprop_fpn_mask_weight: float = 10.0  # the mask loss's weight (the score loss's is 1)
     # Pre-processing (sec. 4.1: shorter side 800 px; Detectron caps the longer side at 1333)
     min_size: int = 800
     max_size: int = 1333
@@ -299,7 +313,14 @@ class Config:
     _SEGPROP_ONLY = {"deepmask": ("window", "context", "features", "head_dim", "mask_size", "scales",
                                   "windows_per_image"),
                      "sharpmask": ("refine_k", "refine_after"),
-                     "fpn_masks": ("mlp_windows", "mlp_hidden", "fpn_mask_size")}
+                     "fpn_masks": ("mlp_windows", "mlp_hidden", "fpn_mask_size", "fpn_labels", "fpn_object_cells",
+                                   "fpn_padding", "fpn_radius", "fpn_batch_per_image", "fpn_positive_fraction",
+                                   "fpn_mask_weight")}
+    FPN_LABELS = ("appendix", "deepmask")
+    # fpn_masks keys that only one of its labelling rules reads (segprop_fpn_labels)
+    _FPN_LABELS_ONLY = {"appendix": ("fpn_object_cells", "fpn_padding", "fpn_radius", "fpn_batch_per_image",
+                                     "fpn_positive_fraction", "fpn_mask_weight"),
+                        "deepmask": ("object_ratio", "shift", "neg_shift")}
 
     def __post_init__(self):
         self.validate()
@@ -374,6 +395,8 @@ class Config:
         if losses:
             raise ConfigError(f"config key 'loss.{losses[0]}' does not apply to model.arch={arch}: segment proposals "
                               f"train with binary cross entropy on objectness and masks (thesis sec. 3.3.3)")
+        if arch == "fpn_masks":
+            self._validate_fpn_labels()
         checks = [("segprop_object_ratio", 0 < m.segprop_object_ratio <= 1), ("segprop_shift", m.segprop_shift >= 0),
                   ("segprop_neg_shift", m.segprop_neg_shift > m.segprop_shift), ("segprop_top_n", m.segprop_top_n >= 1),
                   ("segprop_mask_thresh", 0 < m.segprop_mask_thresh < 1),
@@ -384,6 +407,31 @@ class Config:
                   ("segprop_refine_k", arch != "sharpmask" or m.segprop_refine_k >= 8),
                   ("segprop_mlp_windows", len(m.segprop_mlp_windows) >= 1
                    and all(int(k) % 2 == 1 for k in m.segprop_mlp_windows))]
+        for key, ok in checks:
+            if not ok:
+                raise ConfigError(f"config key 'model.{key}' is out of range: {getattr(m, key)!r} (see retinanet/config.py)")
+
+    def _validate_fpn_labels(self) -> None:
+        """fpn_masks: the keys of the other labelling rule (segprop_fpn_labels) refused, the appendix's in range."""
+        m, default = self.model, ModelConfig()
+        rule = m.segprop_fpn_labels
+        if rule not in self.FPN_LABELS:
+            raise ConfigError(f"config key 'model.segprop_fpn_labels' must be one of {', '.join(self.FPN_LABELS)}, "
+                              f"got {rule!r}")
+        for other, keys in self._FPN_LABELS_ONLY.items():
+            for key in keys:
+                if other != rule and getattr(m, f"segprop_{key}") != getattr(default, f"segprop_{key}"):
+                    raise ConfigError(f"config key 'model.segprop_{key}' does not apply to model.segprop_fpn_labels="
+                                      f"{rule} (only to {other})")
+        windows = [int(k) for k in m.segprop_mlp_windows]
+        checks = [("segprop_fpn_object_cells", m.segprop_fpn_object_cells > 0),
+                  ("segprop_fpn_padding", m.segprop_fpn_padding >= 0),
+                  ("segprop_fpn_radius", m.segprop_fpn_radius > 0),
+                  ("segprop_fpn_batch_per_image", m.segprop_fpn_batch_per_image >= 1),
+                  ("segprop_fpn_positive_fraction", 0 < m.segprop_fpn_positive_fraction <= 1),
+                  ("segprop_fpn_mask_weight", m.segprop_fpn_mask_weight >= 0),
+                  # MLP j expects 2^(j/n) x the first's objects: larger windows for larger objects
+                  ("segprop_mlp_windows", rule != "appendix" or windows == sorted(set(windows)))]
         for key, ok in checks:
             if not ok:
                 raise ConfigError(f"config key 'model.{key}' is out of range: {getattr(m, key)!r} (see retinanet/config.py)")
@@ -412,10 +460,34 @@ def _closest(name: str, options) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+# The segprop_* keys of every config written by config_to_dict / save_config since the segment proposals came (all
+# at once), before model.segprop_fpn_labels: a model section naming all of them was written by the package, not by
+# hand (a hand-written fpn_masks config has no reason to name DeepMask's window or SharpMask's k).
+_SEGPROP_KEYS_BEFORE_FPN_LABELS = frozenset(
+    f"segprop_{k}" for k in ("object_ratio", "shift", "neg_shift", "top_n", "mask_thresh", "window", "context",
+                             "features", "head_dim", "mask_size", "scales", "windows_per_image", "refine_k",
+                             "refine_after", "mlp_windows", "mlp_hidden", "fpn_mask_size"))
+
+
+def _stored_before_fpn_labels(model: dict) -> dict:
+    """A model section stored before segprop_fpn_labels existed keeps its meaning: fpn_masks then used DeepMask's
+    labelling rules, so such a section without the key reads as segprop_fpn_labels: deepmask (the default became
+    "appendix"). Hand-written (partial) sections get the default."""
+    if (model.get("arch") == "fpn_masks" and "segprop_fpn_labels" not in model
+            and _SEGPROP_KEYS_BEFORE_FPN_LABELS <= set(model)):
+        return {**model, "segprop_fpn_labels": "deepmask"}
+    return model
+
+
 def config_from_dict(data: dict, cls=Config, where: str = "") -> Any:
-    """Build a config dataclass from a (possibly partial) nested dict; unknown keys are errors."""
+    """Build a config dataclass from a (possibly partial) nested dict; unknown keys are errors.
+
+    A stored config (a checkpoint's, an ONNX file's, a saved config.yaml: every key written) from before a key
+    whose default changed its meaning reads as it did then (`_stored_before_fpn_labels`)."""
     if not isinstance(data, dict):
         raise ConfigError(f"config{(' ' + where) if where else ''}: expected a mapping, got {type(data).__name__}")
+    if cls is ModelConfig:  # (a Config's model section comes here too)
+        data = _stored_before_fpn_labels(data)
     types = _field_types(cls)
     kwargs = {}
     for key, value in data.items():

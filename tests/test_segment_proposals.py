@@ -256,9 +256,9 @@ def test_sharpmask_refines_to_8k_with_schedule_b():
 
 
 def test_fpn_mlp_window_size_per_level():
-    model = build_model(tiny("fpn_masks"))
+    model = build_model(tiny("fpn_masks", segprop_fpn_labels="deepmask"))
     windows = model.windows_per_level([(1, 1)] * 4)  # one cell per level P2..P5, MLPs 5 x 5 and 7 x 7
-    # level l, MLP k: a window of k 2^l px centred on cell 0's centre 2^(l-1)
+    # DeepMask's rules: level l, MLP k: a window of k 2^l px centred on cell 0's centre 2^(l-1)
     expected = [[-8, -8, 12, 12], [-12, -12, 16, 16], [-16, -16, 24, 24], [-24, -24, 32, 32],
                 [-32, -32, 48, 48], [-48, -48, 64, 64], [-64, -64, 96, 96], [-96, -96, 128, 128]]
     assert [w[0].tolist() for w in windows] == expected
@@ -638,3 +638,239 @@ def test_onnx_network_gives_pytorchs_proposals(arch, exporter, tmp_path):
         a, b = Predictor(model, categories, device="cpu")(image), onnx(image)
         assert len(a) == len(b) > 0 and np.abs(a.scores - b.scores).max() < 1e-4
         assert (np.asarray(a.masks) != np.asarray(b.masks)).mean() < 1e-3
+
+
+# ------------------------------------------------------------------ FPN proposals by the FPN paper's appendix A
+def test_fpn_appendix_assigns_each_object_to_one_level_and_mlp():
+    from retinanet.ops.segprop import assign_to_scales, mlp_object_sizes
+
+    # P2-P6, 8 cells: the 5 x 5 MLP expects 32, 64, 128, 256, 512 px, the 7 x 7 MLP sqrt(2) times that
+    sizes = mlp_object_sizes([4, 8, 16, 32, 64], 2, 8.0)
+    r2 = math.sqrt(2)
+    assert sizes == pytest.approx([32, 32 * r2, 64, 64 * r2, 128, 128 * r2, 256, 256 * r2, 512, 512 * r2])
+    # scale = max(w, h): 32 -> (P2, 5x5) = 0; 45 -> (P2, 7x7) = 1; 40: log2 distances 0.32 to 32, 0.18 to 45.25 -> 1;
+    # 60 x 20 (scale 60): 0.09 to 64 -> (P3, 5x5) = 2; 600: 0.23 to 512, 0.27 to 724 -> (P6, 5x5) = 8;
+    # beyond the ends: 10 -> 0, 2000 -> (P6, 7x7) = 9
+    boxes = torch.tensor([[0.0, 0, 32, 32], [5, 5, 50, 30], [0, 0, 40, 40], [0, 0, 60, 20], [0, 0, 600, 300],
+                          [0, 0, 10, 10], [0, 0, 2000, 2000]])
+    assert assign_to_scales(boxes, sizes).tolist() == [0, 1, 1, 2, 8, 0, 9]
+    # one MLP (octaves): 40 -> 32 (0.32 vs 0.68 octave), 50 -> 64 (0.36 vs 0.64)
+    single = mlp_object_sizes([4, 8], 1, 8.0)
+    assert single == [32.0, 64.0]
+    assert assign_to_scales(torch.tensor([[0.0, 0, 40, 40], [0, 0, 50, 50]]), single).tolist() == [0, 1]
+
+
+def test_fpn_appendix_labels_on_a_tiny_grid_by_hand():
+    from retinanet.ops.segprop import label_locations
+
+    # block 0: a 4 x 4 grid of stride 4 (centres 2, 6, 10, 14), radius 4; block 1: 2 x 2 of stride 8 (centres 4, 12),
+    # radius 8. Objects: A centred (6, 6) and B centred (13, 13) given to block 0, C centred (14, 2) to block 1.
+    c0 = torch.tensor([[x, y] for y in (2.0, 6, 10, 14) for x in (2.0, 6, 10, 14)])
+    c1 = torch.tensor([[x, y] for y in (4.0, 12) for x in (4.0, 12)])
+    centres = torch.cat([c0, c1])
+    block = torch.tensor([0] * 16 + [1] * 4)
+    radius = torch.tensor([4.0] * 16 + [8.0] * 4)
+    boxes = torch.tensor([[2.0, 2, 10, 10], [11, 11, 15, 15], [12, 0, 16, 4]])
+    labels, matched = label_locations(centres, block, radius, boxes, torch.tensor([0, 0, 1]))
+    # A: centres within 4 (inclusive) of 6 -> 2, 6, 10: rows and columns 0-2; B: within 4 of 13 -> 10, 14: rows and
+    # columns 2-3; (2, 2), centre (10, 10), qualifies for both: B is nearer (4.24 vs 5.66 px). Location (0, 3) at
+    # (14, 2) is C's centre exactly, but C belongs to block 1: negative. Block 1: C is within 8 of (12, 4) only.
+    assert labels[:16].reshape(4, 4).tolist() == [[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 1, 1]]
+    assert matched[:16].reshape(4, 4).tolist() == [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]
+    assert labels[16:].tolist() == [0, 1, 0, 0] and matched[16:].tolist() == [0, 2, 0, 0]
+    # C as a crowd region of block 1: neither object nor background where it would have been positive
+    labels, _ = label_locations(centres, block, radius, boxes[:2], torch.tensor([0, 0]), crowd_boxes=boxes[2:],
+                                crowd_block=torch.tensor([1]))
+    assert labels[16:].tolist() == [0, -1, 0, 0] and labels[:16].sum() == 12  # block 0 as before
+
+
+def test_fpn_appendix_model_labels_and_mask_regions():
+    """The model's wiring: P2-P5 of a 64 x 64 image, 8 cells. A 32 px square centred (32, 32) goes to (P2, 5x5), a
+    64 px one with the same centre to (P3, 5x5); positives: the locations centred within one stride of (32, 32)."""
+    model = build_model(tiny("fpn_masks"))
+    grid_sizes = [(16, 16), (8, 8), (4, 4), (2, 2)]
+    windows = torch.cat(model.windows_per_level(grid_sizes))
+    masks = torch.zeros(2, 64, 64, dtype=torch.uint8)
+    masks[0, 16:48, 16:48] = 1
+    masks[1] = 1
+    target = {"boxes": torch.tensor([[16.0, 16, 48, 48], [0, 0, 64, 64]]), "labels": torch.tensor([0, 0]),
+              "masks": masks}
+    labels, matched, _ = model.label_locations(windows, grid_sizes, target)
+    blocks = torch.split(labels, [h * w for h, w in grid_sizes for _ in range(2)])
+    expected_p2 = torch.zeros(16, 16, dtype=torch.int64)
+    expected_p2[7:9, 7:9] = 1  # P2 centres 30 and 34 are 2 px from 32; 26 and 38 are 6 > 4
+    expected_p3 = torch.zeros(8, 8, dtype=torch.int64)
+    expected_p3[3:5, 3:5] = 1  # P3 centres 28 and 36: 4 <= 8; 20 and 44: 12 > 8
+    assert torch.equal(blocks[0].reshape(16, 16), expected_p2) and torch.equal(blocks[2].reshape(8, 8), expected_p3)
+    assert all((b == 0).all() for i, b in enumerate(blocks) if i not in (0, 2))  # every other location negative
+    assert matched[labels == 1].tolist() == [0] * 4 + [1] * 4
+    # their windows are the mask regions: 1.25 x 32 = 40 px (P2) and 1.25 x 64 = 80 px (P3), centred on the location
+    assert windows[labels == 1][:4].tolist() == [[10.0, 10, 50, 50], [14, 10, 54, 50], [10, 14, 50, 54],
+                                                 [14, 14, 54, 54]]
+    assert windows[labels == 1][4:, 2:].sub(windows[labels == 1][4:, :2]).eq(80).all()
+
+
+def test_fpn_appendix_mask_regions_are_the_papers():
+    """P2-P6, 8 cells, padding 0.25: the 5 x 5 MLP's masks cover 40, 80, 160, 320, 640 px (FPN appendix A), the
+    7 x 7 MLP's sqrt(2) times that, each centred on its location's centre (2^(l-1) for cell 0)."""
+    model = build_model(tiny("fpn_masks", max_level=6))
+    windows = model.windows_per_level([(1, 1)] * 5)
+    sides = [(w[0, 2] - w[0, 0]).item() for w in windows]
+    assert sides == pytest.approx([s * f for s in (40, 80, 160, 320, 640) for f in (1, math.sqrt(2))])
+    centres = [((w[0, 0] + w[0, 2]) / 2).item() for w in windows]
+    assert centres == pytest.approx([c for c in (2, 4, 8, 16, 32) for _ in range(2)])
+    assert windows[0][0].tolist() == [-18.0, -18.0, 22.0, 22.0]  # 40 px around (2, 2); the 5 x 5 input: -8..12
+
+
+def test_fpn_inference_windows_are_the_mask_regions():
+    """What `network` returns as windows (where postprocess pastes the masks and takes their boxes) are the mask
+    regions: with top_n above the number of locations, every location whose centre is inside the image, once."""
+    model = build_model(tiny("fpn_masks")).eval()
+    model.top_n = 1000
+    with torch.no_grad():
+        scores, _, windows = model.network(torch.rand(1, 3, 64, 64))
+    real = windows[0][scores[0] > -1e3]  # the fillers' score is -1e4
+    regions = torch.cat(model.windows_per_level([(16, 16), (8, 8), (4, 4), (2, 2)]))
+    assert len(real) == len(regions) == 2 * (256 + 64 + 16 + 4)  # all centres lie inside a 64 x 64 image
+    key = lambda w: sorted(map(tuple, w.tolist()))  # noqa: E731
+    assert key(real) == key(regions)
+    sides = set(round(s, 3) for s in (real[:, 2] - real[:, 0]).tolist())
+    assert sides == {round(1.25 * s, 3) for s in model.object_sizes()}  # 40, 56.6, 80, ... px: not the MLP inputs
+
+
+def test_fpn_appendix_sampler_counts():
+    """128 locations a image, at most a quarter positive; fewer positives: negatives fill in; never more than exist
+    (ops.sampler.sample_balanced, the RPN's and RoI heads' sampler, with the appendix's numbers)."""
+    from retinanet.ops.sampler import sample_balanced
+
+    model = build_model(tiny("fpn_masks"))
+    assert (model.batch_per_image, model.positive_fraction) == (128, 0.25)
+
+    def counts(pos: int, neg: int, ignored: int = 7) -> tuple:
+        labels = torch.tensor([1] * pos + [0] * neg + [-1] * ignored)[torch.randperm(pos + neg + ignored)]
+        picked = sample_balanced(labels[None], model.batch_per_image, model.positive_fraction)[0]
+        assert not picked[labels == -1].any()
+        return int(picked[labels == 1].sum()), int(picked[labels == 0].sum())
+
+    torch.manual_seed(0)
+    assert counts(100, 1000) == (32, 96)  # 1 : 3
+    assert counts(5, 1000) == (5, 123)  # fewer positives: filled with negatives
+    assert counts(5, 50) == (5, 50)  # fewer than 128 in all: every one, no repeats
+    assert counts(0, 0) == (0, 0)
+
+
+def test_fpn_appendix_mask_loss_weight():
+    """The same model, inputs and sampled locations: mask loss x 10 with mask_weight 10, the score loss alike."""
+    torch.manual_seed(0)
+    heavy = build_model(tiny("fpn_masks")).train()
+    light = build_model(tiny("fpn_masks", segprop_fpn_mask_weight=1.0)).train()
+    light.load_state_dict(heavy.state_dict())
+    images, targets = [torch.rand(3, 64, 64)] * 2, [two_objects(), two_objects()]
+    out = {}
+    for name, model in (("heavy", heavy), ("light", light)):
+        torch.manual_seed(5)
+        out[name] = model(images, targets)
+    assert out["light"]["mask"].item() > 0.1
+    assert out["heavy"]["mask"].item() == pytest.approx(10 * out["light"]["mask"].item(), rel=1e-6)
+    assert out["heavy"]["score"].item() == pytest.approx(out["light"]["score"].item(), rel=1e-6)
+
+
+def test_fpn_appendix_trains_the_mask_on_sampled_positives_only():
+    """4 locations sampled, at most 2 positive: the score loss is the mean over those 4, the mask loss over the 2
+    positives' masks (x 10); negatives train the score only. No object: mask loss 0."""
+    from retinanet.ops.sampler import sample_balanced
+
+    model = build_model(tiny("fpn_masks", segprop_fpn_batch_per_image=4, segprop_fpn_positive_fraction=0.5)).train()
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+             "masks": torch.zeros(0, 64, 64, dtype=torch.uint8)}
+    losses = model([torch.rand(3, 64, 64)], [empty])
+    assert losses["mask"].item() == 0.0 and math.isfinite(losses["score"].item())
+    image, target = torch.rand(1, 3, 64, 64), two_objects()
+    torch.manual_seed(2)
+    losses = model(list(image), [target])
+    scores, masks, windows, grid_sizes = model._dense(model.preprocess(list(image), resize=False).tensor)
+    labels, matched, object_masks = model.label_locations(windows, grid_sizes, target)
+    torch.manual_seed(2)
+    picked = sample_balanced(labels[None], 4, 0.5)[0]
+    pos = (picked & (labels == 1)).nonzero().flatten()
+    assert int(picked.sum()) == 4 and len(pos) == 2  # both objects give P2 several positives
+    score = F.binary_cross_entropy_with_logits(scores[0, picked], (labels[picked] == 1).float())
+    target_masks = mask_targets(object_masks[matched[pos]], windows[pos], masks.shape[-1])
+    mask = F.binary_cross_entropy_with_logits(masks[0, pos], target_masks)
+    assert losses["score"].item() == pytest.approx(score.item(), rel=1e-5)
+    assert losses["mask"].item() == pytest.approx(10 * mask.item(), rel=1e-5)
+
+
+def test_fpn_config_rules_and_their_keys():
+    with pytest.raises(ConfigError, match="segprop_fpn_labels' must be one of appendix, deepmask"):
+        config_from_dict({"model": {"arch": "fpn_masks", "segprop_fpn_labels": "fpn"}})
+    with pytest.raises(ConfigError, match="segprop_fpn_padding' does not apply to model.segprop_fpn_labels=deepmask"):
+        config_from_dict({"model": {"arch": "fpn_masks", "segprop_fpn_labels": "deepmask", "segprop_fpn_padding": 0}})
+    with pytest.raises(ConfigError, match="segprop_shift' does not apply to model.segprop_fpn_labels=appendix"):
+        config_from_dict({"model": {"arch": "fpn_masks", "segprop_shift": 0.2}})
+    with pytest.raises(ConfigError, match="segprop_fpn_object_cells' does not apply to model.arch=deepmask"):
+        config_from_dict({"model": {"arch": "deepmask", "segprop_fpn_object_cells": 4}})
+    with pytest.raises(ConfigError, match="segprop_fpn_positive_fraction' is out of range"):
+        config_from_dict({"model": {"arch": "fpn_masks", "segprop_fpn_positive_fraction": 0}})
+    with pytest.raises(ConfigError, match="segprop_mlp_windows' is out of range"):  # larger windows, larger objects
+        config_from_dict({"model": {"arch": "fpn_masks", "segprop_mlp_windows": [7, 5]}})
+    assert config_from_dict({"model": {"arch": "fpn_masks", "segprop_fpn_labels": "deepmask",
+                                       "segprop_mlp_windows": [7, 5]}}).model.segprop_mlp_windows == [7, 5]
+
+
+def test_fpn_stored_config_without_the_labels_key_means_deepmask(tmp_path):
+    """A checkpoint written before segprop_fpn_labels existed (every other key stored) keeps its meaning, DeepMask's
+    rules, though the default is now the appendix's; a hand-written config without the key gets the appendix's."""
+    from retinanet.checkpoint import load_model, make_checkpoint, save_atomic
+    from retinanet.config import config_to_dict
+
+    cfg = tiny("fpn_masks", segprop_fpn_labels="deepmask")
+    old = config_to_dict(cfg)
+    old["model"] = {k: v for k, v in old["model"].items()
+                    if not k.startswith("segprop_fpn_") or k == "segprop_fpn_mask_size"}  # the keys before
+    model = build_model(cfg)
+    save_atomic({**make_checkpoint(model, cfg, [{"id": 1, "name": "object"}]), "config": old}, str(tmp_path / "a.pt"))
+    loaded, loaded_cfg, _ = load_model(str(tmp_path / "a.pt"))
+    assert loaded_cfg.model.segprop_fpn_labels == "deepmask" and loaded.labels == "deepmask"
+    assert config_to_dict(loaded_cfg) == config_to_dict(cfg)
+    # its windows are the 5 x 5 MLP's inputs, as before: 20 px at P2
+    assert loaded.windows_per_level([(1, 1)] * 4)[0][0].tolist() == [-8.0, -8.0, 12.0, 12.0]
+    # written by hand (partial), or stored with the key: as written / the default
+    assert config_from_dict({"model": {"arch": "fpn_masks"}}).model.segprop_fpn_labels == "appendix"
+    assert config_from_dict(config_to_dict(tiny("fpn_masks"))).model.segprop_fpn_labels == "appendix"
+    # other models' stored configs without the key are untouched (the key would not apply to them)
+    retina = config_to_dict(Config())
+    retina["model"] = {k: v for k, v in retina["model"].items() if not k.startswith("segprop_fpn_")
+                       or k == "segprop_fpn_mask_size"}
+    assert config_from_dict(retina).model.segprop_fpn_labels == "appendix"
+
+
+def test_fpn_sweep_keeps_the_deepmask_settings_and_adds_the_appendix_ones():
+    from retinanet.ablate import expand_sweep
+
+    runs = {r["setting"]: r["config"].model for r in expand_sweep("thesis_table4_6_segment_proposals", seeds=[0])}
+    fpn = {name: (m.segprop_fpn_labels, m.segprop_fpn_object_cells, m.segprop_mlp_windows)
+           for name, m in runs.items() if m.arch == "fpn_masks"}
+    assert fpn == {"FPN single MLP [5x5]": ("deepmask", 8.0, [5]), "FPN dual MLP [5x5, 7x7]": ("deepmask", 8.0, [5, 7]),
+                   "FPN single MLP [5x5] (appendix rules)": ("appendix", 4.0, [5]),
+                   "FPN dual MLP [5x5, 7x7] (appendix rules)": ("appendix", 4.0, [5, 7])}
+    # the shapes scale: 4 cells -> the 5 x 5 MLP expects 16, 32, 64, 128 px on P2-P5, the 7 x 7 22.6 ... 181 px
+    model = build_model(expand_sweep("thesis_table4_6_segment_proposals", seeds=[0],
+                                     only=["FPN dual MLP [5x5, 7x7] (appendix rules)"])[0]["config"])
+    assert model.object_sizes() == pytest.approx([16, 22.63, 32, 45.25, 64, 90.51, 128, 181.02], abs=0.01)
+
+
+def test_fpn_deepmask_rules_still_train():
+    """segprop_fpn_labels: deepmask (the old rules, now not the default): every window labelled, losses that train."""
+    model = build_model(tiny("fpn_masks", segprop_fpn_labels="deepmask")).train()
+    assert model.labels == "deepmask"
+    images, targets = [torch.rand(3, 64, 64)] * 2, [two_objects(), two_objects()]
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    history = []
+    for _ in range(6):
+        losses = model(images, targets)
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+        history.append(sum(losses.values()).item())
+    assert history[-1] < history[0]

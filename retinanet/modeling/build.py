@@ -93,7 +93,12 @@ def _segment_proposals(config: Config, backbone: ResNet, fpn) -> Detector:
                   pixel_mean=m.pixel_mean, pixel_std=m.pixel_std)
     if m.arch == "fpn_masks":
         return FPNMaskProposals(backbone, fpn, mlp_windows=tuple(int(k) for k in m.segprop_mlp_windows),
-                                hidden=m.segprop_mlp_hidden, mask_size=m.segprop_fpn_mask_size, **common)
+                                hidden=m.segprop_mlp_hidden, mask_size=m.segprop_fpn_mask_size,
+                                labels=m.segprop_fpn_labels, object_cells=m.segprop_fpn_object_cells,
+                                padding=m.segprop_fpn_padding, radius=m.segprop_fpn_radius,
+                                batch_per_image=m.segprop_fpn_batch_per_image,
+                                positive_fraction=m.segprop_fpn_positive_fraction,
+                                mask_weight=m.segprop_fpn_mask_weight, **common)
     lo, hi, step = m.segprop_scales
     return DeepMask(backbone, window=m.segprop_window, context=m.segprop_context, features=m.segprop_features,
                     head_dim=m.segprop_head_dim, mask_size=m.segprop_mask_size, scales=pyramid_scales(lo, hi, step),

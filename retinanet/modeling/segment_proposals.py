@@ -25,7 +25,9 @@ boxes only when `nms_thresh` < 1 (the released DeepMask code applies none).
 - `FPNMaskProposals` (sec. 4.6, Fig. 4.4): the detectors' ResNet + FPN; on every level a small MLP
   on 5 x 5 windows (a k x k conv, ReLU, 1 x 1 convs to the score and a 14 x 14 mask), fully
   convolutional, and optionally a second MLP on 7 x 7 windows for half octaves; trained end to end
-  on every window of the full image, no image pyramid.
+  on the full image, no image pyramid: by the FPN paper's appendix A (each object given to one level and
+  MLP, a mask region 1.25 x its canonical object, sampled locations, mask loss x 10) or by DeepMask's
+  window rules on every window (`labels`; see the class).
 
 In training, crowd regions (iscrowd) are neither objects nor background, as for the detectors
 (`ops.segprop.label_windows`).
@@ -43,8 +45,9 @@ from torch import Tensor, nn
 from ..ops.boxes import scale_boxes
 from ..ops.matcher import split_crowd
 from ..ops.nms import batched_nms
-from ..ops.segprop import (crop_windows, extend_edges, grid_windows, label_windows, mask_targets, paste_masks,
-                           reflect_pad)
+from ..ops.sampler import sample_balanced
+from ..ops.segprop import (assign_to_scales, crop_windows, extend_edges, grid_windows, label_locations, label_windows,
+                           mask_targets, mlp_object_sizes, paste_masks, reflect_pad)
 from ..ops.transform import default_image_sizes
 from .backbone import FPN, ResNet
 from .detector import Detector, ImageBatch
@@ -407,26 +410,60 @@ class MaskMLP(nn.Module):
 
 class FPNMaskProposals(SegmentProposer):
     """FPN segment proposals (thesis sec. 4.6): ResNet + FPN (P_min..P_max, d channels), a 5 x 5 MLP per level and
-    optionally a 7 x 7 one (`mlp_windows` [5] or [5, 7]). The MLP with window k on level l sees k 2^l px and
-    expects an object of object_ratio * k 2^l px; a window is positive within 2^(+-scale_tol) of that
-    (scale_tol 1/2 for one MLP: levels are an octave apart; 1/4 for two, half octaves)."""
+    optionally a 7 x 7 one (`mlp_windows` [5] or [5, 7]), labelled and trained by one of two rules (`labels`):
+
+    - "appendix", the FPN paper's appendix A (arXiv 1612.03144): MLP j of n on the level of stride s expects
+      objects of object_cells * s * 2^(j / n) px (8 cells: 32 px at P2, 45 px for the 7 x 7 MLP) and predicts the
+      mask over a region (1 + padding) times that, centred on the location (40 px at P2: larger than the 5 x 5
+      MLP's 20 px input); each object is given to the (level, MLP) of the nearest size in log space, whose
+      locations within +-radius strides of its centre are positive for it; the others of that (level, MLP) are
+      negative. Per image, batch_per_image locations are sampled (positive_fraction at most positive, negatives
+      fill in, `ops.sampler.sample_balanced`); the score loss is over them, the mask loss over the sampled
+      positives, weighted mask_weight.
+    - "deepmask", DeepMask's rules on every location (what fpn_masks did before the appendix was found): the MLP
+      with window k on level l sees k 2^l px, predicts its mask over that window and expects an object of
+      object_ratio * k 2^l px; a window is positive within 2^(+-scale_tol) of that (scale_tol 1/2 for one MLP:
+      levels are an octave apart; 1/4 for two, half octaves) and `shift`; every window labelled, positives
+      and negatives weigh equally in the score loss.
+
+    The windows that `network` returns are where each mask goes: the mask regions under the appendix's rules.
+    """
+
+    LABELS = ("appendix", "deepmask")
 
     def __init__(self, backbone: ResNet, fpn: FPN, *, mlp_windows=(5, 7), hidden: int = 512, mask_size: int = 14,
-                 scale_tol: Optional[float] = None, **common):
+                 scale_tol: Optional[float] = None, labels: str = "appendix", object_cells: float = 8.0,
+                 padding: float = 0.25, radius: float = 1.0, batch_per_image: int = 128,
+                 positive_fraction: float = 0.25, mask_weight: float = 10.0, **common):
         super().__init__(**common)
+        if labels not in self.LABELS:
+            raise ValueError(f"labels must be one of {', '.join(self.LABELS)}, got {labels!r}")
         self.backbone, self.fpn = backbone, fpn
         channels = fpn.output[0].out_channels
         self.mlps = nn.ModuleList(MaskMLP(channels, hidden, k, mask_size) for k in mlp_windows)
         self.scale_tol = scale_tol if scale_tol is not None else 0.5 / len(self.mlps)
+        self.labels, self.object_cells, self.padding, self.radius = labels, object_cells, padding, radius
+        self.batch_per_image, self.positive_fraction, self.mask_weight = batch_per_image, positive_fraction, mask_weight
+
+    @property
+    def strides(self) -> list:
+        return [2 ** level for level in range(self.fpn.min_level, self.fpn.max_level + 1)]
+
+    def object_sizes(self) -> list:
+        """The appendix rules' canonical object size (px) of every (level, MLP), in output order."""
+        return mlp_object_sizes(self.strides, len(self.mlps), self.object_cells)
 
     def windows_per_level(self, grid_sizes: list, device=None) -> list:
-        """[(level, window size in px)] in output order, and the windows (N, 4) of every (level, MLP)."""
+        """The windows (N_i, 4) of every (level, MLP) in output order: where each location's mask goes. Location (i, j)
+        of a level of stride s is centred at ((j + 1/2) s, (i + 1/2) s), the centre of its MLP's k x k input. Its
+        window is that input (k s px) under DeepMask's rules, the mask region ((1 + padding) x the canonical object)
+        under the appendix's."""
         out = []
-        for level, (h, w) in zip(range(self.fpn.min_level, self.fpn.max_level + 1), grid_sizes):
-            stride = 2 ** level
+        sizes = iter(self.object_sizes())
+        for stride, (h, w) in zip(self.strides, grid_sizes):
             for mlp in self.mlps:
-                out.append(grid_windows(h, w, stride=stride, window=mlp.window * stride,
-                                        offset=(mlp.window // 2) * stride, device=device))
+                side = (1 + self.padding) * next(sizes) if self.labels == "appendix" else mlp.window * stride
+                out.append(grid_windows(h, w, stride=stride, window=side, offset=side / 2 - stride / 2, device=device))
         return out
 
     def _dense(self, images: Tensor) -> tuple:
@@ -437,17 +474,20 @@ class FPNMaskProposals(SegmentProposer):
                 s, m = mlp(f)
                 scores.append(s)
                 masks.append(m)
-        windows = torch.cat(self.windows_per_level([f.shape[-2:] for f in feats], images.device))
-        return torch.cat(scores, 1), torch.cat(masks, 1), windows  # (B, N), (B, N, m, m), (N, 4)
+        grid_sizes = [tuple(f.shape[-2:]) for f in feats]
+        windows = torch.cat(self.windows_per_level(grid_sizes, images.device))
+        return torch.cat(scores, 1), torch.cat(masks, 1), windows, grid_sizes  # (B, N), (B, N, m, m), (N, 4)
 
     def network(self, images: Tensor, image_sizes: Optional[Tensor] = None) -> tuple:
         image_sizes = default_image_sizes(images, image_sizes)
-        scores, masks, windows = self._dense(images)
+        scores, masks, windows, _ = self._dense(images)
         top, picked, win, _ = self._top_windows(scores, masks, windows, image_sizes, self.top_n)
         return top, picked, win
 
     def losses(self, batch: ImageBatch, targets: list) -> dict:
-        scores, masks, windows = self._dense(batch.tensor)
+        scores, masks, windows, grid_sizes = self._dense(batch.tensor)
+        if self.labels == "appendix":
+            return self._appendix_losses(scores, masks, windows, grid_sizes, targets)
         labels, pos_masks, pos_windows, pos_logits = [], [], [], []
         for i, t in enumerate(targets):
             boxes, object_masks, crowd = _objects(t, windows.device)
@@ -466,3 +506,33 @@ class FPNMaskProposals(SegmentProposer):
         m = masks.shape[-1]
         target = torch.cat([mask_targets(pm, pw, m) for pm, pw in zip(pos_masks, pos_windows)])
         return {"score": score_loss, "mask": _mean_bce(torch.cat(pos_logits), target)}
+
+    def label_locations(self, windows: Tensor, grid_sizes: list, target: dict) -> tuple:
+        """The appendix rules' labels of one image's locations: windows (N, 4) (`windows_per_level`, concatenated) ->
+        (labels (N,) in {1, 0, -1}, matched (N,) the positives' objects, object masks (G, H, W))."""
+        device = windows.device
+        counts = [h * w for h, w in grid_sizes for _ in self.mlps]
+        block = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
+        stride = torch.tensor([s for s in self.strides for _ in self.mlps], dtype=torch.float32, device=device)
+        sizes = self.object_sizes()
+        boxes, object_masks, crowd = _objects(target, device)
+        labels, matched = label_locations((windows[:, :2] + windows[:, 2:]) / 2, block, self.radius * stride[block],
+                                          boxes, assign_to_scales(boxes, sizes), crowd_boxes=crowd,
+                                          crowd_block=assign_to_scales(crowd, sizes), windows=windows)
+        return labels, matched, object_masks
+
+    def _appendix_losses(self, scores: Tensor, masks: Tensor, windows: Tensor, grid_sizes: list,
+                         targets: list) -> dict:
+        labelled = [self.label_locations(windows, grid_sizes, t) for t in targets]
+        labels = torch.stack([lab for lab, _, _ in labelled])  # (B, N)
+        sampled = sample_balanced(labels, self.batch_per_image, self.positive_fraction)  # (B, N)
+        score_loss = _mean_bce(scores[sampled], (labels[sampled] == 1).float())
+        # negatives train the score only (appendix A, "as in DeepMask"); the sampled positives the mask too
+        logits, target = [], []
+        m = masks.shape[-1]
+        for i, (lab, matched, object_masks) in enumerate(labelled):
+            pos = (sampled[i] & (lab == 1)).nonzero().flatten()
+            logits.append(masks[i, pos])
+            target.append(mask_targets(object_masks[matched[pos]], windows[pos], m))
+        mask_loss = _mean_bce(torch.cat(logits), torch.cat(target))
+        return {"score": score_loss, "mask": self.mask_weight * mask_loss}

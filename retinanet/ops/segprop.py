@@ -10,6 +10,13 @@ Labels follow the released DeepMask code's sampling rules (facebookresearch/deep
 a window is positive for an object centred within +-`shift` window px of its centre (both axes) whose
 size max(w, h) is within 2^(+-scale_tol) of the canonical size; negative when every object's centre
 is at least `neg_shift` window px away or its size is an octave or more off; ignored otherwise.
+
+The FPN mask proposals' rules of the FPN paper's appendix A (arXiv 1612.03144; `mlp_object_sizes`,
+`assign_to_scales`, `label_locations`) instead give each object to ONE (level, MLP): the one whose
+canonical object size is nearest to the object's max(w, h) in log space; a location of that (level, MLP)
+is positive for it when the object's centre lies within +-radius px (one stride) of the location's
+centre on both axes, and negative when no object given to that (level, MLP) is that close. The window of
+such a location is its mask region, (1 + padding) x the canonical size, centred on the location.
 """
 
 from __future__ import annotations
@@ -81,6 +88,70 @@ def label_windows(windows: Tensor, gt_boxes: Tensor, *, object_ratio: float, shi
         crowd_qualifies, crowd_near = _window_relations(windows, crowd_boxes, **rules)
         labels = torch.where((labels == 0) & (crowd_qualifies | crowd_near).any(1), -1, labels)
         labels = ignore_crowd(labels, windows, crowd_boxes, crowd_ioa)
+    return labels.to(torch.int64), torch.where(labels == 1, matched, torch.zeros_like(matched)).to(torch.int64)
+
+
+def mlp_object_sizes(strides: list, num_mlps: int, object_cells: float) -> list:
+    """The canonical object size (px) of every (level, MLP) of the FPN mask proposals, level by level, MLP by MLP
+    (their output order): MLP j of `num_mlps` on a level of stride s expects object_cells * s * 2^(j / num_mlps) px
+    (FPN appendix A: 8 cells, {32, ..., 512} px over P2-P6 for the 5 x 5 MLP, sqrt(2) times that for the 7 x 7).
+
+    Example: strides [4, 8], 2 MLPs, 8 cells -> [32, 45.25, 64, 90.51].
+    """
+    return [object_cells * s * 2.0 ** (j / num_mlps) for s in strides for j in range(num_mlps)]
+
+
+def assign_to_scales(boxes: Tensor, sizes) -> Tensor:
+    """Each box's (level, MLP): boxes (G, 4) xyxy, sizes (S,) canonical object sizes (`mlp_object_sizes`) -> (G,)
+    int64 index of the size nearest to the box's scale max(w, h) in log space (FPN appendix A: "objects at
+    intermediate scales are mapped to the nearest scale in log space"); scales beyond the ends go to the nearest end;
+    a scale exactly between two sizes goes to the smaller.
+
+    Example: sizes [32, 45.25, 64]: scale 40 -> 1 (log2 distances 0.32 and 0.18), 12 -> 0, 600 -> 2.
+    """
+    sizes = torch.as_tensor(sizes, dtype=torch.float32, device=boxes.device)
+    if boxes.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.int64, device=boxes.device)
+    scale = (boxes[:, 2:] - boxes[:, :2]).amax(dim=1).clamp(min=1e-6)  # (G,)
+    gap = (torch.log2(scale)[:, None] - torch.log2(sizes)[None]).abs()  # (G, S)
+    return gap.argmin(dim=1)  # the first of equal minima: sizes ascend, so the smaller
+
+
+def label_locations(centres: Tensor, block: Tensor, radius: Tensor, gt_boxes: Tensor, gt_block: Tensor, *,
+                    crowd_boxes: Optional[Tensor] = None, crowd_block: Optional[Tensor] = None,
+                    windows: Optional[Tensor] = None, crowd_ioa: float = 0.7) -> tuple:
+    """Label the FPN mask proposals' locations by FPN appendix A's rules (module docstring).
+
+    centres (P, 2) x, y: each location's centre in px; block (P,) int64: its (level, MLP); radius (P,): the
+    positive range in px (one stride of its level); gt_boxes (G, 4) xyxy and gt_block (G,) each object's (level,
+    MLP) (`assign_to_scales`). A location is positive for an object of its own block whose centre lies within
+    +-radius of its centre on both axes (<=); of several, the nearest centre (Euclidean; then the first object). It is
+    negative when no object of its block is that close: objects given to other blocks do not count, however close.
+    crowd_boxes (C, 4) / crowd_block (C,): crowd regions (iscrowd), neither objects nor background: a location that is
+    not positive is ignored where a crowd region of its block would have made it positive, or where its window
+    (windows (P, 4), its mask region) is covered >= crowd_ioa by a crowd region (`ops.matcher.ignore_crowd`).
+    Returns (labels (P,) int64 in {1, 0, -1}, matched (P,) int64: the positive's object, 0 elsewhere).
+
+    Example: centres (2, 2) and (6, 2) of a block, radius 4; an object of that block centred at (9, 2): 7 px from
+    the first (negative), 3 from the second (positive); an object of another block at (2, 2) changes nothing.
+    """
+    def within(boxes: Tensor, blocks: Tensor) -> Tensor:  # (P, G): the box would make the location positive
+        box_centre = (boxes[:, :2] + boxes[:, 2:]) / 2  # (G, 2)
+        offset = (box_centre[None] - centres[:, None]).abs().amax(dim=2)  # (P, G) Chebyshev distance, px
+        return (offset <= radius[:, None] + 1e-6) & (blocks[None] == block[:, None])
+
+    qualifies = within(gt_boxes, gt_block)  # (P, G)
+    labels = qualifies.any(1).to(torch.int64)  # (P,) 1 or 0
+    if gt_boxes.shape[0]:
+        box_centre = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
+        dist = (box_centre[None] - centres[:, None]).pow(2).sum(2)  # (P, G) squared Euclidean
+        matched = torch.where(qualifies, dist, torch.full_like(dist, float("inf"))).argmin(dim=1)
+    else:
+        matched = torch.zeros_like(labels)
+    if crowd_boxes is not None and crowd_boxes.shape[0]:
+        labels = torch.where((labels == 0) & within(crowd_boxes, crowd_block).any(1), -1, labels)
+        if windows is not None:
+            labels = ignore_crowd(labels, windows, crowd_boxes, crowd_ioa)
     return labels.to(torch.int64), torch.where(labels == 1, matched, torch.zeros_like(matched)).to(torch.int64)
 
 
