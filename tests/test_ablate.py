@@ -62,10 +62,10 @@ def test_shipped_sweeps_expand():
             runs = expand_sweep(name, profile=profile)
             assert len(runs) == 3 * count, name
     schedules = expand_sweep("one_vs_two_stage_schedules")  # issue 23: Table 3 at 1x, 2x, 4x
-    assert len(schedules) == 3 * 6
+    assert len(schedules) == 3 * 8
     for r in schedules:
         train = r["config"].train
-        multiple = {"1x": 1, "2x": 2, "4x": 4}[r["setting"][-2:]]
+        multiple = {"1x": 1, "2x": 2, "4x": 4, "8x": 8}[r["setting"][-2:]]
         assert train.iterations == 500 * multiple, r["run_id"]
         assert [s / train.iterations for s in train.lr_steps] == [0.8, 0.94], r["run_id"]  # the 1x fractions
         assert train.eval_every * 5 == train.iterations and train.warmup_iters == 50
