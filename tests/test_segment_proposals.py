@@ -874,3 +874,36 @@ def test_fpn_deepmask_rules_still_train():
         opt.step()
         history.append(sum(losses.values()).item())
     assert history[-1] < history[0]
+
+
+def test_a_run_started_before_segprop_fpn_labels_resumes(shapes, tmp_path):
+    """A checkpoint_*.pt written before model.segprop_fpn_labels existed (its config without the appendix keys)
+    resumes under a config that says deepmask (what it meant), and is refused, naming the key, under appendix."""
+    from retinanet.checkpoint import load_checkpoint
+    from retinanet.config import config_to_dict
+    from retinanet.engine import train
+
+    def config(labels: str, iterations: int) -> Config:
+        cfg = tiny("fpn_masks", segprop_fpn_labels=labels)
+        d, t = cfg.data, cfg.train
+        d.train_json, d.train_images, d.batch_size, d.num_workers = str(shapes.train_json), str(shapes.train_images), 2, 0
+        t.device, t.iterations, t.warmup_iters, t.log_every, t.checkpoint_every = "cpu", iterations, 1, 1, 1
+        t.lr_steps = []
+        return cfg
+
+    run = tmp_path / "run"
+    train(config("deepmask", 1), str(run), progress=False)
+    path = run / "checkpoint_0000001.pt"
+    ckpt = load_checkpoint(str(path))
+    new_keys = {k for k in config_to_dict(config("deepmask", 1))["model"] if k.startswith("segprop_fpn_")} - {
+        "segprop_fpn_mask_size"}
+    assert new_keys == {"segprop_fpn_labels", "segprop_fpn_object_cells", "segprop_fpn_padding", "segprop_fpn_radius",
+                        "segprop_fpn_batch_per_image", "segprop_fpn_positive_fraction", "segprop_fpn_mask_weight"}
+    ckpt["config"]["model"] = {k: v for k, v in ckpt["config"]["model"].items() if k not in new_keys}
+    torch.save(ckpt, path)
+    (run / "final.pt").unlink()
+    with pytest.raises(ValueError, match="segprop_fpn_labels: 'deepmask' -> 'appendix'"):
+        train(config("appendix", 2), str(run), resume="auto", progress=False)
+    train(config("deepmask", 2), str(run), resume="auto", progress=False)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if "loss" in r][-1] == 2
