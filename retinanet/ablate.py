@@ -293,10 +293,14 @@ def run_sweep(sweep_path: str, output: str, *, profile: str = "small", extra_ove
 
 def _find_identical(folders: list, config: dict) -> Optional[tuple]:
     """(result path, record) of a finished run in folders/runs/* trained with exactly this config, or None."""
+    from .config import as_current
+
     for folder in folders:
         for path in sorted(Path(folder).glob("runs/*/result.json")):
             rec = _read_result(path)
-            if rec and rec.get("status") in FINAL and rec.get("config") == config:
+            # a run recorded before a config key was added still matches (as_current fills it in as it meant)
+            if rec and rec.get("status") in FINAL and isinstance(rec.get("config"), dict) \
+                    and as_current(rec["config"]) == config:
                 return path, rec
     return None
 

@@ -479,6 +479,16 @@ def _stored_before_fpn_labels(model: dict) -> dict:
     return model
 
 
+def as_current(stored: dict) -> dict:
+    """A stored config (a checkpoint's, a run's result.json) as this version writes it: keys added since
+    filled in with what the stored config meant (`config_from_dict`), so that it compares equal to the
+    same config built today; as stored if it no longer reads (then a comparison names the difference)."""
+    try:
+        return config_to_dict(config_from_dict(stored))
+    except (ConfigError, TypeError, ValueError):
+        return stored
+
+
 def config_from_dict(data: dict, cls=Config, where: str = "") -> Any:
     """Build a config dataclass from a (possibly partial) nested dict; unknown keys are errors.
 

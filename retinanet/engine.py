@@ -35,7 +35,7 @@ from torch import nn
 from .atomic import atomic_write
 from .checkpoint import (checkpoint_name, latest_good_checkpoint, list_checkpoints, load_checkpoint, load_weights,
                          make_checkpoint, prune_checkpoints, rng_state, save_atomic, set_rng_state)
-from .config import Config, ConfigError, config_from_dict, config_to_dict, save_config
+from .config import Config, as_current, config_to_dict, save_config
 from .ema import ModelEMA
 from .modeling import build_model
 from .optimize import fold_frozen_bn_for_training, to_channels_last
@@ -221,16 +221,6 @@ def deterministic_algorithms():
         torch.backends.cudnn.benchmark = benchmark
         if workspace is None:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-
-
-def _as_current_config(stored: dict) -> dict:
-    """A checkpoint's config as this version writes it: keys added since filled in with what the stored
-    config meant (`config_from_dict`), so that a run started before them resumes; as stored if it no
-    longer reads (then the comparison names the difference)."""
-    try:
-        return config_to_dict(config_from_dict(stored))
-    except (ConfigError, TypeError, ValueError):
-        return stored
 
 
 def _config_differences(old: dict, new: dict, prefix: str = "") -> list:
@@ -460,7 +450,7 @@ def train(cfg: Config, output_dir: str, *, resume: Optional[str] = None, weights
             log(f"model.num_classes: {cfg.model.num_classes} -> {dataset.num_classes} (the training set's categories)")
             cfg.model.num_classes = dataset.num_classes
         if ckpt is not None:
-            stored = _as_current_config(ckpt["config"])
+            stored = as_current(ckpt["config"])  # keys added since: what the run meant
             mismatch = _config_differences(stored["model"], config_to_dict(cfg)["model"])
             if mismatch:
                 raise ValueError(f"{ckpt_path}: its model config differs from this one: {'; '.join(mismatch)}")

@@ -148,6 +148,17 @@ def test_identical_configs_are_reused_from_other_sweeps(sweep, tmp_path):
     calls.clear()
     run_sweep(sweep, str(tmp_path / "third"), train_fn=fake_train, seeds=[7], reuse=[str(first)], log=lambda *a: None)
     assert len(calls) == 3
+    # a run recorded before a config key existed (its result.json without it) is still the same config: the key's
+    # default is what it meant; a changed value of a recorded key is not
+    for path in (first / "runs").glob("*/result.json"):
+        record = json.loads(path.read_text())
+        del record["config"]["model"]["segprop_fpn_labels"]
+        if "gamma=0" in path.parent.name:
+            record["config"]["train"]["lr"] *= 2
+        path.write_text(json.dumps(record))
+    calls.clear()
+    run_sweep(sweep, str(tmp_path / "fourth"), train_fn=fake_train, reuse=[str(first)], log=lambda *a: None)
+    assert sorted(calls) == [(0.0, 0), (0.0, 1)]
 
 
 def test_aggregate_by_hand():
