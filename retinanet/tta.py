@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .ops.boxes import box_iou, flip_boxes
 from .ops.nms import batched_nms
+from .ops.transform import scaled_limits
 
 DEFAULT_SCALES = (0.75, 1.0, 1.25)
 DEFAULT_VOTE_IOU = 0.8  # Detectron's TEST.BBOX_VOTE.VOTE_TH; not tuned on the demo
@@ -63,8 +64,8 @@ def tta_passes(model, images: list, *, network=None, scales: Sequence[float] = D
     for mirrored in ([False, True] if flip else [False]):
         inputs = [img.flip(-1) for img in images] if mirrored else list(images)
         for s in scales:
-            batch = model.preprocess(inputs, device=device, min_size=round(model.min_size * s),
-                                     max_size=round(model.max_size * s))
+            min_size, max_size = scaled_limits(model.min_size, model.max_size, s)
+            batch = model.preprocess(inputs, device=device, min_size=min_size, max_size=max_size)
             for i, det in enumerate(model.postprocess(network(batch), batch, **settings)):
                 if mirrored:
                     det = dict(det, boxes=flip_boxes(det["boxes"], images[i].shape[-1]))

@@ -7,7 +7,7 @@ from retinanet.ops.boxes import decode
 from retinanet.ops.matcher import FOREGROUND, IGNORE
 from retinanet.modeling import build_model
 from retinanet.modeling.detector import ImageBatch
-from retinanet.ops.transform import resized_size
+from retinanet.ops.transform import resized_size, scaled_limits
 from retinanet.ops.nms import reference_nms
 
 from conftest import tiny_config, train_steps
@@ -152,6 +152,13 @@ def test_resize_rule():
     assert resized_size(480, 640, 800, 1333) == (800, 1067)
     assert resized_size(500, 2000, 800, 1333) == (333, 1333)  # longer side capped
     assert resized_size(480, 641, 800, 1333, rounding="floor") == (800, 1068)  # 641*5/3 = 1068.33
+
+
+def test_scaled_limits():
+    assert scaled_limits(800, 1333, 1.25) == (1000, 1666)  # 1666.25
+    assert scaled_limits(800, 1333, 0.75) == (600, 1000)  # 999.75
+    assert scaled_limits(192, 320, 128 / 192) == (128, 213)  # the shorter side exactly, 320 * 2/3 = 213.3
+    assert scaled_limits(192, 320, 256 / 192) == (256, 427)  # 426.7
 
 
 def test_training_lowers_the_loss():

@@ -66,12 +66,6 @@ def check_output_folder(path) -> None:
                              f"give a new or empty folder")
 
 
-def resized_limits(trained: tuple, size: int) -> tuple:
-    """(min_size, max_size) for shorter side `size`, from the model's own (min_size, max_size): the
-    longer side's cap scaled with it."""
-    return size, int(round(trained[1] * size / trained[0]))
-
-
 def load_images(json_path, images_dir, max_images) -> tuple:
     """(dataset, [(image (3, H, W) uint8, image_id)] of its first max_images images, decoded once)."""
     from retinanet.data.coco import CocoDataset
@@ -123,6 +117,7 @@ def speed_accuracy(checkpoints: list, sizes: list, json_path, images_dir, *, max
 
     from retinanet.checkpoint import load_model
     from retinanet.evaluate import evaluate_coco, ground_truth_subset
+    from retinanet.ops.transform import scaled_limits
 
     dataset, items = load_images(json_path, images_dir, max_images)
     gt = ground_truth_subset(json_path, [image_id for _, image_id in items])
@@ -137,7 +132,7 @@ def speed_accuracy(checkpoints: list, sizes: list, json_path, images_dir, *, max
         placeholders = {c["id"] for c in categories if c.get("placeholder")}
         trained = (model.min_size, model.max_size)
         for size in sizes:
-            model.min_size, model.max_size = resized_limits(trained, size)
+            model.min_size, model.max_size = scaled_limits(*trained, size / trained[0])
             results, seconds = measure(model, items, label_to_cat, warmup=warmup, device=device)
             results = [r for r in results if r["category_id"] not in placeholders]
             metrics = evaluate_coco(gt, results)

@@ -24,6 +24,13 @@ def resized_size(height: int, width: int, min_size: int, max_size: int, rounding
     return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
 
 
+def scaled_limits(min_size: int, max_size: int, scale: float) -> tuple:
+    """The resize limits (min_size, max_size) scaled by `scale`, each rounded to a pixel: how a model is run
+    at another test size (test-time augmentation's scales; `tools/speed_accuracy.py`'s sizes, scale =
+    size / min_size), the longer side's cap moving with the shorter side's target."""
+    return int(round(min_size * scale)), int(round(max_size * scale))
+
+
 def resized_size_tensor(size: Tensor, min_size: int, max_size: int, rounding: str = "round") -> Tensor:
     """`resized_size` in tensor operations, for a graph that does not know the image's size (the end-to-end
     ONNX export, retinanet/export.py): size (2,) int64 (height, width) -> (2,) int64 resized (height, width).
