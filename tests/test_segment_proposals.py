@@ -801,6 +801,62 @@ def test_fpn_appendix_trains_the_mask_on_sampled_positives_only():
     assert losses["mask"].item() == pytest.approx(10 * mask.item(), rel=1e-5)
 
 
+def test_fpn_mlp_at_some_locations_equals_the_dense_mlp():
+    """MaskMLP.at (training's path) gives forward's scores and masks at the asked locations: corners and edges
+    (where the k x k conv reads its zero padding), repeats, both images, both window sizes."""
+    from retinanet.modeling.segment_proposals import MaskMLP
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 9)
+    b = torch.tensor([0, 0, 1, 1, 1, 0, 1])
+    i = torch.tensor([0, 5, 0, 5, 2, 3, 2])
+    j = torch.tensor([0, 8, 8, 0, 4, 1, 4])
+    with_mask = torch.tensor([True, False, True, True, False, True, True])
+    for k in (5, 7):
+        mlp = MaskMLP(8, 16, k, 6)
+        scores, masks = mlp(x)  # (B, H * W), (B, H * W, 6, 6)
+        s, m = mlp.at(x, b, i, j, with_mask)
+        torch.testing.assert_close(s, scores[b, i * 9 + j], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m, masks[b, i * 9 + j][with_mask], rtol=1e-5, atol=1e-5)
+        assert m.shape == (5, 6, 6)
+
+
+def test_fpn_appendix_losses_and_gradients_equal_the_dense_outputs(monkeypatch):
+    """Training by the appendix rules runs the MLPs at the sampled locations only (FPNMaskProposals.outputs_at);
+    the losses and every parameter's gradient equal those from the dense outputs read at the same locations
+    (the same sampled locations: the same seed). Two images, one without objects."""
+    torch.manual_seed(0)
+    model = build_model(tiny("fpn_masks")).train()
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+             "masks": torch.zeros(0, 64, 64, dtype=torch.uint8)}
+    images, targets = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)], [two_objects(), empty]
+
+    def run() -> tuple:
+        model.zero_grad()
+        torch.manual_seed(3)
+        losses = model(images, targets)
+        sum(losses.values()).backward()
+        return losses, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    sparse, sparse_grads = run()
+
+    def dense_at(feats, b, n, with_mask):
+        scores, masks, _, _ = model._dense_outputs(feats)
+        return scores[b, n], masks[b, n][with_mask]
+
+    monkeypatch.setattr(model, "outputs_at", dense_at)
+    dense, dense_grads = run()
+    assert sparse["mask"].item() > 0.1
+    for key in ("score", "mask"):
+        assert sparse[key].item() == pytest.approx(dense[key].item(), rel=1e-5)
+    assert sparse_grads.keys() == dense_grads.keys()
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(sparse_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # every MLP scores sampled negatives; both objects (12-20 px) go to P2 5 x 5 MLP (32 px), whose mask trains
+    assert all(sparse_grads[f"mlps.{k}.{layer}.weight"].abs().sum() > 0 for k in (0, 1) for layer in ("fc", "score"))
+    assert sparse_grads["mlps.0.mask.weight"].abs().sum() > 0
+
+
 def test_fpn_config_rules_and_their_keys():
     with pytest.raises(ConfigError, match="segprop_fpn_labels' must be one of appendix, deepmask"):
         config_from_dict({"model": {"arch": "fpn_masks", "segprop_fpn_labels": "fpn"}})

@@ -407,6 +407,21 @@ class MaskMLP(nn.Module):
         masks = self.mask(hidden).flatten(2).transpose(1, 2).reshape(b, h * w, self.mask_size, self.mask_size)
         return self.score(hidden).flatten(1), masks
 
+    def at(self, x: Tensor, b: Tensor, i: Tensor, j: Tensor, with_mask: Tensor) -> tuple:
+        """`forward`'s outputs at some locations only: x (B, C, H, W), locations (b, i, j) (K,) each (image, row,
+        column), with_mask (K,) bool -> (scores (K,), masks (M, m, m) of the M locations where with_mask is True,
+        in order). The k x k conv is the same dot product on the gathered k x k windows (zeros beyond the map,
+        as its padding). Training by the appendix rules reads 128 sampled locations of an image's thousands."""
+        k, m = self.window, self.mask_size
+        steps = torch.arange(k, device=x.device)
+        padded = F.pad(x, (k // 2,) * 4)
+        # (K, k, k, C): advanced indices on either side of a slice put their dimensions first
+        windows = padded[b[:, None, None], :, (i[:, None] + steps)[:, :, None], (j[:, None] + steps)[:, None, :]]
+        hidden = F.relu(F.linear(windows.permute(0, 3, 1, 2).flatten(1), self.fc.weight.flatten(1), self.fc.bias))
+        scores = F.linear(hidden, self.score.weight.flatten(1), self.score.bias).squeeze(1)
+        masks = F.linear(hidden[with_mask], self.mask.weight.flatten(1), self.mask.bias)
+        return scores, masks.unflatten(1, (m, m))
+
 
 class FPNMaskProposals(SegmentProposer):
     """FPN segment proposals (thesis sec. 4.6): ResNet + FPN (P_min..P_max, d channels), a 5 x 5 MLP per level and
@@ -468,6 +483,9 @@ class FPNMaskProposals(SegmentProposer):
 
     def _dense(self, images: Tensor) -> tuple:
         feats = self.fpn(self.backbone(images))
+        return self._dense_outputs(feats)
+
+    def _dense_outputs(self, feats: list) -> tuple:
         scores, masks = [], []
         for f in feats:
             for mlp in self.mlps:
@@ -475,8 +493,29 @@ class FPNMaskProposals(SegmentProposer):
                 scores.append(s)
                 masks.append(m)
         grid_sizes = [tuple(f.shape[-2:]) for f in feats]
-        windows = torch.cat(self.windows_per_level(grid_sizes, images.device))
+        windows = torch.cat(self.windows_per_level(grid_sizes, feats[0].device))
         return torch.cat(scores, 1), torch.cat(masks, 1), windows, grid_sizes  # (B, N), (B, N, m, m), (N, 4)
+
+    def outputs_at(self, feats: list, b: Tensor, n: Tensor, with_mask: Tensor) -> tuple:
+        """The dense outputs (`_dense_outputs`' scores[b, n] and masks[b, n]) at K locations only: b, n (K,) image
+        and location (the index over every (level, MLP), as `windows_per_level`), with_mask (K,) bool -> (scores
+        (K,), masks (M, m, m) of the locations where with_mask is True, in order). Every MLP runs, on no
+        locations if none are its, so every parameter is in the graph (DDP)."""
+        scores, masks, score_at, mask_at = [], [], [], []
+        start = 0
+        for f in feats:
+            h, w = f.shape[-2:]
+            for mlp in self.mlps:
+                mine = ((n >= start) & (n < start + h * w)).nonzero().flatten()
+                p = n[mine] - start
+                s, m = mlp.at(f, b[mine], p // w, p % w, with_mask[mine])
+                scores.append(s)
+                masks.append(m)
+                score_at.append(mine)
+                mask_at.append(mine[with_mask[mine]])
+                start += h * w
+        return (torch.cat(scores)[torch.argsort(torch.cat(score_at))],
+                torch.cat(masks)[torch.argsort(torch.cat(mask_at))])
 
     def network(self, images: Tensor, image_sizes: Optional[Tensor] = None) -> tuple:
         image_sizes = default_image_sizes(images, image_sizes)
@@ -485,9 +524,9 @@ class FPNMaskProposals(SegmentProposer):
         return top, picked, win
 
     def losses(self, batch: ImageBatch, targets: list) -> dict:
-        scores, masks, windows, grid_sizes = self._dense(batch.tensor)
         if self.labels == "appendix":
-            return self._appendix_losses(scores, masks, windows, grid_sizes, targets)
+            return self._appendix_losses(self.fpn(self.backbone(batch.tensor)), targets)
+        scores, masks, windows, grid_sizes = self._dense(batch.tensor)
         labels, pos_masks, pos_windows, pos_logits = [], [], [], []
         for i, t in enumerate(targets):
             boxes, object_masks, crowd = _objects(t, windows.device)
@@ -521,18 +560,22 @@ class FPNMaskProposals(SegmentProposer):
                                           crowd_block=assign_to_scales(crowd, sizes), windows=windows)
         return labels, matched, object_masks
 
-    def _appendix_losses(self, scores: Tensor, masks: Tensor, windows: Tensor, grid_sizes: list,
-                         targets: list) -> dict:
+    def _appendix_losses(self, feats: list, targets: list) -> dict:
+        """The appendix rules' losses on the FPN's features: the MLPs run at the sampled locations only
+        (`outputs_at`; the dense outputs' values there, tests/test_segment_proposals_fpn.py)."""
+        grid_sizes = [tuple(f.shape[-2:]) for f in feats]
+        windows = torch.cat(self.windows_per_level(grid_sizes, feats[0].device))
         labelled = [self.label_locations(windows, grid_sizes, t) for t in targets]
         labels = torch.stack([lab for lab, _, _ in labelled])  # (B, N)
-        sampled = sample_balanced(labels, self.batch_per_image, self.positive_fraction)  # (B, N)
-        score_loss = _mean_bce(scores[sampled], (labels[sampled] == 1).float())
+        b, n = sample_balanced(labels, self.batch_per_image, self.positive_fraction).nonzero(as_tuple=True)
+        positive = labels[b, n] == 1
         # negatives train the score only (appendix A, "as in DeepMask"); the sampled positives the mask too
-        logits, target = [], []
+        scores, masks = self.outputs_at(feats, b, n, positive)
+        score_loss = _mean_bce(scores, positive.float())
         m = masks.shape[-1]
+        target = []
         for i, (lab, matched, object_masks) in enumerate(labelled):
-            pos = (sampled[i] & (lab == 1)).nonzero().flatten()
-            logits.append(masks[i, pos])
+            pos = n[(b == i) & positive]
             target.append(mask_targets(object_masks[matched[pos]], windows[pos], m))
-        mask_loss = _mean_bce(torch.cat(logits), torch.cat(target))
+        mask_loss = _mean_bce(masks, torch.cat(target))
         return {"score": score_loss, "mask": self.mask_weight * mask_loss}
