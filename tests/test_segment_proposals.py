@@ -135,6 +135,12 @@ def test_paste_a_known_window_mask():
     diagonal = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])
     pasted, _ = paste_masks(diagonal, torch.tensor([[0.0, 0, 2, 2]]), 2, 2, threshold=0.5)
     assert pasted.rles == encode_masks(np.array([[[0, 1], [1, 0]]], dtype=bool))
+    # pasted together: all 1s (runs [0, 4]), the last pixel only ([3, 1]: ends with 1s), none ([4]), the first only
+    several = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[0.0, 0.0], [0.0, 1.0]], [[0.0, 0.0], [0.0, 0.0]],
+                            [[1.0, 0.0], [0.0, 0.0]]])
+    pasted, boxes = paste_masks(several, torch.tensor([[0.0, 0, 2, 2]] * 4), 2, 2, threshold=0.5)
+    assert pasted.rles == encode_masks(several.bool().numpy())
+    assert boxes.tolist() == [[0.0, 0, 2, 2], [1.0, 1, 2, 2], [0.0] * 4, [0.0, 0, 1, 1]]
 
 
 def reference_paste(masks, windows, height, width, threshold):
