@@ -562,7 +562,7 @@ class FPNMaskProposals(SegmentProposer):
 
     def _appendix_losses(self, feats: list, targets: list) -> dict:
         """The appendix rules' losses on the FPN's features: the MLPs run at the sampled locations only
-        (`outputs_at`; the dense outputs' values there, tests/test_segment_proposals_fpn.py)."""
+        (`outputs_at`; the dense outputs' values there, tests/test_segment_proposals.py)."""
         grid_sizes = [tuple(f.shape[-2:]) for f in feats]
         windows = torch.cat(self.windows_per_level(grid_sizes, feats[0].device))
         labelled = [self.label_locations(windows, grid_sizes, t) for t in targets]
