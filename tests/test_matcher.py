@@ -109,3 +109,26 @@ def test_check_labels_names_the_first_bad_image():
     with pytest.raises(ValueError, match=r"^b: labels must be in 0..2, got \[1, 2, 5\]$"):
         check_labels(labels, 3, ["a", "b", "c"], valid=valid)
     check_labels(labels[:1], 3, ["a"], valid=valid[:1])
+
+
+def test_chunk_limit_by_device():
+    """The IoU block matching computes at a time: cache-sized on the CPU, large on a GPU, a given value always."""
+    from retinanet.ops.matcher import chunk_limit
+
+    assert chunk_limit(torch.device("cpu")) == 1 << 20
+    assert chunk_limit(torch.device("cuda")) == chunk_limit("cuda:1") == 1 << 24
+    assert chunk_limit("cpu", 700) == 700
+
+
+def test_default_blocks_equal_one_block_on_a_dense_problem():
+    """20 boxes in each of 8 images against 8,000 anchors: 1.28 M IoU values, more than the CPU's block (16 boxes
+    of 8 images at a time, two blocks): the same matches and labels as one block."""
+    g = torch.Generator().manual_seed(0)
+    xy, wh = torch.rand(8000, 2, generator=g) * 200, 4 + torch.rand(8000, 2, generator=g) * 60
+    anchors = torch.cat([xy, xy + wh], 1)
+    gxy, gwh = torch.rand(8, 20, 2, generator=g) * 200, 4 + torch.rand(8, 20, 2, generator=g) * 60
+    gt, valid = torch.cat([gxy, gxy + gwh], 2), torch.rand(8, 20, generator=g) > 0.2
+    one = Matcher(0.5, 0.4, chunk_elems=1 << 30).match_boxes(gt, anchors, valid)
+    default = Matcher(0.5, 0.4).match_boxes(gt, anchors, valid)
+    assert torch.equal(one[0], default[0]) and torch.equal(one[1], default[1])
+    assert (one[1] == 1).sum() > 50  # foreground matches exist
