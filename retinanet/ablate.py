@@ -404,7 +404,8 @@ def write_results(out: Path, runs: list, info: dict) -> dict:
     how = f"Profile `{info.get('profile', 'small')}`" + (
         f", with {' '.join(f'`{o}`' for o in info['overrides'])}" if info.get("overrides") else "")
     md = [f"# {info['title'] or info['name']}", "",
-          "AP in points (COCO AP x 100) on the validation set: mean ± sample standard deviation over seeds; "
+          "COCO AP and AR in points (x 100; ms_per_image in ms) on the validation set: mean ± sample standard "
+          "deviation over seeds; "
           "the paired column is each setting's difference from the first one, seed by seed (same seed: same "
           "initialization and data order), mean ± standard deviation.",
           f"{how}.", "",
