@@ -21,7 +21,7 @@ IGNORE, BACKGROUND, FOREGROUND = -1, 0, 1
 def chunk_limit(device: torch.device, chunk_elems: Optional[int] = None) -> int:
     """How many IoU values matching computes at a time: `chunk_elems` if given, else by device. On the CPU a
     block that stays in cache with its temporaries, 1 << 20: 110,592 anchors x 50 boxes x 8 images (the dense
-    shapes regime) match in 1.5 s instead of 4.4 s with 1 << 24 on one Zen 3 thread, with the same result
+    shapes regime) match in 1.45 s instead of 3.97 s with 1 << 24 on one Zen 3 thread, with the same result
     (benchmarks/bench_matcher.py); on a GPU 1 << 24, fewer kernel launches."""
     if chunk_elems is not None:
         return chunk_elems
