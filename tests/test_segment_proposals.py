@@ -827,15 +827,16 @@ def test_fpn_mlp_at_some_locations_equals_the_dense_mlp():
         assert m.shape == (5, 6, 6)
 
 
-def test_fpn_appendix_losses_and_gradients_equal_the_dense_outputs(monkeypatch):
+@pytest.mark.parametrize("second", [(64, 64), (48, 80)])  # the same size; a mixed-size (padded) batch
+def test_fpn_appendix_losses_and_gradients_equal_the_dense_outputs(monkeypatch, second):
     """Training by the appendix rules runs the MLPs at the sampled locations only (FPNMaskProposals.outputs_at);
     the losses and every parameter's gradient equal those from the dense outputs read at the same locations
     (the same sampled locations: the same seed). Two images, one without objects."""
     torch.manual_seed(0)
     model = build_model(tiny("fpn_masks")).train()
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
-             "masks": torch.zeros(0, 64, 64, dtype=torch.uint8)}
-    images, targets = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)], [two_objects(), empty]
+             "masks": torch.zeros(0, *second, dtype=torch.uint8)}
+    images, targets = [torch.rand(3, 64, 64), torch.rand(3, *second)], [two_objects(), empty]
 
     def run() -> tuple:
         model.zero_grad()
