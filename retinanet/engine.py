@@ -267,7 +267,6 @@ def _truncate_metrics(path: Path, iteration: int) -> None:
         f.write("".join(line + "\n" for line in kept))
 
 
-@torch.no_grad()
 def evaluate_model(model: nn.Module, dataset, env: DistEnv, batch_size: int = 8) -> Optional[dict]:
     """COCO bbox metrics (retinanet.evaluate.evaluate_coco) of `model` on a validation CocoDataset.
 
@@ -281,7 +280,19 @@ def evaluate_model(model: nn.Module, dataset, env: DistEnv, batch_size: int = 8)
     Returns the metrics on rank 0, None elsewhere, with `ms_per_image`: rank 0's time in the model's
     forward pass (pre-processing, uint8 conversion included, to detections; not image loading or the
     copy to the device) per image, batches of `batch_size`.
+    The random number generators are left as evaluation found them (torch, CUDA, NumPy, Python): the data
+    loader draws its base seed from torch's, and a Faster R-CNN samples its training anchors and RoIs from
+    it, so otherwise train.eval_every would change the weights a run trains.
     """
+    state = rng_state()
+    try:
+        return _evaluate_model(model, dataset, env, batch_size)
+    finally:
+        set_rng_state(state)
+
+
+@torch.no_grad()
+def _evaluate_model(model: nn.Module, dataset, env: DistEnv, batch_size: int) -> Optional[dict]:
     from .data.loader import build_test_loader, images_to_device
     from .evaluate import detections_to_coco_results, evaluate_coco, ground_truth_subset
 

@@ -156,6 +156,25 @@ def test_resume_from_a_weights_only_checkpoint_is_refused_pointing_to_weights(sh
     assert sorted(p.name for p in run.glob("checkpoint_*.pt")) == [checkpoint_name(2)]  # nothing trained or written
 
 
+def test_evaluations_along_the_way_leave_training_unchanged(shapes, tmp_path):
+    """A Faster R-CNN samples its anchors and RoIs from the global generator, and a DataLoader draws its base
+    seed from it: evaluation restores the random state, so train.eval_every cannot change what is trained
+    (before, a run evaluated every iteration trained other weights than one evaluated only at the end)."""
+    from test_faster_rcnn import TWO_STAGE
+
+    runs = {}
+    for every in (0, 1):
+        cfg = train_config(shapes, val=True, eval_every=every)
+        for key, value in TWO_STAGE.items():
+            setattr(cfg.model, key, value)
+        train(cfg, str(tmp_path / f"every{every}"), progress=False)
+        runs[every] = tmp_path / f"every{every}"
+    evaluated = [json.loads(line)["iteration"] for line in (runs[1] / "metrics.jsonl").read_text().splitlines()
+                 if "val" in json.loads(line)]
+    assert evaluated == [1, 2, 3, 4]
+    assert_same_weights(final_weights(runs[0]), final_weights(runs[1]))
+
+
 def test_deterministic_training_restores_the_process_settings(shapes, tmp_path, monkeypatch):
     """train.deterministic turns on deterministic algorithms while training, and only then: the caller's
     settings (here off, with cuDNN benchmarking on) are back afterwards, also after a failed run."""
